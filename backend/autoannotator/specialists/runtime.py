@@ -1,0 +1,44 @@
+"""Where specialists run: torch thread count and device, decided once per process, never at import."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_configured = False
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (respects taskset / container CPU sets, unlike ``os.cpu_count``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_torch(threads: int | None = None) -> None:
+    """Give torch one intra-op thread per usable CPU (or ``threads``), once.
+
+    torch's default can exceed the CPUs a container grants, which makes small-batch inference slower
+    through oversubscription; inter-op parallelism buys nothing for one forward pass at a time.
+    """
+    global _configured
+    if _configured and threads is None:
+        return
+    n = threads or available_cpus()
+    torch.set_num_threads(n)
+    _configured = True
+    logger.debug("torch uses %d threads", n)
+
+
+def default_device() -> torch.device:
+    """A GPU when one is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
