@@ -20,6 +20,8 @@ def test_toxicity_synonyms():
     tox = LabelSet.of(["not-offensive", "offensive"])
     assert map_model_labels(["non-toxic", "toxic"], tox) == [0, 1]
     assert map_model_labels(["toxic", "nontoxic"], tox) == [1, 0]
+    # A toxicity model whose harmless class is called "neutral" still maps onto a binary project.
+    assert map_model_labels(["neutral", "toxic"], tox) == [0, 1]
 
 
 def test_unmappable_model_is_refused_naming_the_missing_labels():

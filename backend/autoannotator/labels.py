@@ -37,6 +37,8 @@ SYNONYM_GROUPS: tuple[frozenset[str], ...] = (
             "normal",
             "neither",
             "safe",
+            # Toxicity classifiers often call the harmless class "neutral" (e.g. s-nlp's RoBERTa).
+            "neutral",
         }
     ),
 )
@@ -47,12 +49,10 @@ def normalize(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-def _group_of(name: str) -> int | None:
+def _groups_of(name: str) -> set[int]:
+    """The synonym groups a name belongs to; "neutral" is in two (sentiment, and non-toxic)."""
     key = normalize(name)
-    for i, group in enumerate(SYNONYM_GROUPS):
-        if key in group:
-            return i
-    return None
+    return {i for i, group in enumerate(SYNONYM_GROUPS) if key in group}
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,8 @@ def map_model_labels(
         if len(exact) == 1:
             targets.append(exact[0])
             continue
-        group = _group_of(label)
-        syn = [i for i, n in enumerate(project.names) if group is not None and _group_of(n) == group]
+        groups = _groups_of(label)
+        syn = [i for i, n in enumerate(project.names) if groups & _groups_of(n)]
         targets.append(syn[0] if len(syn) == 1 else None)
 
     unmapped = [lab for lab, t in zip(model_labels, targets, strict=True) if t is None]
