@@ -1,0 +1,200 @@
+"""The ``autoannotator`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from autoannotator.coldstart import KINDS, ColdStartConfig
+from autoannotator.errors import AutoAnnotatorError
+from autoannotator.labels import LabelSet
+from autoannotator.specialists import TrainConfig
+
+if TYPE_CHECKING:
+    from autoannotator.simulate import ReviewSetup
+
+logger = logging.getLogger("autoannotator")
+
+
+def _quiet_libraries() -> None:
+    """transformers' per-load reports and weight-loading bars drown our own progress bars."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="run the paper's protocol on labelled JSONL and report accuracy, review share and cost",
+        description=(
+            "Cold-start specialists on N seed labels from --seed-file, stream --stream-file through the "
+            "engine in chunks, route, review (oracle, noisy oracle or an LLM), retrain every β verified "
+            "labels, and write report.json and report.png to --out."
+        ),
+    )
+    p.add_argument(
+        "--seed-file", type=Path, required=True, help="JSONL with text/label: seed labels drawn from it"
+    )
+    p.add_argument(
+        "--stream-file", type=Path, required=True, help="JSONL with text/label: the stream to label"
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/simulate-<time>)")
+    p.add_argument("--n-seed", type=int, default=500, help="seed labels (simulated human annotations)")
+    p.add_argument("--chunk-size", type=int, default=100)
+    p.add_argument("--beta", type=int, default=150, help="retrain after the pool grew by this many labels")
+    p.add_argument("--no-retrain", action="store_true", help="never fine-tune during the stream")
+    p.add_argument(
+        "--policy",
+        default="budget:0.2:mean",
+        help="routing policy spec: epsilon:0.34 | mean:0.8 | weighted:0.8 | margin:0.2 | budget:0.2:mean ...",
+    )
+    p.add_argument(
+        "--review",
+        default="oracle",
+        help="oracle (gold labels: the paper's +Human), noisy:<accuracy> (e.g. noisy:0.7), or llm",
+    )
+    p.add_argument(
+        "--llm-base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
+    )
+    p.add_argument("--llm-model", default="gpt-4o-mini")
+    p.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
+    p.add_argument("--llm-concurrency", type=int, default=4)
+    p.add_argument(
+        "--no-llm-baseline", action="store_true", help="skip labelling the whole stream with the LLM"
+    )
+    p.add_argument(
+        "--model", action="append", default=[], help="use this model (hub id or dir) instead of a cold start"
+    )
+    p.add_argument(
+        "--encoder", default="minilm", help="base encoder for the cold start (default: packaged MiniLM)"
+    )
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated specialist kinds from {KINDS}")
+    p.add_argument("--cold-lr", type=float, default=5e-5)
+    p.add_argument("--cold-epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=2e-5, help="refinement learning rate (paper: 2e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="refinement weight decay (paper: 0.01)")
+    p.add_argument("--epochs", type=int, default=3, help="refinement epochs (paper: 3)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-stream", type=int, default=None, help="use only the first N stream items")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_simulate)
+
+
+def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelSet) -> ReviewSetup:
+    from autoannotator.reviewers import NoisyOracleReviewer, OracleReviewer
+    from autoannotator.simulate import ReviewSetup
+
+    if args.review == "oracle":
+        return ReviewSetup(OracleReviewer(gold, labels), human=True)
+    if args.review.startswith("noisy:"):
+        accuracy = float(args.review.split(":", 1)[1])
+        return ReviewSetup(NoisyOracleReviewer(gold, labels, accuracy=accuracy, seed=args.seed))
+    if args.review == "llm":
+        from autoannotator.llm import LLMReviewer, PriceTable, ReviewCache, make_openai_client
+
+        if not args.llm_base_url:
+            raise SystemExit("--review llm needs --llm-base-url (any OpenAI-compatible endpoint)")
+        client = make_openai_client(args.llm_base_url, os.environ.get(args.llm_api_key_env), timeout=30.0)
+        llm = LLMReviewer(
+            client,
+            model=args.llm_model,
+            labels=labels,
+            prices=PriceTable.default(),
+            max_concurrency=args.llm_concurrency,
+            cache=ReviewCache(Path(args.out) / "llm-cache.jsonl"),
+        )
+        return ReviewSetup(
+            llm, baseline=None if args.no_llm_baseline else llm, usage=lambda: asdict(llm.usage)
+        )
+    raise SystemExit(f"unknown --review {args.review!r}: use oracle, noisy:<accuracy> or llm")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from autoannotator.plots import plot_report
+    from autoannotator.router import policy_from_spec
+    from autoannotator.simulate import SimulationConfig, run_simulation
+
+    _quiet_libraries()
+    args.out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    policy = policy_from_spec(args.policy)
+    config = SimulationConfig(
+        seed_file=args.seed_file,
+        stream_file=args.stream_file,
+        out_dir=args.out,
+        n_seed=args.n_seed,
+        chunk_size=args.chunk_size,
+        beta=args.beta,
+        retrain=not args.no_retrain,
+        models=tuple(args.model),
+        cold_start=ColdStartConfig(
+            encoder=args.encoder,
+            kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+            transformer_train=TrainConfig(
+                learning_rate=args.cold_lr, epochs=args.cold_epochs, seed=args.seed
+            ),
+            seed=args.seed,
+        ),
+        refine_train=TrainConfig(
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        ),
+        max_stream=args.max_stream,
+        seed=args.seed,
+    )
+    report = run_simulation(config, policy, lambda gold, labels: _review_setup(args, gold, labels))
+    png = plot_report(report, args.out / "report.png")
+    f = report["final"]
+    print(
+        json.dumps(
+            {
+                "accuracy": round(f["accuracy"], 4),
+                "macro_f1": round(f["macro_f1"], 4),
+                "review_share": round(f["review_share"], 4),
+                "human_labels_total": f["human_labels_total"],
+                "majority_vote_accuracy": round(report["baselines"]["majority_vote"]["accuracy"], 4),
+                "report": str(args.out / "report.json"),
+                "plot": str(png),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoannotator", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except AutoAnnotatorError as exc:
+        print(f"autoannotator: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

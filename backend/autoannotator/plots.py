@@ -1,0 +1,106 @@
+"""The picture of a simulation report: where a person would rather look than read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: a report is a file, never a window
+
+import matplotlib.pyplot as plt
+
+
+def plot_report(report: dict[str, Any], path: Path) -> Path:
+    """Three panels: final labels vs baselines; accuracy vs share reviewed; accuracy per model version."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    final = report["final"]
+    base = report["baselines"]
+
+    # 1. Final labels against the baselines of the same run.
+    names, accs, f1s = [], [], []
+    for name, m in base["members_alone"].items():
+        names.append(f"{name}\nalone")
+        accs.append(m["accuracy"])
+        f1s.append(m["macro_f1"])
+    for key, title in (("majority_vote", "majority\nvote"), ("llm_only", "LLM\nonly")):
+        if key in base:
+            names.append(title)
+            accs.append(base[key]["accuracy"])
+            f1s.append(base[key]["macro_f1"])
+    names.append(f"AutoAnnotator\n({final['review_share']:.0%} reviewed)")
+    accs.append(final["accuracy"])
+    f1s.append(final["macro_f1"])
+    ax = axes[0]
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], accs, width=0.4, label="accuracy", color="#4C72B0")
+    ax.bar([x + 0.2 for x in xs], f1s, width=0.4, label="macro-F1", color="#DD8452")
+    for x, a in zip(xs, accs, strict=True):
+        ax.text(x - 0.2, a + 0.01, f"{a:.1%}", ha="center", fontsize=8)
+    ax.set_xticks(list(xs), names, fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_title("Final labels vs. baselines (against gold)")
+    ax.legend(loc="upper left", fontsize=8)
+
+    # 2. The trade-off: accuracy reachable at each share reviewed (cold-start ensemble, perfect review).
+    ax = axes[1]
+    for name, curve in report.get("tradeoff", {}).get("curves", {}).items():
+        ax.plot(curve["share"], curve["accuracy"], label=name)
+    for pt in report.get("tradeoff", {}).get("epsilon_points", []):
+        ax.scatter([pt["share"]], [pt["accuracy"]], marker="s", color="black", zorder=3)
+        ax.annotate(
+            f"ε={pt['epsilon']:.2f}",
+            (pt["share"], pt["accuracy"]),
+            textcoords="offset points",
+            xytext=(5, -12),
+            fontsize=8,
+        )
+    ax.scatter(
+        [final["review_share"]],
+        [final["accuracy"]],
+        marker="*",
+        s=200,
+        color="crimson",
+        zorder=4,
+        label="this run (with retraining)",
+    )
+    ax.set_xlabel("share of the stream reviewed")
+    ax.set_ylabel("final-label accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_title("Accuracy vs. share reviewed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+    # 3. Per served version: do retrainings help?
+    ax = axes[2]
+    versions = list(report["per_version"])
+    acc_acc = [report["per_version"][v]["accepted_accuracy"] or 0 for v in versions]
+    fin_acc = [report["per_version"][v]["final_accuracy"] for v in versions]
+    items = [report["per_version"][v]["items"] for v in versions]
+    ax.plot(versions, acc_acc, marker="o", label="accepted without review")
+    ax.plot(versions, fin_acc, marker="o", label="final (after review)")
+    for v, a, n in zip(versions, acc_acc, items, strict=True):
+        ax.annotate(
+            f"{n} items", (v, a), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8
+        )
+    ax.set_ylim(0.5, 1.0)
+    ax.set_title("Accuracy per model version (retraining cycles)")
+    ax.set_xlabel("version serving the items")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+    llm = report.get("llm")
+    subtitle = (
+        f"{report['config']['stream_file']} — policy {report['config']['policy']}, reviewer "
+        f"{report['config']['reviewer']}, {report['config']['n_seed']} seed labels, "
+        f"{final['human_labels_total']} human labels in all"
+    )
+    if llm:
+        subtitle += f", LLM calls {llm.get('calls', 0)} (${llm.get('cost', 0):.4f})"
+    fig.suptitle(subtitle, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,68 @@
+import json
+import re
+
+import numpy as np
+import pytest
+
+from autoannotator.coldstart import ColdStartConfig, check_seed, cold_start
+from autoannotator.errors import BadInputError, LabelMappingError, TrainingError
+from autoannotator.labels import LabelSet
+from autoannotator.specialists import TrainConfig, load_specialist
+from tests import tiny
+
+LABELS = LabelSet.of(tiny.LABELS)
+
+
+def test_cold_start_builds_different_kinds_that_disagree_somewhere(tmp_path, tiny_encoder, tiny_corpus):
+    seed, stream = tiny_corpus[:150], tiny_corpus[150:]
+    config = ColdStartConfig(
+        encoder=str(tiny_encoder),
+        transformer_train=TrainConfig(learning_rate=5e-3, epochs=6, max_length=32),
+    )
+    result = cold_start(
+        [t for t, _ in seed],
+        [y for _, y in seed],
+        LABELS,
+        tmp_path,
+        config,
+        probe_texts=[t for t, _ in stream],
+    )
+    assert [m.kind for m in result.members] == ["transformer", "embedding-linear", "ngram-linear"]
+    assert result.seed_counts == {lab: sum(1 for _, y in seed if y == lab) for lab in LABELS.names}
+    d = result.disagreement
+    assert d is not None and d.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(d), 0)
+    assert d[np.triu_indices(3, 1)].max() > 0  # not clones
+    report = result.report()
+    assert set(report["pairwise_disagreement"]) == {
+        "m0-transformer vs m1-embedding-linear",
+        "m0-transformer vs m2-ngram-linear",
+        "m1-embedding-linear vs m2-ngram-linear",
+    }
+    json.dumps(report)  # the report is plain JSON
+    for m in result.members:  # each member reloads from its own directory
+        assert load_specialist(tmp_path / m.name, LABELS).kind == m.kind
+
+
+def test_seed_must_cover_every_label():
+    with pytest.raises(TrainingError, match=re.escape("too few examples of {'neutral': 0}")):
+        check_seed(["bearish", "bullish", "bearish", "bullish"], LABELS, 2)
+    with pytest.raises(LabelMappingError, match="unknown label 'positive'"):
+        check_seed(["positive"], LABELS, 1)
+
+
+def test_config_refuses_unknown_kinds():
+    with pytest.raises(ValueError, match="unknown specialist kinds"):
+        ColdStartConfig(kinds=("transformer", "svm"))
+
+
+def test_cold_start_refuses_empty_texts(tmp_path):
+    texts = ["rally gains", "plunge losses", "meeting schedule", ""]
+    with pytest.raises(BadInputError, match="empty"):
+        cold_start(
+            texts,
+            ["bullish", "bearish", "neutral", "neutral"],
+            LABELS,
+            tmp_path,
+            ColdStartConfig(kinds=("ngram-linear",), min_per_label=1),
+        )

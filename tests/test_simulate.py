@@ -1,0 +1,148 @@
+"""``autoannotator simulate`` end to end on tiny real models, with an oracle and with a real LLM server."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from autoannotator.cli import main
+from tests import tiny
+from tests.openai_server import OpenAIServer
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    corpus = tiny.make_corpus(420, seed=7, noise=0.3)
+    return write_jsonl(tmp_path / "seed.jsonl", corpus[:150]), write_jsonl(
+        tmp_path / "stream.jsonl", corpus[150:]
+    )
+
+
+def run(tmp_path, data, tiny_encoder, *extra):
+    seed, stream = data
+    out = tmp_path / "out"
+    argv = [
+        "simulate",
+        "--seed-file", str(seed),
+        "--stream-file", str(stream),
+        "--out", str(out),
+        "--n-seed", "60",
+        "--chunk-size", "45",
+        "--beta", "20",
+        "--encoder", str(tiny_encoder),
+        "--cold-lr", "5e-3",
+        "--cold-epochs", "4",
+        "--lr", "1e-3",
+        *extra,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return json.loads((out / "report.json").read_text()), out
+
+
+def test_oracle_run_reports_accuracy_review_share_cycles_baselines_and_a_plot(
+    tmp_path, data, tiny_encoder, capsys
+):
+    report, out = run(tmp_path, data, tiny_encoder, "--policy", "budget:0.25:mean")
+    final = report["final"]
+    n = report["config"]["n_stream"]
+    assert n == 270
+    # Budget: exactly ceil(0.25 * 45) = 12 items of every 45-item chunk.
+    assert final["reviewed"] == 6 * 12
+    assert final["review_share"] == pytest.approx(72 / 270)
+    assert final["human_labels_total"] == 60 + 72  # seed + oracle reviews
+    # Reviewed items are right (oracle), so the final labels beat the unreviewed vote.
+    assert final["accuracy"] > report["baselines"]["majority_vote"]["accuracy"]
+    assert set(report["baselines"]["members_alone"]) == {
+        "m0-transformer",
+        "m1-embedding-linear",
+        "m2-ngram-linear",
+    }
+    # The pool grew by 12 per chunk and beta is 20: a retraining after every second chunk.
+    assert [c["after_items"] for c in report["cycles"]] == [90, 180, 270]
+    assert all(c["n_new"] > 0 and c["reason"] for c in report["cycles"])
+    assert sum(v["items"] for v in report["per_version"].values()) == n
+    assert set(report["seconds"]) >= {"cold_start", "predict_and_route", "review", "retrain", "total"}
+    assert report["tradeoff"]["curves"]["mean probability"]["accuracy"][-1] == 1.0
+    assert (out / "report.png").stat().st_size > 20_000
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] == round(final["accuracy"], 4)
+
+
+def test_paper_epsilon_rule_without_retraining(tmp_path, data, tiny_encoder):
+    report, _ = run(tmp_path, data, tiny_encoder, "--policy", "epsilon:0.34", "--no-retrain")
+    assert report["cycles"] == []
+    assert list(report["per_version"]) == ["v0001"]
+    # ε = 0.34 with k = 3 reviews exactly the items without a 2-of-3 majority.
+    point = {p["epsilon"]: p for p in report["tradeoff"]["epsilon_points"]}[0.6667]
+    assert report["final"]["review_share"] == pytest.approx(point["share"])
+
+
+def test_noisy_reviewer_is_worse_than_the_oracle(tmp_path, data, tiny_encoder):
+    oracle, _ = run(tmp_path / "a", data, tiny_encoder, "--policy", "budget:0.4:mean", "--no-retrain")
+    noisy, _ = run(tmp_path / "b", data, tiny_encoder, "--policy", "budget:0.4:mean", "--review", "noisy:0.5",
+                   "--no-retrain")  # fmt: skip
+    assert noisy["config"]["reviewer"] == "noisy-oracle"
+    assert noisy["final"]["accuracy"] < oracle["final"]["accuracy"]
+    # Seed labels are human; the noisy reviewer stands for an LLM, so its labels are not human labels.
+    assert noisy["final"]["human_labels_total"] == 60
+
+
+def test_llm_review_against_a_real_openai_compatible_server(
+    tmp_path, data, tiny_encoder, monkeypatch, capsys
+):
+    gold = {t: y for t, y in tiny.make_corpus(420, seed=7, noise=0.3)}
+
+    def answer(text: str) -> str:
+        # A decent LLM: right on most items, off-label on texts mentioning "fear", wrong on "boom".
+        if "fear" in text.split():
+            return "I cannot decide"
+        if "boom" in text.split():
+            return "neutral"
+        return gold[text].capitalize() + "."
+
+    monkeypatch.setenv("SIM_TEST_LLM_KEY", "sk-secret-value")
+    with OpenAIServer(answer=answer) as server:
+        report, out = run(
+            tmp_path, data, tiny_encoder,
+            "--policy", "budget:0.3:mean", "--review", "llm", "--llm-base-url", server.base_url,
+            "--llm-model", "gpt-4o-mini", "--llm-api-key-env", "SIM_TEST_LLM_KEY",
+        )  # fmt: skip
+        requests = list(server.completions)
+    assert requests and all(r.authorization == "Bearer sk-secret-value" for r in requests)
+    assert "bearish, bullish, neutral" in requests[0].system_prompt
+    final = report["final"]
+    # Off-label answers went to a human instead, so every routed item still got a label.
+    assert final["human_fallbacks"] > 0
+    assert final["reviewer_labelled"] + final["human_fallbacks"] == final["reviewed"]
+    assert final["human_labels_total"] == 60 + final["human_fallbacks"]
+    llm_only = report["baselines"]["llm_only"]
+    assert 0.5 < llm_only["answered_share"] < 1.0
+    assert llm_only["calls"] == report["config"]["n_stream"]
+    usage = report["llm"]
+    # Routed items were already answered when the LLM-only baseline ran: the cache paid for them once.
+    assert usage["cache_hits"] >= final["reviewed"] - 1
+    assert usage["calls"] <= report["config"]["n_stream"] + 5
+    assert usage["cost"] > 0 and usage["prompt_tokens"] > 0
+    # The key never lands in the report, the cache or the output.
+    for path in out.iterdir():
+        if path.suffix in {".json", ".jsonl"}:
+            assert "sk-secret-value" not in path.read_text()
+    assert "sk-secret-value" not in capsys.readouterr().out
+
+
+def test_bad_inputs_exit_with_a_clear_message(tmp_path, data, tiny_encoder, capsys):
+    seed, _ = data
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "rally", "label": "bullish"}\n{"text": "", "label": "bearish"}\n')
+    argv = ["simulate", "--seed-file", str(seed), "--stream-file", str(bad), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "bad.jsonl:2: field 'text' is missing or empty" in capsys.readouterr().err
+    assert (
+        main([*argv[:3], "--stream-file", str(seed), "--n-seed", "10000", "--out", str(tmp_path / "p")]) == 2
+    )
+    assert "only 150" in capsys.readouterr().err

@@ -1,0 +1,253 @@
+"""Continual refinement end to end on real, tiny specialists: train, evaluate on held-out items, gate."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+
+from autoannotator.ensemble import Ensemble
+from autoannotator.errors import TrainingError
+from autoannotator.labels import LabelSet
+from autoannotator.pool import Source, VerifiedPool
+from autoannotator.registry import Registry
+from autoannotator.specialists import NgramSpecialist, TrainConfig, TransformerSpecialist
+from autoannotator.specialists.base import Specialist
+from autoannotator.training import RefineConfig, classification_metrics, refine, should_train
+from tests import tiny
+
+LABELS = LabelSet(tiny.LABELS)
+ROTATE = {"bearish": "bullish", "bullish": "neutral", "neutral": "bearish"}
+
+
+def rows(n: int, seed: int, prefix: str) -> list[tuple[str, str, str]]:
+    return [(f"{prefix}{i}", text, label) for i, (text, label) in enumerate(tiny.make_corpus(n, seed))]
+
+
+def cold_start(registry: Registry, pool: VerifiedPool, seed_rows: list[tuple[str, str, str]]) -> str:
+    """What cold start does: label a seed set, train two n-gram members on it, publish version 1."""
+    pool.add_many(seed_rows, Source.SEED)
+    pool.mark_trained()
+    texts = [t for _, t, _ in seed_rows]
+    ys = [y for _, _, y in seed_rows]
+    return registry.save_ensemble(
+        LABELS,
+        {
+            "ngram-a": lambda d: NgramSpecialist.untrained(LABELS, "a").fit(texts, ys, d),
+            "ngram-b": lambda d: NgramSpecialist.untrained(LABELS, "b", c=2.0).fit(texts, ys, d),
+        },
+    )
+
+
+def tree_hash(directory: Path) -> dict[str, str]:
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_config_is_validated() -> None:
+    for bad in ({"beta": 0}, {"replay_ratio": -1}, {"min_holdout": -1}, {"tolerance": 2}, {"metric": "auc"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            RefineConfig(**bad)
+    assert RefineConfig().train == TrainConfig() and RefineConfig().beta == 2000
+
+
+def test_metrics_match_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    t, p = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
+    p[:5] = 2  # label 1 may be missing from predictions; sklearn averages over labels seen in either
+    got = classification_metrics(t, p, 3)
+    assert got["accuracy"] == pytest.approx(accuracy_score(t, p))
+    assert got["macro_f1"] == pytest.approx(f1_score(t, p, average="macro"))
+    assert got["n"] == 200
+
+
+def test_refining_needs_a_served_version(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="cold-start"):
+        refine(Registry(tmp_path), VerifiedPool(LABELS), RefineConfig(), labels=LABELS, force=True)
+
+
+def test_nothing_happens_before_beta_or_without_new_training_items(tmp_path: Path) -> None:
+    registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
+    cold_start(registry, pool, rows(60, 0, "s"))
+    config = RefineConfig(beta=50)
+    pool.add_many(rows(20, 1, "h"))
+    assert not should_train(pool, config)
+    result = refine(registry, pool, config, labels=LABELS)
+    assert not result.promoted and result.version == "" and result.serving == "v0001"
+    assert result.reason == "the pool grew by 20 of beta=50 items since the last training"
+    pool.mark_trained()
+    forced = refine(registry, pool, config, labels=LABELS, force=True)
+    assert forced.reason.startswith("no new verified training items") and not forced.promoted
+    assert registry.versions() == ["v0001"] and len(registry.history()) == 1
+
+
+def test_an_empty_pool_is_a_no_op_with_a_reason(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    cold_start(registry, VerifiedPool(LABELS), rows(30, 0, "s"))
+    result = refine(registry, VerifiedPool(LABELS), RefineConfig(beta=1), labels=LABELS, force=True)
+    assert (result.promoted, result.version, result.n_new) == (False, "", 0)
+    assert "no new verified training items" in result.reason and registry.current() == "v0001"
+
+
+def test_a_better_version_is_promoted_and_the_old_one_stays_untouched(tmp_path: Path) -> None:
+    registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
+    cold_start(registry, pool, rows(6, 0, "s"))  # six examples: a weak first version
+    before = tree_hash(registry.path("v0001"))
+    pool.add_many(rows(300, 1, "h"), Source.HUMAN)
+    config = RefineConfig(beta=100)
+    assert should_train(pool, config)
+    n_new, n_holdout = len(pool.new_train_items()), len(pool.holdout_items())
+
+    result = refine(registry, pool, config, labels=LABELS)
+
+    assert result.promoted and (result.version, result.previous) == ("v0002", "v0001")
+    assert result.reason.startswith("promoted: held-out accuracy")
+    assert result.metrics_new["accuracy"] > result.metrics_old["accuracy"] + 0.1
+    assert (result.n_new, result.n_holdout, result.n_replay) == (n_new, n_holdout, 0)
+    assert set(result.member_seconds) == {"ngram-a", "ngram-b"}
+    assert registry.current() == "v0002" and tree_hash(registry.path("v0001")) == before
+    served = registry.load("v0002", LABELS)
+    # Linear members retrain from scratch on every verified training item, never on held-out ones.
+    assert [m.meta.n_train for m in served.members] == [6 + n_new] * 2
+    assert served.members[0].meta.parent == str(registry.path("v0001") / "ngram-a")
+    manifest = registry.manifest("v0002")
+    assert manifest["parent"] == "v0001" and manifest["metrics"]["holdout"] == result.metrics_new
+    last = registry.history()[-1]
+    assert (last["event"], last["version"], last["metrics_new"]) == ("publish", "v0002", result.metrics_new)
+    assert pool.growth_since_training() == 0
+
+
+def test_a_worse_version_is_rejected_deleted_and_recorded(tmp_path: Path) -> None:
+    registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
+    cold_start(registry, pool, rows(150, 0, "s"))
+    # Careless reviewers: every new training item carries the wrong label; held-out ones stay right,
+    # so the clean held-out set shows that retraining on them made the ensemble worse.
+    new = [(k, t, y if pool.is_holdout(k) else ROTATE[y]) for k, t, y in rows(300, 1, "h")]
+    pool.add_many(new, Source.HUMAN)
+
+    result = refine(registry, pool, RefineConfig(beta=100), labels=LABELS)
+
+    assert not result.promoted and result.version == "v0002" and result.serving == "v0001"
+    assert result.reason.startswith("rejected: held-out accuracy fell from")
+    assert result.metrics_new["accuracy"] < result.metrics_old["accuracy"] - 0.2
+    assert registry.current() == "v0001" and registry.versions() == ["v0001"]
+    assert sorted(os.listdir(tmp_path / "versions")) == ["v0001"]
+    last = registry.history()[-1]
+    assert (last["event"], last["promoted"], last["version"]) == ("rejected", False, "v0002")
+    assert last["metrics_old"] == result.metrics_old and last["metrics_new"] == result.metrics_new
+    probs = registry.load("v0001", LABELS).predict_proba(["shares surge to a record"])
+    assert LABELS.names[int(probs.mean(axis=0).argmax())] == "bullish"
+    # The attempt counts as training: the same items do not trigger another one at once.
+    assert pool.growth_since_training() == 0
+    assert refine(registry, pool, RefineConfig(beta=100), labels=LABELS).version == ""
+
+
+def test_too_few_held_out_items_promote_without_evaluation(tmp_path: Path) -> None:
+    registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
+    cold_start(registry, pool, rows(60, 0, "s"))
+    pool.add_many(rows(20, 1, "h"), Source.LLM)
+    n_holdout = len(pool.holdout_items())
+    result = refine(registry, pool, RefineConfig(beta=10, min_holdout=1000), labels=LABELS)
+    assert result.promoted and registry.current() == "v0002"
+    assert result.reason == f"promoted without evaluation: only {n_holdout} held-out items (min_holdout=1000)"
+
+
+def test_the_callers_decision_rule_is_what_gets_evaluated(tmp_path: Path) -> None:
+    registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
+    cold_start(registry, pool, rows(60, 0, "s"))
+    pool.add_many(rows(200, 1, "h"))
+    holdout = pool.holdout_items()
+    share = sum(it.label == "neutral" for it in holdout) / len(holdout)
+
+    def always_neutral(probs: np.ndarray) -> np.ndarray:
+        return np.array(["neutral"] * probs.shape[1])
+
+    result = refine(registry, pool, RefineConfig(beta=1), labels=LABELS, decide=always_neutral)
+    assert result.metrics_old["accuracy"] == result.metrics_new["accuracy"] == pytest.approx(share)
+    assert result.promoted  # equal is not worse
+
+
+class ExplodingNgram(NgramSpecialist):
+    """A test double: an n-gram member whose training dies like a full disk would.
+
+    No real member fails on demand, and the point is what happens to the work of the members that
+    finished before it: the double notes that their directories existed when it failed.
+    """
+
+    seen_siblings: ClassVar[list[str]] = []
+
+    def fit(
+        self, texts: Sequence[str], labels: Sequence[str], out_dir: Path, config: TrainConfig | None = None
+    ) -> NgramSpecialist:
+        ExplodingNgram.seen_siblings = sorted(p.name for p in Path(out_dir).parent.iterdir())
+        raise OSError(28, "No space left on device")
+
+
+def test_a_crash_halfway_leaves_the_old_version_serving_and_nothing_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
+    cold_start(registry, pool, rows(60, 0, "s"))
+    pool.add_many(rows(100, 1, "h"))
+    growth = pool.growth_since_training()
+    load = registry.load
+
+    def load_with_double(version: str, labels: LabelSet) -> Ensemble:
+        ensemble = load(version, labels)
+        ensemble.members[1] = ExplodingNgram.load(registry.path(version) / "ngram-b")
+        return ensemble
+
+    monkeypatch.setattr(registry, "load", load_with_double)
+    with pytest.raises(TrainingError, match=r"member 'b' \(ngram-b\) of v0001 failed.*No space left"):
+        refine(registry, pool, RefineConfig(beta=10), labels=LABELS)
+
+    assert ExplodingNgram.seen_siblings == ["ngram-a"]  # the first member had finished
+    assert registry.current() == "v0001" and registry.versions() == ["v0001"]
+    assert os.listdir(tmp_path / "versions") == ["v0001"]
+    assert [e["version"] for e in registry.history() if e["promoted"]] == ["v0001"]
+    assert registry.history()[-1]["event"] == "failed"
+    assert pool.growth_since_training() == growth  # nothing was trained: the items stay new
+    assert load("v0001", LABELS).k == 2
+
+
+def test_incremental_members_get_new_items_plus_replay_and_the_configured_hyperparameters(
+    tmp_path: Path, tiny_encoder: Path
+) -> None:
+    registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
+    seed_rows = rows(60, 0, "s")
+    pool.add_many(seed_rows, Source.SEED)
+    pool.mark_trained()
+    texts, ys = [t for _, t, _ in seed_rows], [y for _, _, y in seed_rows]
+    start = TrainConfig(epochs=1, batch_size=16, learning_rate=1e-3, max_length=32)
+    members: dict[str, Callable[[Path], Specialist]] = {
+        "ngram": lambda d: NgramSpecialist.untrained(LABELS).fit(texts, ys, d),
+        "bert": lambda d: TransformerSpecialist.from_encoder(tiny_encoder, LABELS, "bert").fit(
+            texts, ys, d, start
+        ),
+    }
+    registry.save_ensemble(LABELS, members)
+    pool.add_many(rows(50, 1, "h"))
+    n_new = len(pool.new_train_items())
+    train = TrainConfig(learning_rate=5e-4, weight_decay=0.05, epochs=2, batch_size=8, max_length=24, seed=11)
+    config = RefineConfig(beta=10, replay_ratio=0.5, tolerance=1.0, train=train)
+
+    result = refine(registry, pool, config, labels=LABELS)
+
+    assert result.promoted and result.n_new == n_new and result.n_replay == round(0.5 * n_new)
+    ngram, bert = registry.load("v0002", LABELS).members
+    assert isinstance(bert, TransformerSpecialist) and isinstance(ngram, Specialist)
+    assert bert.meta.n_train == result.n_new + result.n_replay
+    assert bert.meta.train_config == asdict(train)
+    assert bert.meta.parent == str(registry.path("v0001") / "bert")
+    assert len(bert.meta.metrics["train_loss"]) == train.epochs
+    assert ngram.meta.n_train == len(pool.train_items()) == 60 + n_new
