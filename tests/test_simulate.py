@@ -146,3 +146,40 @@ def test_bad_inputs_exit_with_a_clear_message(tmp_path, data, tiny_encoder, caps
         main([*argv[:3], "--stream-file", str(seed), "--n-seed", "10000", "--out", str(tmp_path / "p")]) == 2
     )
     assert "only 150" in capsys.readouterr().err
+
+
+def test_sweep_runs_every_epsilon_point_and_the_challenger_at_the_same_shares(
+    tmp_path, data, tiny_encoder, capsys
+):
+    seed, stream = data
+    out = tmp_path / "sweep"
+    argv = [
+        "sweep", "--seed-file", str(seed), "--stream-file", str(stream), "--out", str(out),
+        "--n-seed", "60", "--chunk-size", "45", "--beta", "30", "--encoder", str(tiny_encoder),
+        "--cold-lr", "5e-3", "--cold-epochs", "4", "--kinds", "transformer,embedding-linear,ngram-linear",
+        "--budgets", "0.15",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    eps = [r for r in result["runs"] if r["rule"] == "epsilon"]
+    challengers = [r for r in result["runs"] if r["rule"] == "challenger"]
+    assert [r["policy"] for r in eps] == ["epsilon:0.3333333333333333", "epsilon:0.6666666666666666"]
+    assert len(challengers) == 3
+    # Each challenger run reviews (to within one item per chunk) the share its ε twin reviewed.
+    for e, c in zip(eps, challengers, strict=False):
+        assert abs(c["review_share"] - e["review_share"]) <= 6 / 270
+    assert challengers[-1]["review_share"] == pytest.approx(0.15, abs=6 / 270)
+    # Later runs reuse the first run's cold-start members instead of training new ones, copied into
+    # each run's own first version so that every run stays reloadable on its own.
+    assert json.loads((out / "eps-2" / "report.json").read_text())["start"]["given_models"][0].endswith(
+        "eps-1/models/versions/v0001/m0-transformer"
+    )
+    copied = out / "eps-2" / "models" / "versions" / "v0001"
+    assert sorted(p.name for p in copied.iterdir() if p.is_dir()) == [
+        "m0-transformer",
+        "m1-embedding-linear",
+        "m2-ngram-linear",
+    ]
+    assert (out / "sweep.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "epsilon" in printed and "challenger" in printed and "sweep.png" in printed

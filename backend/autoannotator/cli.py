@@ -19,7 +19,7 @@ from autoannotator.labels import LabelSet
 from autoannotator.specialists import TrainConfig
 
 if TYPE_CHECKING:
-    from autoannotator.simulate import ReviewSetup
+    from autoannotator.simulate import ReviewSetup, SimulationConfig
 
 logger = logging.getLogger("autoannotator")
 
@@ -32,16 +32,8 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "simulate",
-        help="run the paper's protocol on labelled JSONL and report accuracy, review share and cost",
-        description=(
-            "Cold-start specialists on N seed labels from --seed-file, stream --stream-file through the "
-            "engine in chunks, route, review (oracle, noisy oracle or an LLM), retrain every β verified "
-            "labels, and write report.json and report.png to --out."
-        ),
-    )
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``simulate`` and ``sweep``: data, review, specialists, fine-tuning."""
     p.add_argument(
         "--seed-file", type=Path, required=True, help="JSONL with text/label: seed labels drawn from it"
     )
@@ -53,11 +45,6 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=100)
     p.add_argument("--beta", type=int, default=150, help="retrain after the pool grew by this many labels")
     p.add_argument("--no-retrain", action="store_true", help="never fine-tune during the stream")
-    p.add_argument(
-        "--policy",
-        default="budget:0.2:mean",
-        help="routing policy spec: epsilon:0.34 | mean:0.8 | weighted:0.8 | margin:0.2 | budget:0.2:mean ...",
-    )
     p.add_argument(
         "--review",
         default="oracle",
@@ -87,7 +74,41 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-stream", type=int, default=None, help="use only the first N stream items")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="run the paper's protocol on labelled JSONL and report accuracy, review share and cost",
+        description=(
+            "Cold-start specialists on N seed labels from --seed-file, stream --stream-file through the "
+            "engine in chunks, route, review (oracle, noisy oracle or an LLM), retrain every β verified "
+            "labels, and write report.json and report.png to --out."
+        ),
+    )
+    _add_run_args(p)
+    p.add_argument(
+        "--policy",
+        default="budget:0.2:mean",
+        help="routing policy spec: epsilon:0.34 | mean:0.8 | weighted:0.8 | margin:0.2 | budget:0.2:mean ...",
+    )
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser(
+        "sweep",
+        help="compare the paper's ε rule with another policy at the same review shares",
+        description=(
+            "Run the protocol at every operating point of the paper's ε rule, then the challenger policy "
+            "as a review budget at exactly the shares the ε rule reviewed, plus --budgets; one shared cold "
+            "start. Writes sweep.json and sweep.png to --out."
+        ),
+    )
+    _add_run_args(p)
+    p.add_argument(
+        "--challenger", default="mean", help="base policy of the budget runs: mean | margin | weighted"
+    )
+    p.add_argument("--budgets", default="0.1,0.2,0.3", help="extra review shares for the challenger")
+    p.set_defaults(func=_sweep)
 
 
 def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelSet) -> ReviewSetup:
@@ -119,16 +140,13 @@ def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelS
     raise SystemExit(f"unknown --review {args.review!r}: use oracle, noisy:<accuracy> or llm")
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from autoannotator.plots import plot_report
-    from autoannotator.router import policy_from_spec
-    from autoannotator.simulate import SimulationConfig, run_simulation
+def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
+    from autoannotator.simulate import SimulationConfig
 
     _quiet_libraries()
-    args.out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+    args.out = args.out or Path("runs") / time.strftime(f"{command}-%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
-    policy = policy_from_spec(args.policy)
-    config = SimulationConfig(
+    return SimulationConfig(
         seed_file=args.seed_file,
         stream_file=args.stream_file,
         out_dir=args.out,
@@ -155,6 +173,34 @@ def _simulate(args: argparse.Namespace) -> int:
         max_stream=args.max_stream,
         seed=args.seed,
     )
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from autoannotator.sweep import run_sweep
+
+    config = _config(args, "sweep")
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    k = len(args.model) or len(config.cold_start.kinds)
+    result = run_sweep(
+        config, args.challenger, lambda gold, labels: _review_setup(args, gold, labels), k, budgets
+    )
+    rows = [
+        f"{r['rule']:<10} {r['policy']:<28} reviewed {r['review_share']:6.1%}  accuracy {r['accuracy']:.4f}"
+        f"  macro-F1 {r['macro_f1']:.4f}  human labels {r['human_labels_total']}"
+        for r in result["runs"]
+    ]
+    print("\n".join(rows))
+    print(f"wrote {args.out / 'sweep.json'} and {args.out / 'sweep.png'}")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from autoannotator.plots import plot_report
+    from autoannotator.router import policy_from_spec
+    from autoannotator.simulate import run_simulation
+
+    config = _config(args, "simulate")
+    policy = policy_from_spec(args.policy)
     report = run_simulation(config, policy, lambda gold, labels: _review_setup(args, gold, labels))
     png = plot_report(report, args.out / "report.png")
     f = report["final"]
@@ -179,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoannotator", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_simulate(sub)
+    _add_commands(sub)
     return parser
 
 

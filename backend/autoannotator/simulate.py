@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ from autoannotator.pool import Source, VerifiedPool
 from autoannotator.registry import Registry
 from autoannotator.reviewers import Reviewer, ReviewItem, ReviewStatus
 from autoannotator.router import Policy, WeightedVote
-from autoannotator.specialists import Specialist, TrainConfig, load_specialist
+from autoannotator.specialists import TrainConfig, import_member
 from autoannotator.training import RefineConfig, refine
 
 logger = logging.getLogger(__name__)
@@ -101,10 +102,15 @@ def _initial_members(
     labels: LabelSet,
     stage_dir: Path,
     probe: Sequence[str],
-) -> tuple[list[Specialist], dict[str, Any]]:
+) -> tuple[list[str], dict[str, Any]]:
+    """Write the first members into ``stage_dir``; return their sub-directory names in vote order."""
     if config.models:
-        members = [load_specialist(m, labels) for m in config.models]
-        return members, {"given_models": list(config.models)}
+        names = []
+        for i, source in enumerate(config.models):
+            stem = re.sub(r"^m\d+-", "", Path(source).name)  # a member of an earlier run keeps its kind name
+            names.append(f"m{i}-{re.sub(r'[^A-Za-z0-9._-]+', '-', stem).strip('-.') or 'model'}")
+            import_member(source, labels, stage_dir / names[-1])
+        return names, {"given_models": list(config.models)}
     result = cold_start(
         [e.text for e in seed],
         [e.label for e in seed],
@@ -113,7 +119,7 @@ def _initial_members(
         config.cold_start,
         probe_texts=probe,
     )
-    return result.members, result.report()
+    return [m.name for m in result.members], result.report()
 
 
 @dataclass
@@ -159,12 +165,10 @@ def run_simulation(
     t = time.perf_counter()
     version = registry.next_version()
     with registry.stage(version) as staged:
-        members, start_report = _initial_members(
+        member_dirs, start_report = _initial_members(
             config, seed, labels, staged, [e.text for e in stream[: config.chunk_size * 3]]
         )
-        write_manifest(
-            staged, version=version, labels=labels, members=[m.name for m in members], note="initial members"
-        )
+        write_manifest(staged, version=version, labels=labels, members=member_dirs, note="initial members")
     registry.publish(version, {"reason": "initial members"})
     ensemble = registry.load(version, labels)
     timer.add("cold_start", t)

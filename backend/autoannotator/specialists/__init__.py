@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from autoannotator.errors import LabelMappingError
 from autoannotator.labels import LabelSet
-from autoannotator.specialists.base import META_FILE, Specialist, SpecialistMeta, TrainConfig, read_meta
+from autoannotator.specialists.base import (
+    META_FILE,
+    Specialist,
+    SpecialistMeta,
+    TrainConfig,
+    read_meta,
+    staged_dir,
+)
 from autoannotator.specialists.linear import EmbeddingSpecialist, NgramSpecialist
 from autoannotator.specialists.transformer import TransformerSpecialist
 
@@ -17,6 +25,7 @@ __all__ = [
     "SpecialistMeta",
     "TrainConfig",
     "TransformerSpecialist",
+    "import_member",
     "load_specialist",
 ]
 
@@ -39,3 +48,22 @@ def load_specialist(
                 )
             return spec
     return TransformerSpecialist.load(source, labels, label_mapping)
+
+
+def import_member(
+    source: str | Path, labels: LabelSet, directory: Path, label_mapping: dict[str, str] | None = None
+) -> Specialist:
+    """Bring a given model into a version directory of its own and return it loaded from there.
+
+    A published version must hold every member it names, so that it can be reloaded, retrained or
+    rolled back to whatever happens to ``source`` later. Specialist directories are copied; anything
+    else (a plain HF directory, a hub id) is loaded, label-mapped and saved as a specialist.
+    """
+    path = Path(str(source))
+    if (path / META_FILE).is_file():
+        with staged_dir(directory) as tmp:
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+        return load_specialist(directory, labels, label_mapping)
+    spec = TransformerSpecialist.load(source, labels, label_mapping)
+    spec.save(directory)
+    return load_specialist(directory, labels)

@@ -184,6 +184,24 @@ class TransformerSpecialist:
             out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return project_columns(out, self.targets, len(self.labels))
 
+    def save(self, directory: Path) -> None:
+        """Write this model as a specialist directory whose head is named with the project's labels.
+
+        Only one-to-one label mappings can be saved this way (several model labels folded into one
+        project label keep their original names, so the mapping would be lost on reload).
+        """
+        if sorted(self.targets) != list(range(len(self.labels))):
+            raise TrainingError(
+                f"{self.name!r} folds several model labels into one; keep loading it from its source"
+            )
+        model = copy.deepcopy(self.model)
+        model.config.id2label = {col: self.labels.names[t] for col, t in enumerate(self.targets)}
+        model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+        with staged_dir(Path(directory)) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            write_meta(tmp, self.meta)
+
     # ---------------------------------------------------------------- training
 
     def fit(
