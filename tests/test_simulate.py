@@ -183,3 +183,22 @@ def test_sweep_runs_every_epsilon_point_and_the_challenger_at_the_same_shares(
     assert (out / "sweep.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "epsilon" in printed and "challenger" in printed and "sweep.png" in printed
+
+
+def test_benchmark_times_every_member_of_a_version(tmp_path, data, tiny_encoder, capsys):
+    _, out = run(tmp_path, data, tiny_encoder, "--no-retrain", "--policy", "budget:0.1:mean")
+    capsys.readouterr()
+    _, stream = data
+    version = out / "models" / "versions" / "v0001"
+    result_file = tmp_path / "bench.json"
+    argv = ["benchmark", "--version-dir", str(version), "--data", str(stream), "--n", "100",
+            "--train-n", "60", "--epochs", "1", "--repeats", "2", "--out", str(result_file)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(result_file.read_text())
+    assert [m["kind"] for m in result["members"]] == ["transformer", "embedding-linear", "ngram-linear"]
+    for m in result["members"]:
+        assert m["predict_texts_per_s"] > 0 and m["fit_seconds"] > 0 and m["fit_examples"] == 60
+    slowest = min(m["predict_texts_per_s"] for m in result["members"])
+    assert 0 < result["ensemble_predict_texts_per_s"] <= slowest
+    assert result["machine"]["cpus_usable"] >= 1
+    assert json.loads(capsys.readouterr().out) == result

@@ -110,6 +110,21 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", default="0.1,0.2,0.3", help="extra review shares for the challenger")
     p.set_defaults(func=_sweep)
 
+    p = sub.add_parser(
+        "benchmark",
+        help="time the specialists of a published version: texts/s to label, seconds to fine-tune",
+    )
+    p.add_argument(
+        "--version-dir", type=Path, required=True, help="a published version (holds ensemble.json)"
+    )
+    p.add_argument("--data", type=Path, required=True, help="labelled JSONL: texts to label and to train on")
+    p.add_argument("--n", type=int, default=1000, help="texts to label per repeat")
+    p.add_argument("--train-n", type=int, default=300, help="examples to fine-tune on")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
+    p.set_defaults(func=_benchmark)
+
 
 def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelSet) -> ReviewSetup:
     from autoannotator.reviewers import NoisyOracleReviewer, OracleReviewer
@@ -191,6 +206,33 @@ def _sweep(args: argparse.Namespace) -> int:
     ]
     print("\n".join(rows))
     print(f"wrote {args.out / 'sweep.json'} and {args.out / 'sweep.png'}")
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from autoannotator.benchmark import run_benchmark
+    from autoannotator.datasets import read_jsonl
+    from autoannotator.ensemble import read_manifest
+
+    _quiet_libraries()
+    manifest = read_manifest(args.version_dir)
+    labels = LabelSet.of(manifest["labels"])
+    rows = read_jsonl(args.data)
+    texts = [r.text for r in rows[: args.n]]
+    train = rows[-args.train_n :]
+    result = run_benchmark(
+        [args.version_dir / m for m in manifest["members"]],
+        labels,
+        texts,
+        [r.text for r in train],
+        [r.label for r in train],
+        TrainConfig(epochs=args.epochs),
+        repeats=args.repeats,
+    )
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
     return 0
 
 
