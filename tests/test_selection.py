@@ -486,16 +486,19 @@ def test_many_members_use_elimination_that_crosses_plateaus() -> None:
     assert prune_members(P[:8], gold).kept == (1, 3, 5, 7)
 
 
-def test_equal_accuracy_prefers_more_members_and_min_members_is_honoured() -> None:
+def test_equal_accuracy_prefers_gold_probability_then_more_members() -> None:
     gold = np.arange(20) % 3
     right = member(gold, gold)
     meek = member(gold, wrong(gold))  # always wrong, but never sure enough to win a 1-1 tie
     sure = member(gold, wrong(gold), wrong_conf=0.99)  # always wrong and wins 1-1 ties
-    assert prune_members(np.stack([right, meek]), gold).kept == (0, 1)  # 100% either way: keep both
+    # 100% either way, but the always-wrong member lowers the gold label's probability: dropped.
+    assert prune_members(np.stack([right, meek]), gold).kept == (0,)
+    # Two copies of a good member: same accuracy and same gold probability, so the larger set wins.
+    assert prune_members(np.stack([right, right]), gold).kept == (0, 1)
     P = np.stack([right, sure, sure])  # noqa: N806
     assert prune_members(P, gold).kept == (0,)
-    report = prune_members(P, gold, min_members=2)  # every set of 2+ scores 0%: the largest is kept
-    assert report.kept == (0, 1, 2) and report.vote_accuracy_kept == 0.0 and report.best_single == 1.0
+    report = prune_members(P, gold, min_members=2)  # every set of 2+ scores 0%: the least wrong pair
+    assert report.kept == (0, 1) and report.vote_accuracy_kept == 0.0 and report.best_single == 1.0
 
 
 @pytest.mark.parametrize(

@@ -111,6 +111,18 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser(
+        "select",
+        help="rank catalog models for a task (the paper's Eq. 1); with verified labels, drop weak members",
+    )
+    p.add_argument("--task", required=True, help="what the project labels, in a sentence")
+    p.add_argument("--labels", required=True, help="comma-separated project labels")
+    p.add_argument("--catalog", type=Path, default=None, help="catalog JSON (default: the packaged one)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--encoder", default="minilm", help="embeds task and model descriptions")
+    p.add_argument("--verified", type=Path, default=None, help="labelled JSONL: score the top-k and prune")
+    p.set_defaults(func=_select)
+
+    p = sub.add_parser(
         "benchmark",
         help="time the specialists of a published version: texts/s to label, seconds to fine-tune",
     )
@@ -206,6 +218,34 @@ def _sweep(args: argparse.Namespace) -> int:
     ]
     print("\n".join(rows))
     print(f"wrote {args.out / 'sweep.json'} and {args.out / 'sweep.png'}")
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from autoannotator.datasets import read_jsonl
+    from autoannotator.selection import load_catalog, mean_pool_embedder, prune_members, rank_candidates
+    from autoannotator.specialists import load_specialist
+
+    _quiet_libraries()
+    labels = LabelSet.of(x.strip() for x in args.labels.split(",") if x.strip())
+    ranked = rank_candidates(
+        args.task, labels, load_catalog(args.catalog), mean_pool_embedder(args.encoder), top_k=args.top_k
+    )
+    result: dict[str, object] = {
+        "ranked": [{"rank": c.rank, "id": c.entry.id, "score": round(c.score, 4)} for c in ranked]
+    }
+    if args.verified:
+        rows = read_jsonl(args.verified)
+        gold = np.asarray(labels.indices([r.label for r in rows]))
+        members = [load_specialist(c.entry.id, labels) for c in ranked]
+        probs = np.stack([m.predict_proba([r.text for r in rows]) for m in members])
+        report = prune_members(probs, gold)
+        result["keep"] = [ranked[i].entry.id for i in report.kept]
+        result["drop"] = [ranked[i].entry.id for i in report.dropped]
+        result["summary"] = report.summary()
+    print(json.dumps(result, indent=2))
     return 0
 
 

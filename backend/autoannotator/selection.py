@@ -290,8 +290,11 @@ def prune_members(P: np.ndarray, gold: np.ndarray, min_members: int = 1) -> Prun
 
     ``P`` is ``[k, n, L]`` (each member's probabilities on the n verified items), ``gold`` the ``[n]``
     true label indices. The vote is plain majority; ties go to the label with the highest mean
-    probability, then the lowest index. Equal accuracy prefers more members (more votes are more
-    robust on items not yet verified), then lower indices. Up to 8 members every subset is tried;
+    probability, then the lowest index. Equal accuracy prefers the subset whose mean probability
+    gives the gold label more weight (a proper score: a member that never flips a vote but is
+    confidently wrong, like one that always answers the same label, lowers it and raises the review
+    load), then more members (more votes are more robust on items not yet verified), then lower
+    indices. Up to 8 members every subset is tried;
     beyond, backward elimination drops the weakest member step by step and the best set seen wins.
     Accuracy on few items is noisy, so call this once the verified pool is a few hundred items.
     """
@@ -331,11 +334,16 @@ def prune_members(P: np.ndarray, gold: np.ndarray, min_members: int = 1) -> Prun
         tried = (s for size in range(k, min_members - 1, -1) for s in itertools.combinations(everyone, size))
     else:
         tried = iter(_elimination_path(everyone, min_members, correct, member_correct))
-    best, best_correct = everyone, -1
+
+    def gold_mass(subset: tuple[int, ...]) -> float:
+        return float(P[list(subset)].mean(axis=0)[np.arange(n), gold].mean())
+
+    best, best_key = everyone, (-1, -np.inf)
     for subset in tried:
-        c = correct(subset)
-        if c > best_correct:
-            best, best_correct = subset, c
+        key = (correct(subset), round(gold_mass(subset), 9))
+        if key > best_key:
+            best, best_key = subset, key
+    best_correct = best_key[0]
     return PruneReport(
         kept=best,
         dropped=tuple(i for i in everyone if i not in best),
