@@ -2,7 +2,8 @@
 
 With k members the ε rule has only k - 1 operating points (review the items with at most 1, 2, ...
 k - 1 votes short of unanimity). The sweep runs the full protocol (retraining on) at each of them,
-then runs the challenger policy as a review budget at exactly the share each ε run reviewed, plus
+then runs the challenger policy as a review budget at the share each ε run reviewed (rounded down to
+whole items per chunk, so the challenger never reviews more), plus
 any extra budgets asked for. All runs share one cold start, so they differ only in routing.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -62,9 +64,12 @@ def run_sweep(
             replace(shared, out_dir=out / f"eps-{votes}"), EpsilonRule(votes / k), make_review
         )
         runs.append({**_summary(rep), "rule": "epsilon"})
-    shares = [r["review_share"] for r in runs] + list(extra_budgets)
-    for i, share in enumerate(shares):
-        policy = policy_from_spec(f"budget:{min(1.0, share)!r}:{challenger}")
+    # Each ε twin becomes a whole number of items per chunk, rounded down, so a challenger run never
+    # reviews more than its twin did; the extra budgets stay fractions of each chunk.
+    twins = [f"{math.floor(r['review_share'] * config.chunk_size + 1e-9)}" for r in runs]
+    budgets = twins + [repr(min(1.0, b)) for b in extra_budgets]
+    for i, budget in enumerate(budgets):
+        policy = policy_from_spec(f"budget:{budget}:{challenger}")
         rep = run_simulation(replace(shared, out_dir=out / f"challenger-{i}"), policy, make_review)
         runs.append({**_summary(rep), "rule": "challenger"})
     result = {
