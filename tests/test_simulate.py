@@ -73,6 +73,17 @@ def test_oracle_run_reports_accuracy_review_share_cycles_baselines_and_a_plot(
     assert printed["accuracy"] == round(final["accuracy"], 4)
 
 
+def test_a_budget_over_the_weighted_vote_gets_member_weights_after_each_retraining(
+    tmp_path, data, tiny_encoder
+):
+    report, _ = run(tmp_path, data, tiny_encoder, "--policy", "budget:0.25:weighted")
+    assert report["config"]["policy"].startswith("budget:0.25:weighted")
+    assert report["cycles"]
+    for cycle in report["cycles"]:
+        weights = cycle["member_weights"]
+        assert len(weights) == 3 and all(0 < w < 1 for w in weights)
+
+
 def test_paper_epsilon_rule_without_retraining(tmp_path, data, tiny_encoder):
     report, _ = run(tmp_path, data, tiny_encoder, "--policy", "epsilon:0.34", "--no-retrain")
     assert report["cycles"] == []

@@ -9,6 +9,10 @@ class LabelMappingError(AutoAnnotatorError, ValueError):
     """A model's labels (or a label given by a reviewer or a dataset) do not fit the project's label set."""
 
 
+class UnsupportedConfigError(AutoAnnotatorError, ValueError):
+    """A Label Studio labeling config this backend cannot serve; the message says what would work."""
+
+
 class SpecialistLoadError(AutoAnnotatorError):
     """A specialist directory or hub id could not be loaded."""
 

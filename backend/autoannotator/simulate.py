@@ -36,7 +36,7 @@ from autoannotator.metrics import accuracy, macro_f1
 from autoannotator.pool import Source, VerifiedPool
 from autoannotator.registry import Registry
 from autoannotator.reviewers import Reviewer, ReviewItem, ReviewStatus
-from autoannotator.router import Policy, WeightedVote
+from autoannotator.router import Policy
 from autoannotator.specialists import TrainConfig, import_member
 from autoannotator.training import RefineConfig, refine
 
@@ -194,12 +194,14 @@ def run_simulation(
         texts = [e.text for e in chunk]
         t = time.perf_counter()
         probs = ensemble.predict_proba(texts)
-        if ensemble is initial:
-            initial_probs[:, idx] = probs
-        else:
-            initial_probs[:, idx] = initial.predict_proba(texts)
         decision = policy.decide(probs, weights)
         timer.add("predict_and_route", t)
+        if ensemble is initial:
+            initial_probs[:, idx] = probs
+        else:  # the baselines are the cold-start members', whatever serves now
+            t = time.perf_counter()
+            initial_probs[:, idx] = initial.predict_proba(texts)
+            timer.add("baseline_predict", t)
         final[idx] = decision.labels
         routed[idx] = decision.review
         for i in idx:
@@ -225,7 +227,7 @@ def run_simulation(
             pool.add_many(rows, source)
         bar.update(len(chunk))
 
-        if config.retrain and len(pool) and pool.growth_since_training() >= config.beta:
+        if config.retrain and pool.growth_since_training() >= config.beta:
             t = time.perf_counter()
 
             def decide(p: np.ndarray, w: np.ndarray | None = weights) -> np.ndarray:
@@ -242,7 +244,9 @@ def run_simulation(
             cycles.append({"after_items": int(idx[-1] + 1), **_result_summary(result)})
             if result.promoted:
                 ensemble = registry.load(result.version, labels)
-            weights = _holdout_weights(ensemble, pool, labels) if isinstance(policy, WeightedVote) else None
+            # Members' accuracy on held-out verified items; only weight-aware policies read it.
+            weights = _holdout_weights(ensemble, pool, labels)
+            cycles[-1]["member_weights"] = None if weights is None else [round(float(w), 4) for w in weights]
     bar.close()
 
     report = _report(

@@ -104,6 +104,20 @@ class SpecialistMeta:
         return cls(**d)
 
 
+class DescribedByMeta:
+    """``labels`` and ``name`` read from ``specialist.json``'s contents, for every concrete kind."""
+
+    meta: SpecialistMeta
+
+    @property
+    def labels(self) -> LabelSet:
+        return LabelSet(self.meta.labels)
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+
 @runtime_checkable
 class Specialist(Protocol):
     """A classifier over the project's labels.

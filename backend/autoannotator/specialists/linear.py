@@ -22,6 +22,7 @@ from sklearn.pipeline import FeatureUnion
 from autoannotator.errors import SpecialistLoadError, TrainingError
 from autoannotator.labels import LabelSet
 from autoannotator.specialists.base import (
+    DescribedByMeta,
     SpecialistMeta,
     TrainConfig,
     check_texts,
@@ -67,7 +68,7 @@ def fit_linear_head(
     return w, b
 
 
-class _LinearSpecialist:
+class _LinearSpecialist(DescribedByMeta):
     """Shared machinery: a feature map (subclass) and a softmax head saved in ``head.npz``."""
 
     kind: ClassVar[str]
@@ -80,14 +81,6 @@ class _LinearSpecialist:
         self.w = w
         self.b = b
         self.directory = directory
-
-    @property
-    def labels(self) -> LabelSet:
-        return LabelSet(self.meta.labels)
-
-    @property
-    def name(self) -> str:
-        return self.meta.name
 
     def features(self, texts: Sequence[str]) -> np.ndarray:
         raise NotImplementedError

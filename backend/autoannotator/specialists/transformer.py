@@ -21,6 +21,7 @@ from autoannotator.errors import SpecialistLoadError, TrainingError
 from autoannotator.labels import LabelSet, map_model_labels, project_columns
 from autoannotator.specialists.base import (
     META_FILE,
+    DescribedByMeta,
     SpecialistMeta,
     TrainConfig,
     check_texts,
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
-class TransformerSpecialist:
+class TransformerSpecialist(DescribedByMeta):
     """Any ``AutoModelForSequenceClassification`` whose labels map onto the project's labels."""
 
     kind: ClassVar[str] = "transformer"
@@ -150,14 +151,6 @@ class TransformerSpecialist:
         if isinstance(tok_max, int) and tok_max < 1_000_000:  # "no limit" is a huge sentinel
             limits.append(tok_max)
         return min(limits)
-
-    @property
-    def labels(self) -> LabelSet:
-        return LabelSet(self.meta.labels)
-
-    @property
-    def name(self) -> str:
-        return self.meta.name
 
     # --------------------------------------------------------------- inference
 
