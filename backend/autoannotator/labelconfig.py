@@ -67,7 +67,9 @@ def parse_label_config(xml: str, from_name: str | None = None) -> ProjectConfig:
         tags = ", ".join(f"<{c.tag} name={n!r}>" for n, c in controls.items()) or "no control tags"
         raise _refuse(f"the label config has no <Choices> control (found {tags})")
     if from_name is None and len(choices) > 1:
-        raise _refuse(f"the label config has several <Choices> {sorted(choices)}; choose one by name")
+        raise _refuse(
+            f"the label config has several <Choices> {sorted(choices)}; choose one by name (from_name)"
+        )
     if from_name is not None and from_name not in choices:
         raise _refuse(f"no <Choices> named {from_name!r} in the label config (it has {sorted(choices)})")
     control = choices[from_name] if from_name is not None else next(iter(choices.values()))

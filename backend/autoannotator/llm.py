@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import Any
 
 import openai
+from tqdm.auto import tqdm
 
 from autoannotator.errors import ReviewError
 from autoannotator.labels import LabelSet
@@ -38,6 +39,9 @@ from autoannotator.reviewers import ReviewItem, ReviewOutcome, ReviewStatus, par
 from autoannotator.specialists.base import clip_text
 
 logger = logging.getLogger(__name__)
+
+# Batches at least this long show a progress bar.
+PROGRESS_MIN_ITEMS = 50
 
 # Answers are one label; a few tokens spare let us see (and show a human) what a rambling model said.
 DEFAULT_MAX_TOKENS = 16
@@ -295,7 +299,10 @@ class LLMReviewer:
             workers = min(self.max_concurrency, len(first))
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm-review") as pool:
                 answers = pool.map(lambda i: self._ask_safely(items[i], texts[i]), first.values())
-                fresh = dict(zip(first, answers, strict=True))
+                # A bar only for long batches (an LLM-only pass over a stream), not for a chunk's few items.
+                bar = tqdm(answers, total=len(first), desc=f"{self.name} review", unit="item", leave=False,
+                           disable=len(first) < PROGRESS_MIN_ITEMS)  # fmt: skip
+                fresh = dict(zip(first, bar, strict=True))
         outcomes = []
         for i, (item, key) in enumerate(zip(items, keys, strict=True)):
             if first.get(key) == i:
