@@ -121,7 +121,7 @@ def test_llm_review_against_a_real_openai_compatible_server(
         report, out = run(
             tmp_path, data, tiny_encoder,
             "--policy", "budget:0.3:mean", "--review", "llm", "--llm-base-url", server.base_url,
-            "--llm-model", "gpt-4o-mini", "--llm-api-key-env", "SIM_TEST_LLM_KEY",
+            "--llm-model", "house-model", "--llm-api-key-env", "SIM_TEST_LLM_KEY", "--llm-price", "1000,2000",
         )  # fmt: skip
         requests = list(server.completions)
     assert requests and all(r.authorization == "Bearer sk-secret-value" for r in requests)
@@ -138,7 +138,9 @@ def test_llm_review_against_a_real_openai_compatible_server(
     # Routed items were already answered when the LLM-only baseline ran: the cache paid for them once.
     assert usage["cache_hits"] >= final["reviewed"] - 1
     assert usage["calls"] <= report["config"]["n_stream"] + 5
-    assert usage["cost"] > 0 and usage["prompt_tokens"] > 0
+    # The configured price (USD 1000 / 2000 per million tokens) is the one charged.
+    expected = (usage["prompt_tokens"] * 1000 + usage["completion_tokens"] * 2000) / 1e6
+    assert usage["prompt_tokens"] > 0 and usage["cost"] == pytest.approx(expected)
     # The key never lands in the report, the cache or the output.
     for path in out.iterdir():
         if path.suffix in {".json", ".jsonl"}:

@@ -56,6 +56,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-model", default="gpt-4o-mini")
     p.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
     p.add_argument("--llm-concurrency", type=int, default=4)
+    p.add_argument("--llm-timeout", type=float, default=30.0, help="seconds per LLM request before a retry")
+    p.add_argument(
+        "--llm-price",
+        default=None,
+        help="USD per million tokens as IN,OUT for --llm-model (default: a table of list prices)",
+    )
     p.add_argument(
         "--no-llm-baseline", action="store_true", help="skip labelling the whole stream with the LLM"
     )
@@ -152,12 +158,24 @@ def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelS
 
         if not args.llm_base_url:
             raise SystemExit("--review llm needs --llm-base-url (any OpenAI-compatible endpoint)")
-        client = make_openai_client(args.llm_base_url, os.environ.get(args.llm_api_key_env), timeout=30.0)
+        prices = PriceTable.default()
+        if args.llm_price:
+            try:
+                price_in, price_out = (float(x) for x in args.llm_price.split(","))
+            except ValueError:
+                raise SystemExit(
+                    f"--llm-price takes IN,OUT in USD per million tokens, got {args.llm_price!r}"
+                ) from None
+            prices = prices.with_price(args.llm_model, price_in, price_out)
+        client = make_openai_client(
+            args.llm_base_url, os.environ.get(args.llm_api_key_env), timeout=args.llm_timeout
+        )
         llm = LLMReviewer(
             client,
             model=args.llm_model,
             labels=labels,
-            prices=PriceTable.default(),
+            prices=prices,
+            timeout_s=args.llm_timeout,
             max_concurrency=args.llm_concurrency,
             cache=ReviewCache(Path(args.out) / "llm-cache.jsonl"),
         )

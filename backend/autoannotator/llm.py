@@ -90,6 +90,10 @@ class PriceTable:
             }
         )
 
+    def with_price(self, model: str, price_in: float, price_out: float) -> PriceTable:
+        """This table with ``model`` (re)priced: for a deployment whose contract or model differs."""
+        return PriceTable({**self.per_million, model: (price_in, price_out)})
+
     def price(self, model: str) -> tuple[float, float] | None:
         if model in self.per_million:
             return self.per_million[model]
