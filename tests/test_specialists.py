@@ -59,7 +59,7 @@ def test_missing_model_gives_a_load_error_that_mentions_offline_use(tmp_path):
         TransformerSpecialist.load(tmp_path / "nothing-here", LABELS)
 
 
-def test_empty_text_is_refused_and_huge_text_is_clipped(tmp_path, tiny_corpus):
+def test_empty_text_is_refused_and_huge_text_is_clipped(tmp_path, tiny_corpus, tiny_encoder):
     texts, ys, _, _ = split(tiny_corpus)
     spec = NgramSpecialist.untrained(LABELS).fit(texts, ys, tmp_path / "ng")
     with pytest.raises(BadInputError, match="text #1 is empty"):
@@ -69,6 +69,9 @@ def test_empty_text_is_refused_and_huge_text_is_clipped(tmp_path, tiny_corpus):
     assert probs.shape == (1, 3) and np.isfinite(probs).all()
     clf = TransformerSpecialist.load(tiny.build_classifier(tmp_path / "clf", ["NEG", "POS", "NEU"]), LABELS)
     assert clf.predict_proba([huge]).shape == (1, 3)  # truncated to max_length tokens, no error
+    # The shared encoder truncates to the model's 64 positions too, not to the default 128.
+    emb = EmbeddingSpecialist.untrained(tiny_encoder, LABELS).fit(texts, ys, tmp_path / "emb")
+    assert emb.predict_proba([huge, "rally"]).shape == (2, 3)
 
 
 def test_transformer_fine_tune_learns_writes_a_new_dir_and_leaves_the_old_model_alone(

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from autoannotator.errors import SpecialistLoadError
-from autoannotator.specialists.runtime import configure_torch, default_device
+from autoannotator.specialists.runtime import configure_torch, default_device, usable_length
 
 _ENCODERS: dict[tuple[str, int], Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()
@@ -55,6 +55,7 @@ class Encoder:
             self.model = AutoModel.from_pretrained(self.source).to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise SpecialistLoadError(f"cannot load encoder {self.source!r}: {exc}") from exc
+        self.max_length = usable_length(self.model, self.tokenizer, max_length)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 
@@ -42,3 +43,12 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def usable_length(model: Any, tokenizer: Any, wanted: int) -> int:
+    """``wanted`` tokens, or fewer when the model has fewer positions (a huge text must not crash)."""
+    limits = [wanted, int(getattr(model.config, "max_position_embeddings", wanted) or wanted)]
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and tok_max < 1_000_000:  # "no limit" is a huge sentinel
+        limits.append(tok_max)
+    return min(limits)

@@ -31,7 +31,7 @@ from autoannotator.specialists.base import (
     write_meta,
 )
 from autoannotator.specialists.encoder import resolve_model_source
-from autoannotator.specialists.runtime import configure_torch, default_device
+from autoannotator.specialists.runtime import configure_torch, default_device, usable_length
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +145,7 @@ class TransformerSpecialist(DescribedByMeta):
         return cls(model, tokenizer, meta, list(range(len(labels))), None, batch_size)
 
     def _fit_length(self, wanted: int) -> int:
-        """``wanted`` tokens, or fewer when the model has fewer positions (a huge text must not crash)."""
-        limits = [wanted, int(getattr(self.model.config, "max_position_embeddings", wanted) or wanted)]
-        tok_max = getattr(self.tokenizer, "model_max_length", None)
-        if isinstance(tok_max, int) and tok_max < 1_000_000:  # "no limit" is a huge sentinel
-            limits.append(tok_max)
-        return min(limits)
+        return usable_length(self.model, self.tokenizer, wanted)
 
     # --------------------------------------------------------------- inference
 
