@@ -116,9 +116,12 @@ def create_app(settings: Settings | None = None, projects: ProjectModels | None 
         )
         return jsonify({"versions": found})
 
-    @app.errorhandler(AutoAnnotatorError)
+    @app.errorhandler(BadInputError)
+    @app.errorhandler(UnsupportedConfigError)
+    @app.errorhandler(LabelMappingError)
     def bad_request(exc: AutoAnnotatorError) -> tuple[Response, int]:
-        status = 422 if isinstance(exc, UnsupportedConfigError | LabelMappingError) else 400
+        """The client's input is at fault: say exactly what. Any other error is ours (a 500)."""
+        status = 400 if isinstance(exc, BadInputError) else 422
         logger.warning("%s: %s", request.path, exc)
         return jsonify({"error": str(exc)}), status
 

@@ -10,15 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
-
-
-class ReviewMode(StrEnum):
-    LLM = "llm"
-    HUMAN = "human"
-    OFF = "off"
 
 
 def _setting(env: str, default: Any, help: str, secret: bool = False) -> Any:
@@ -27,46 +20,24 @@ def _setting(env: str, default: Any, help: str, secret: bool = False) -> Any:
 
 @dataclass(frozen=True)
 class Settings:
+    """Only settings that something reads; review modes, Redis, the LLM and Label Studio's API come
+    with the features that use them."""
+
     model_dir: Path = _setting(
         "AUTOANNOTATOR_MODEL_DIR",
         Path("models"),
         "where every project's model versions live (share it between workers)",
     )
-    redis_url: str = _setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for queues, counters and locks")
-    review_mode: ReviewMode = _setting(
-        "AUTOANNOTATOR_REVIEW_MODE", ReviewMode.HUMAN, "default review mode of a project: llm, human or off"
-    )
     policy: str = _setting(
         "AUTOANNOTATOR_POLICY", "mean:0.75", "routing policy spec (epsilon:0.34, mean:0.75, margin:0.2, ...)"
     )
-    beta: int = _setting(
-        "AUTOANNOTATOR_BETA", 200, "retrain after the verified pool grew by this many labels"
-    )
-    seed_threshold: int = _setting(
-        "AUTOANNOTATOR_SEED_THRESHOLD", 50, "human annotations a project needs before its cold start"
-    )
-    models: tuple[str, ...] = _setting(
-        "AUTOANNOTATOR_MODELS", (), "comma-separated hub ids or directories to use instead of a cold start"
-    )
-    encoder: str = _setting("AUTOANNOTATOR_ENCODER", "minilm", "base encoder of cold-start specialists")
     max_text_chars: int = _setting("AUTOANNOTATOR_MAX_TEXT_CHARS", 20_000, "longer task texts are clipped")
     basic_auth_user: str = _setting(
         "BASIC_AUTH_USER", "", "user Label Studio must send (basic auth); empty: off"
     )
     basic_auth_password: str = _setting("BASIC_AUTH_PASS", "", "its password", secret=True)
-    llm_base_url: str = _setting("LLM_BASE_URL", "", "OpenAI-compatible endpoint for llm review mode")
-    llm_model: str = _setting("LLM_MODEL", "gpt-4o-mini", "model name sent to that endpoint")
-    llm_api_key: str = _setting("LLM_API_KEY", "", "key for that endpoint", secret=True)
-    label_studio_url: str = _setting(
-        "LABEL_STUDIO_URL", "", "Label Studio, for review tabs and pool rebuilds"
-    )
-    label_studio_api_key: str = _setting("LABEL_STUDIO_API_KEY", "", "its API token", secret=True)
 
     def __post_init__(self) -> None:
-        if self.beta < 1:
-            raise ValueError(f"AUTOANNOTATOR_BETA must be >= 1, got {self.beta}")
-        if self.seed_threshold < 2:
-            raise ValueError(f"AUTOANNOTATOR_SEED_THRESHOLD must be >= 2, got {self.seed_threshold}")
         if self.max_text_chars < 1:
             raise ValueError(f"AUTOANNOTATOR_MAX_TEXT_CHARS must be >= 1, got {self.max_text_chars}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_password):
@@ -92,11 +63,6 @@ class Settings:
 
 
 def _convert(default: Any, raw: str) -> Any:
-    if isinstance(default, ReviewMode):
-        try:
-            return ReviewMode(raw.lower())
-        except ValueError:
-            raise ValueError(f"choose one of {[m.value for m in ReviewMode]}") from None
     if isinstance(default, bool):
         return raw.lower() in {"1", "true", "yes", "on"}
     if isinstance(default, int):
