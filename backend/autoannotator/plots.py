@@ -21,15 +21,15 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     # 1. Final labels against the baselines of the same run.
     names, accs, f1s = [], [], []
     for name, m in base["members_alone"].items():
-        names.append(f"{name}\nalone")
+        names.append(f"{name} alone")
         accs.append(m["accuracy"])
         f1s.append(m["macro_f1"])
-    for key, title in (("majority_vote", "majority\nvote"), ("llm_only", "LLM\nonly")):
+    for key, title in (("majority_vote", "majority vote"), ("llm_only", "LLM only")):
         if key in base:
             names.append(title)
             accs.append(base[key]["accuracy"])
             f1s.append(base[key]["macro_f1"])
-    names.append(f"AutoAnnotator\n({final['review_share']:.0%} reviewed)")
+    names.append(f"AutoAnnotator ({final['review_share']:.0%} reviewed)")
     accs.append(final["accuracy"])
     f1s.append(final["macro_f1"])
     ax = axes[0]
@@ -38,7 +38,7 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     ax.bar([x + 0.2 for x in xs], f1s, width=0.4, label="macro-F1", color="#DD8452")
     for x, a in zip(xs, accs, strict=True):
         ax.text(x - 0.2, a + 0.01, f"{a:.1%}", ha="center", fontsize=8)
-    ax.set_xticks(list(xs), names, fontsize=8)
+    ax.set_xticks(list(xs), names, fontsize=7, rotation=20, ha="right")
     ax.set_ylim(0, 1.12)
     ax.set_title("Final labels vs. baselines (against gold)")
     ax.legend(loc="upper left", fontsize=8)
@@ -68,7 +68,7 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("share of the stream reviewed")
     ax.set_ylabel("final-label accuracy")
     ax.set_xlim(0, 1)
-    ax.set_title("Accuracy vs. share reviewed")
+    ax.set_title("Accuracy vs. share reviewed\n(curves: cold-start members, perfect reviewer)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
 
