@@ -1,13 +1,20 @@
-"""Fixtures shared by the whole suite: tiny models built once per session, paths to shared data."""
+"""Fixtures shared by the whole suite: tiny models built once per session, paths to shared data, and
+one real Label Studio server per session for the end-to-end tests (marker ``e2e``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from label_studio_sdk.errors import NotFoundError
 
 from tests import tiny
+from tests.ls_server import LS_EXECUTABLE, LabelStudioServer
 
 # Nothing in the test suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,3 +45,37 @@ def shared_dataset():
         return path
 
     return get
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """A running Label Studio, started once per session (cold start ~30-50 s) and stopped at its end.
+
+    Gives ``url``, ``token`` (legacy API token), ``username``, ``password``, ``client()`` (an SDK
+    ``LabelStudio`` client), ``startup_s`` and ``log_path`` (kept in pytest's temp dir for post-mortems).
+    Skipped when ``.venv-ls`` was not built (``make install-ls``); ``make test`` always builds it.
+    """
+    if not LS_EXECUTABLE.is_file():
+        pytest.skip(f"{LS_EXECUTABLE} is absent: run `make install-ls` to run the Label Studio e2e tests")
+    with LabelStudioServer(tmp_path_factory.mktemp("label-studio") / "data") as server:
+        yield server
+
+
+@pytest.fixture
+def ls_project(label_studio: LabelStudioServer) -> Iterator[Callable[..., Any]]:
+    """Factory: ``ls_project(label_config_xml, title=None, **fields)`` creates an LS project and returns
+    it as the SDK answered (``.id``, ``.label_config``, ...); every project it made is deleted after
+    the test, so tests sharing the session's server never see each other's projects."""
+    client = label_studio.client()
+    created: list[int] = []
+
+    def create(label_config: str, title: str | None = None, **fields: Any) -> Any:
+        title = title or f"e2e {uuid.uuid4().hex[:8]}"
+        project = client.projects.create(title=title, label_config=label_config, **fields)
+        created.append(project.id)
+        return project
+
+    yield create
+    for project_id in created:
+        with contextlib.suppress(NotFoundError):  # the test may have deleted it itself
+            client.projects.delete(id=project_id)

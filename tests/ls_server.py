@@ -1,0 +1,269 @@
+"""A real Label Studio server for end-to-end tests, started from the project's own ``.venv-ls``.
+
+Why a real one: Label Studio (LS) is the other half of every promise the backend makes (configs it
+accepts, tasks it stores, predictions it shows), and its behaviour is only known by asking it. It
+lives in its own virtualenv (``make install-ls``) because it pins Django, rq and redis-py versions
+that must not leak into the backend's environment; the backend talks to it only over HTTP.
+
+Usage::
+
+    with LabelStudioServer(tmp_dir) as ls:      # cold start ~30-45 s (migrations): reuse it
+        client = ls.client()                    # label_studio_sdk.LabelStudio, legacy token
+        project = client.projects.create(title="t", label_config=xml)
+
+Everything comes from ``docs/label-studio.md``: SQLite in ``data_dir``, an admin user and a legacy
+API token created at start from the environment, no signup, no network calls (version check,
+analytics, Sentry), an ML backend and webhooks on 127.0.0.1 allowed. LS writes its output to
+``data_dir/label-studio.log``; a start that fails or times out raises with that log's tail.
+
+Tokens (measured with label-studio-sdk 2.1.2): ``LabelStudio(api_key=token)`` works with our legacy
+token: the SDK sends a key that is not a JWT as ``Authorization: Token <key>`` (a JWT would be taken
+for a personal access token and refreshed). The deprecated ``label_studio_sdk.Client`` works too, but
+new code should not use it. ``Authorization: Bearer <legacy token>`` is refused with 401. The token
+never appears in a repr, and is masked in the log tail of an error.
+
+Stray writes are fenced into ``data_dir`` as well: LS writes a user id under ``~/.config`` even with
+analytics off and SQLite puts temporary files in ``/var/tmp``, so XDG dirs and TMPDIR point inside it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from label_studio_sdk import LabelStudio
+
+REPO = Path(__file__).resolve().parents[1]
+LS_EXECUTABLE = REPO / ".venv-ls" / "bin" / "label-studio"
+
+# Variables of the caller's environment that would steer LS or its Python away from what we set.
+_DROPPED_PREFIXES = ("LABEL_STUDIO_", "DJANGO_", "PYTHON", "VIRTUAL_ENV", "XDG_", "TMPDIR", "SQLITE_")
+
+
+class LabelStudioError(RuntimeError):
+    """LS did not come up (exited, or not healthy in time); the message carries its log's tail."""
+
+
+class PortTakenError(LabelStudioError):
+    """Our port was taken before LS bound it. LS does not fail then: it quietly serves on the next
+    port, which nobody asked for, so we stop it and (for a port we chose) try again on another."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (LS binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the test process dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+class LabelStudioServer:
+    """One LS process on 127.0.0.1 with a fresh SQLite database under ``data_dir``."""
+
+    username = "admin@example.com"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        executable: Path = LS_EXECUTABLE,
+        port: int | None = None,
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.executable = Path(executable)
+        self._port_given = port is not None
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = secrets.token_hex(20)  # 40 hex chars: the legacy token format LS expects
+        self.password = secrets.token_urlsafe(16)
+        self.start_timeout_s = start_timeout_s
+        self.log_path = self.data_dir / "label-studio.log"
+        self.startup_s: float | None = None  # seconds from spawn to a healthy /health/, once started
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0  # where this attempt's output starts in the (appended) log
+
+    def __repr__(self) -> str:
+        running = self._process is not None and self._process.poll() is None
+        return f"LabelStudioServer(url={self.url!r}, data_dir={str(self.data_dir)!r}, running={running})"
+
+    def environment(self) -> dict[str, str]:
+        """The environment LS runs with: the caller's, minus anything that would steer LS, plus ours."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_PREFIXES)}
+        env.update(
+            {
+                "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir),
+                "LABEL_STUDIO_USERNAME": self.username,
+                "LABEL_STUDIO_PASSWORD": self.password,
+                "LABEL_STUDIO_USER_TOKEN": self.token,
+                "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+                "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+                "LATEST_VERSION_CHECK": "false",
+                "COLLECT_ANALYTICS": "false",
+                "SENTRY_DSN": "",
+                "FRONTEND_SENTRY_DSN": "",
+                "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
+                "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
+                "LABEL_STUDIO_HOST": self.url,
+                # Nothing may land outside the data dir (see the module docstring).
+                "XDG_CONFIG_HOME": str(self.data_dir / "xdg-config"),
+                "XDG_CACHE_HOME": str(self.data_dir / "xdg-cache"),
+                "XDG_DATA_HOME": str(self.data_dir / "xdg-data"),
+                "TMPDIR": str(self.data_dir / "tmp"),
+                "SQLITE_TMPDIR": str(self.data_dir / "tmp"),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    def start(self, attempts: int = 3) -> LabelStudioServer:
+        """Spawn LS and wait until ``GET /health/`` says UP; raise :class:`LabelStudioError` if not.
+
+        A port chosen by us that another process grabs first is replaced by a fresh one, up to
+        ``attempts`` times; a port the caller gave is not. ``startup_s`` counts from the first spawn.
+        """
+        if self._process is not None:
+            raise LabelStudioError(f"{self!r} was already started")
+        if not self.executable.is_file():
+            raise LabelStudioError(f"{self.executable} is absent: run `make install-ls` first")
+        (self.data_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        began = time.monotonic()
+        for attempt in range(1, attempts + 1):
+            try:
+                self._spawn_and_wait(began + self.start_timeout_s)
+                break
+            except PortTakenError:
+                if self._port_given or attempt == attempts:
+                    raise
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+        self.startup_s = time.monotonic() - began
+        return self
+
+    def _spawn_and_wait(self, deadline: float) -> None:
+        command = [
+            str(self.executable),
+            "start",
+            "--no-browser",
+            "--internal-host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        with open(self.log_path, "ab") as log:
+            self._log_offset = log.tell()
+            self._process = subprocess.Popen(
+                command,
+                cwd=self.data_dir,
+                env=self.environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so stop() reaches every child
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        atexit.register(self.stop)
+        try:
+            self._wait_healthy(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_healthy(self, deadline: float) -> None:
+        assert self._process is not None
+        last = "no answer yet"
+        # Only trust /health/ once our process says it serves our URL: anything else on that port
+        # (a server that grabbed it first) could answer UP too.
+        serving = f"Starting development server at {self.url}/"
+        while time.monotonic() < deadline:
+            code = self._process.poll()
+            if code is not None:
+                raise LabelStudioError(
+                    f"label-studio exited with code {code} before it was healthy{self._tail()}"
+                )
+            output = self._output()
+            if f"Port {self.port} is in use" in output:
+                raise PortTakenError(f"port {self.port} was taken before label-studio bound it{self._tail()}")
+            if serving not in output:
+                last = "not serving yet (migrating the database, loading Django)"
+                time.sleep(0.5)
+                continue
+            try:
+                with urllib.request.urlopen(f"{self.url}/health/", timeout=2) as response:
+                    body = json.loads(response.read() or b"null")
+                if isinstance(body, dict) and body.get("status") == "UP":
+                    return
+                last = f"/health/ answered {body!r}"
+            except (OSError, ValueError) as exc:  # refused while booting, a timeout, a non-JSON page
+                last = f"/health/: {exc}"
+            time.sleep(0.5)
+        raise LabelStudioError(
+            f"label-studio at {self.url} was not healthy after {self.start_timeout_s:.0f} s ({last})"
+            + self._tail()
+        )
+
+    def _output(self) -> str:
+        """What this attempt's process has written to the log so far ("" if nothing yet)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _tail(self, lines: int = 40) -> str:
+        if not self.log_path.is_file():
+            return f"\n(no log at {self.log_path})"
+        text = self._output()
+        tail = "\n".join(text.splitlines()[-lines:]).replace(self.token, "<token>")
+        return f"\n--- last {lines} lines of {self.log_path} ---\n{tail}"
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop LS's whole process group: SIGTERM, then SIGKILL after ``timeout_s``. Idempotent."""
+        process, self._process = self._process, None
+        atexit.unregister(self.stop)
+        if process is None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            try:
+                process.wait(wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Children that outlive the leader (there should be none) still hold the group id.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    def client(self) -> LabelStudio:
+        """An SDK client logged in with the legacy token (sent as ``Authorization: Token ...``)."""
+        return LabelStudio(base_url=self.url, api_key=self.token)
+
+    def __enter__(self) -> LabelStudioServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
