@@ -51,6 +51,18 @@ test-fast: $(STAMP)
 test-e2e: $(STAMP) $(LS_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m e2e
 
+## The figures in BENCHMARKS.md (about 25 minutes on 2 cores; needs ../shared/datasets).
+DATA := ../shared/datasets
+bench: $(STAMP)
+	$(BIN)/autoannotator sweep --seed-file $(DATA)/twitter-financial-news/train.jsonl \
+		--stream-file $(DATA)/twitter-financial-news/val.jsonl --n-seed 500 --challenger mean \
+		--budgets 0.1,0.2,0.3 --out runs/sweep-fin
+	$(BIN)/autoannotator sweep --seed-file $(DATA)/tweeteval-sentiment/train.jsonl \
+		--stream-file $(DATA)/tweeteval-sentiment/val.jsonl --n-seed 500 --challenger mean \
+		--budgets 0.1,0.2,0.3 --out runs/sweep-sent
+	$(BIN)/autoannotator benchmark --version-dir runs/sweep-fin/eps-1/models/versions/v0001 \
+		--data $(DATA)/twitter-financial-news/val.jsonl --n 1000 --train-n 300 --epochs 3 --out runs/bench-fin.json
+
 fmt: $(STAMP)
 	$(BIN)/ruff format backend tests
 	$(BIN)/ruff check --fix backend tests
