@@ -61,8 +61,9 @@ class Reply:
 class RecordedRequest:
     """One request as the server saw it, recorded on arrival (so a request still sleeping counts).
 
-    ``reply_status`` is None until the reply is sent, and -1 when none went out (the client hung up
-    first, or the server stopped).
+    ``reply_status`` is None until the reply starts going out (it is set before the first byte is
+    written, so a client that has read its reply always finds it set), and -1 when none went out
+    (the client hung up first, or the server stopped).
     """
 
     method: str
@@ -243,10 +244,15 @@ class OpenAIServer:
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
 
+    def _replying(self, record: RecordedRequest, status: int) -> None:
+        with self._lock:
+            record.reply_status = status
+
     def _leave(self, record: RecordedRequest, status: int) -> None:
         with self._lock:
             self._in_flight -= 1
-            record.reply_status = status
+            if status == -1 or record.reply_status is None:
+                record.reply_status = status
 
     def _completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
         record = RecordedRequest("POST", "", {}, body)
@@ -289,6 +295,7 @@ def _error(status: int, message: str) -> dict[str, Any]:
 
 class _Handler(BaseHTTPRequestHandler):
     owner: OpenAIServer
+    _record: RecordedRequest
 
     def log_message(self, format: str, *args: Any) -> None:
         """Keep pytest's output clean; the recorded requests are the log."""
@@ -312,6 +319,7 @@ class _Handler(BaseHTTPRequestHandler):
         reply = owner._next_reply() if is_completion else Reply()
         status = 200
         record = RecordedRequest(self.command, self.path, dict(self.headers.items()), body)
+        self._record = record
         owner._enter(record)
         try:
             if reply.delay_s and owner._stopping.wait(reply.delay_s):
@@ -342,6 +350,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_raw(status, json.dumps(payload).encode(), extra or {})
 
     def _send_raw(self, status: int, data: bytes, extra: dict[str, str]) -> None:
+        # Recorded before the reply is written: the client may read it and look at the record
+        # before this handler thread runs again.
+        self.owner._replying(self._record, status)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
