@@ -1,8 +1,13 @@
-"""The ML backend protocol (/health, /setup, /predict, /versions) over real tiny models in a real registry."""
+"""The ML backend protocol (/health, /setup, /predict, /versions) over real tiny models in a real registry;
+the webhook, settings, routing to review jobs, /metrics and a Redis that is down, against a real Redis."""
 
 import base64
+import re
+import time
 
 import pytest
+import redis
+from rq import Queue
 
 from autoannotator.api import create_app
 from autoannotator.labelconfig import PredictionValidator, parse_label_config
@@ -10,7 +15,9 @@ from autoannotator.labels import LabelSet
 from autoannotator.serving import WAITING_VERSION, ProjectModels
 from autoannotator.settings import Settings, settings_table
 from autoannotator.specialists import EmbeddingSpecialist, NgramSpecialist
+from autoannotator.state import State
 from tests import tiny
+from tests.flow import TEST_REDIS_URL, fresh_redis
 
 CONFIG = """<View>
   <Text name="text" value="$tweet"/>
@@ -20,6 +27,11 @@ CONFIG = """<View>
 </View>"""
 LABELS = LabelSet.of(tiny.LABELS)
 PROJECT = "7.1700000000"
+
+
+def fresh_test_redis() -> str:
+    fresh_redis()
+    return TEST_REDIS_URL
 
 
 def publish(projects: ProjectModels, corpus, encoder, n=150):
@@ -41,7 +53,9 @@ def projects(tmp_path):
 
 @pytest.fixture
 def client(projects, tmp_path):
-    app = create_app(Settings(model_dir=tmp_path / "models", policy="mean:0.6"), projects)
+    app = create_app(
+        Settings(model_dir=tmp_path / "models", policy="mean:0.6", redis_url=fresh_test_redis()), projects
+    )
     return app.test_client()
 
 
@@ -50,7 +64,7 @@ def predict(client, tasks, project=PROJECT, config=CONFIG):
 
 
 def test_health_and_setup_before_any_model(client):
-    assert client.get("/health").get_json() == {"status": "UP", "model_class": "AutoAnnotator"}
+    assert client.get("/health").get_json() == {"status": "UP", "model_class": "AutoAnnotator", "redis": "up"}
     setup = client.post("/setup", json={"project": PROJECT, "schema": CONFIG}).get_json()
     assert setup == {"model_version": WAITING_VERSION}
 
@@ -141,7 +155,14 @@ def test_internal_errors_never_reach_the_client_as_tracebacks(
 
 
 def test_basic_auth(tmp_path):
-    app = create_app(Settings(model_dir=tmp_path, basic_auth_user="ls", basic_auth_password="s3cret"))
+    app = create_app(
+        Settings(
+            model_dir=tmp_path,
+            basic_auth_user="ls",
+            basic_auth_password="s3cret",
+            redis_url=fresh_test_redis(),
+        )
+    )
     c = app.test_client()
     assert c.get("/health").status_code == 401
     assert (
@@ -172,6 +193,347 @@ def test_settings_from_environment_keep_secrets_out_of_repr(tmp_path):
         Settings.from_env({"BASIC_AUTH_USER": "u"})
     table = settings_table()
     assert (
-        "| `BASIC_AUTH_PASS` | `` | its password |" in table
+        "| `BASIC_AUTH_PASS` | (empty) | its password |" in table
         and "| `AUTOANNOTATOR_POLICY` | `mean:0.75` |" in table
     )
+
+
+# ---------------------------------------------------------------------------- queues, modes, Redis
+# These use a real Redis, database 12 (flushed by each test), and inspect the rq queues directly.
+
+API_REDIS_URL = "redis://127.0.0.1:6379/12"
+DEAD_REDIS_URL = "redis://:hunter2@127.0.0.1:1/0"  # nothing listens on port 1
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"pm:s3cret").decode()}
+# LS's project object in webhooks; 2023-11-14T22:13:20Z is 1700000000, so its uid is PROJECT.
+LS_PROJECT = {"id": 7, "created_at": "2023-11-14T22:13:20.000000Z", "label_config": CONFIG, "title": "t"}
+TASK = {"id": 11, "data": {"tweet": "shares rally on record gains"}}
+ANNOTATION = {
+    "id": 5,
+    "result": [
+        {"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": ["bullish"]}}
+    ],
+}
+
+
+@pytest.fixture
+def rq_redis():
+    client = redis.Redis.from_url(API_REDIS_URL)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, tiny_corpus, tiny_encoder):
+    """A model store whose project PROJECT serves a tiny two-member ensemble (read-only in tests)."""
+    projects = ProjectModels(tmp_path_factory.mktemp("published") / "models")
+    return projects.root, publish(projects, tiny_corpus, tiny_encoder)
+
+
+def app_client(model_dir, **settings):
+    values = {"model_dir": model_dir, "redis_url": API_REDIS_URL, **settings}
+    return create_app(Settings(**values)).test_client()
+
+
+def jobs_in(client_redis, queue):
+    return Queue(queue, connection=client_redis).jobs
+
+
+def webhook(client, action, **extra):
+    return client.post("/webhook", json={"action": action, "project": LS_PROJECT, **extra})
+
+
+def test_an_annotation_webhook_is_acknowledged_at_once_and_queued_for_ingest(rq_redis, tmp_path):
+    c = app_client(tmp_path / "models")
+    t0 = time.perf_counter()
+    r = webhook(c, "ANNOTATION_CREATED", task=TASK, annotation=ANNOTATION)
+    assert time.perf_counter() - t0 < 1.0  # LS waits on it inside the annotator's request
+    assert r.status_code == 200 and r.get_json() == {"status": "queued", "action": "ANNOTATION_CREATED"}
+    queued = jobs_in(rq_redis, "ingest")
+    ingests = [j for j in queued if j.func_name.endswith("ingest_annotation")]
+    assert len(ingests) == 1 and ingests[0].args == (PROJECT, TASK, ANNOTATION)
+    # The first event of a project this Redis does not know also queues one rebuild from LS.
+    assert [j.func_name.rsplit(".", 1)[1] for j in queued].count("sync_project") == 1
+    r = webhook(c, "ANNOTATION_UPDATED", task=TASK, annotation=ANNOTATION)
+    assert r.status_code == 200
+    names = [j.func_name.rsplit(".", 1)[1] for j in jobs_in(rq_redis, "ingest")]
+    assert sorted(names) == ["ingest_annotation", "ingest_annotation", "sync_project"]
+    assert jobs_in(rq_redis, "train") == [] and jobs_in(rq_redis, "review") == []
+    state = State.from_url(API_REDIS_URL, "human")
+    assert state.counters(PROJECT)["webhooks"] == 2
+    assert state.info(PROJECT).label_config == CONFIG  # the workers can parse the project's config
+
+
+def test_webhooks_we_do_not_act_on_are_acknowledged(rq_redis, tmp_path):
+    c = app_client(tmp_path / "models")
+    r = webhook(c, "PROJECT_UPDATED")
+    assert r.status_code == 200 and r.get_json() == {"status": "ignored", "action": "PROJECT_UPDATED"}
+    r = c.post("/webhook", json={"action": "ANNOTATION_CREATED", "task": TASK, "annotation": ANNOTATION})
+    assert r.status_code == 200 and r.get_json()["status"] == "ignored"
+    assert "no project" in r.get_json()["reason"]
+    assert not [j for j in jobs_in(rq_redis, "ingest") if j.func_name.endswith("ingest_annotation")]
+
+
+def test_malformed_webhooks_get_a_clear_400(rq_redis, tmp_path):
+    c = app_client(tmp_path / "models")
+    r = c.post("/webhook", data="{not json", content_type="application/json")
+    assert r.status_code == 400 and r.get_json() == {"error": "the request body must be a JSON object"}
+    r = c.post("/webhook", json=["ANNOTATION_CREATED"])
+    assert r.status_code == 400
+    r = webhook(c, "ANNOTATION_CREATED", task=TASK)  # no annotation
+    assert r.status_code == 400 and "needs 'task' and 'annotation'" in r.get_json()["error"]
+    r = c.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 7}})
+    assert r.status_code == 400 and "'id' and 'created_at'" in r.get_json()["error"]
+    assert [j for j in jobs_in(rq_redis, "ingest") if j.func_name.endswith("ingest_annotation")] == []
+
+
+def test_start_training_queues_one_training_until_it_ran(rq_redis, tmp_path):
+    c = app_client(tmp_path / "models")
+    r = webhook(c, "START_TRAINING")
+    assert r.status_code == 200 and r.get_json() == {"status": "training queued"}
+    r = webhook(c, "START_TRAINING")
+    assert r.status_code == 200 and r.get_json() == {"status": "training already queued or running"}
+    r = c.post("/train", json={"project": PROJECT, "label_config": CONFIG})  # legacy LS
+    assert r.get_json() == {"status": "training already queued or running"}
+    (job,) = jobs_in(rq_redis, "train")
+    assert job.func_name.endswith("train_project") and job.args == (PROJECT, True)
+    State.from_url(API_REDIS_URL, "human").release_training(PROJECT)  # what the job does at its end
+    assert webhook(c, "START_TRAINING").get_json() == {"status": "training queued"}
+    assert len(jobs_in(rq_redis, "train")) == 2
+
+
+def test_legacy_train_endpoint_queues_one_training(rq_redis, tmp_path):
+    c = app_client(tmp_path / "models")
+    r = c.post("/train", json={"project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 200 and r.get_json() == {"status": "training queued"}
+    r = c.post("/train", json={"project": LS_PROJECT})  # the project object works too
+    assert r.get_json() == {"status": "training already queued or running"}
+    assert len(jobs_in(rq_redis, "train")) == 1
+    assert c.post("/train", json={"project": "../x"}).status_code == 400
+
+
+def test_basic_auth_guards_every_endpoint_including_the_webhook(rq_redis, tmp_path):
+    c = app_client(tmp_path / "models", basic_auth_user="pm", basic_auth_password="s3cret")
+    for method, path in [
+        ("post", "/webhook"),
+        ("post", "/predict"),
+        ("post", "/setup"),
+        ("post", "/train"),
+        ("get", f"/projects/{PROJECT}/settings"),
+        ("post", f"/projects/{PROJECT}/settings"),
+        ("get", "/status"),
+        ("get", "/status.json"),
+        ("get", "/metrics"),
+        ("get", "/versions"),
+    ]:
+        r = getattr(c, method)(path, json={"action": "START_TRAINING", "project": LS_PROJECT})
+        assert r.status_code == 401, path
+        assert r.headers["WWW-Authenticate"].startswith("Basic")
+    assert jobs_in(rq_redis, "train") == []
+    assert webhook(c, "START_TRAINING").status_code == 401
+    r = c.post("/webhook", json={"action": "START_TRAINING", "project": LS_PROJECT}, headers=AUTH)
+    assert r.status_code == 200
+
+
+def test_settings_page_shows_and_switches_the_review_mode(rq_redis, published):
+    root, version = published
+    c = app_client(root, basic_auth_user="pm", basic_auth_password="s3cret", policy="mean:0.99")
+    url = f"/projects/{PROJECT}/settings"
+    assert c.get(url, headers=AUTH).get_json() == {
+        "project": PROJECT,
+        "review_mode": "human",
+        "modes": ["llm", "human", "off"],
+        "default": "human",
+    }
+    page = c.get(url, headers={**AUTH, "Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert "<form method='post'>" in html and "value='human' checked" in html
+    r = c.post(url, json={"review_mode": "llm"}, headers=AUTH)
+    assert r.status_code == 200 and r.get_json()["review_mode"] == "llm"
+    r = c.post(
+        "/predict",
+        json={"tasks": [TASK], "project": PROJECT, "label_config": CONFIG},
+        headers=AUTH,
+    )
+    assert r.status_code == 200
+    (job,) = jobs_in(rq_redis, "review")
+    assert job.func_name.endswith("review_routed") and job.args[:3] == (PROJECT, version, "llm")
+    # The HTML form posts form fields and gets the page back.
+    r = c.post(url, data={"review_mode": "off"}, headers=AUTH)
+    assert r.status_code == 200 and "review mode is off" in r.get_data(as_text=True)
+    assert c.get(url, headers=AUTH).get_json()["review_mode"] == "off"
+
+
+def test_settings_refuse_an_invalid_mode_and_changes_without_authentication(rq_redis, tmp_path):
+    c = app_client(tmp_path / "models", basic_auth_user="pm", basic_auth_password="s3cret")
+    url = f"/projects/{PROJECT}/settings"
+    r = c.post(url, json={"review_mode": "gpt-5"}, headers=AUTH)
+    assert (
+        r.status_code == 400 and "review_mode must be one of ['llm', 'human', 'off']" in r.get_json()["error"]
+    )
+    assert c.post(url, json={}, headers=AUTH).status_code == 400
+    assert c.get(url, headers=AUTH).get_json()["review_mode"] == "human"
+    assert c.get("/projects/not-a-uid/settings", headers=AUTH).status_code == 400
+    open_app = app_client(tmp_path / "models")
+    assert open_app.get(url).get_json()["review_mode"] == "human"  # reading needs no credentials
+    r = open_app.post(url, json={"review_mode": "llm"})
+    assert r.status_code == 403 and "BASIC_AUTH_USER and BASIC_AUTH_PASS" in r.get_json()["error"]
+    assert open_app.get(url).get_json()["review_mode"] == "human"
+
+
+def test_setup_applies_label_studios_extra_params_only_when_they_change(rq_redis, tmp_path):
+    c = app_client(tmp_path / "models", basic_auth_user="pm", basic_auth_password="s3cret")
+    url = f"/projects/{PROJECT}/settings"
+    setup = {"project": PROJECT, "schema": CONFIG, "extra_params": '{"review_mode": "llm"}'}
+    assert c.post("/setup", json=setup, headers=AUTH).status_code == 200
+    assert c.get(url, headers=AUTH).get_json()["review_mode"] == "llm"
+    c.post(url, json={"review_mode": "off"}, headers=AUTH)
+    assert c.post("/setup", json=setup, headers=AUTH).status_code == 200  # LS polls /setup
+    assert c.get(url, headers=AUTH).get_json()["review_mode"] == "off"
+    r = c.post("/setup", json={**setup, "extra_params": "{oops"}, headers=AUTH)
+    assert r.status_code == 400 and "extra params must be JSON" in r.get_json()["error"]
+    r = c.post("/setup", json={**setup, "extra_params": {"review_mode": "robot"}}, headers=AUTH)
+    assert r.status_code == 400 and "review_mode must be one of" in r.get_json()["error"]
+
+
+def _routed_predict(c, tasks):
+    r = c.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 200
+    return r.get_json()["results"]
+
+
+def test_uncertain_tasks_are_handed_to_one_review_job(rq_redis, published, tiny_corpus):
+    root, version = published
+    c = app_client(root, policy="mean:0.99")
+    tasks = [{"id": 100 + i, "data": {"tweet": t}} for i, (t, _) in enumerate(tiny_corpus[200:206])]
+    tasks.append({"id": 200, "data": {"text": "no tweet field"}})  # no text: no prediction, no review
+    results = _routed_predict(c, tasks)
+    (job,) = jobs_in(rq_redis, "review")
+    uid, job_version, mode, routed, cleared = job.args
+    assert (uid, job_version, mode, cleared) == (PROJECT, version, "human", [])
+    assert [e["task_id"] for e in routed] == [t["id"] for t in tasks[:6]]
+    for entry, task, result in zip(routed, tasks, results, strict=False):
+        assert entry["text"] == task["data"]["tweet"] and entry["data"] == task["data"]
+        assert sum(entry["votes"].values()) == 2  # one vote per member
+        assert set(entry["votes"]) <= set(tiny.LABELS) and entry["label"] in tiny.LABELS
+        assert entry["label"] == result["result"][0]["value"]["choices"][0]
+        assert entry["confidence"] == pytest.approx(result["score"], abs=1e-4) and entry["confidence"] < 0.99
+    counters = State.from_url(API_REDIS_URL, "human").counters(PROJECT)
+    assert counters["predictions"] == 7 and counters["routed"] == 6
+
+
+def test_mode_off_queues_no_review(rq_redis, published, tiny_corpus):
+    root, _ = published
+    c = app_client(root, policy="mean:0.99", review_mode="off")
+    results = _routed_predict(c, [{"id": 1, "data": {"tweet": tiny_corpus[0][0]}}])
+    assert results[0]["result"]  # still pre-labelled
+    assert jobs_in(rq_redis, "review") == []
+
+
+def test_annotated_tasks_are_not_routed(rq_redis, published, tiny_corpus):
+    root, _ = published
+    c = app_client(root, policy="mean:0.99")
+    text = tiny_corpus[0][0]
+    tasks = [
+        {"id": 1, "data": {"tweet": text}, "annotations": [ANNOTATION]},
+        {"id": 2, "data": {"tweet": text}, "total_annotations": 1},
+        {"id": 3, "data": {"tweet": text}, "annotations": [{"was_cancelled": True, "result": []}]},
+        {"id": 4, "data": {"tweet": text}},
+    ]
+    results = _routed_predict(c, tasks)
+    assert all(r["result"] for r in results)  # every task still gets its prediction
+    (job,) = jobs_in(rq_redis, "review")
+    assert [e["task_id"] for e in job.args[3]] == [3, 4]
+
+
+def test_a_flagged_task_no_longer_routed_is_cleared(rq_redis, published, tiny_corpus):
+    root, version = published
+    c = app_client(root, policy="mean:0.0", review_mode="off")  # nothing is routed any more
+    flagged = {"id": 9, "data": {"tweet": tiny_corpus[0][0], "aa_needs_review": True}}
+    plain = {"id": 10, "data": {"tweet": tiny_corpus[1][0], "aa_needs_review": False}}
+    _routed_predict(c, [flagged, plain])
+    (job,) = jobs_in(rq_redis, "review")  # even in mode off the stale flag is taken down
+    assert job.args == (PROJECT, version, "off", [], [{"task_id": 9, "data": flagged["data"]}])
+    rq_redis.flushdb()
+    _routed_predict(c, [plain])
+    assert jobs_in(rq_redis, "review") == []
+
+
+def test_without_redis_predictions_still_answer_and_queues_say_they_are_down(published, tiny_corpus):
+    root, version = published
+    c = create_app(Settings(model_dir=root, redis_url=DEAD_REDIS_URL, policy="mean:0.99")).test_client()
+    assert c.get("/health").get_json()["redis"] == "down"
+    assert c.post("/setup", json={"project": PROJECT, "schema": CONFIG}).get_json() == {
+        "model_version": version
+    }
+    results = _routed_predict(c, [{"id": 1, "data": {"tweet": tiny_corpus[0][0]}}])
+    assert results[0]["model_version"] == version and results[0]["result"]
+    for action, extra in [
+        ("ANNOTATION_CREATED", {"task": TASK, "annotation": ANNOTATION}),
+        ("START_TRAINING", {}),
+    ]:
+        r = webhook(c, action, **extra)
+        assert r.status_code == 503
+        error = r.get_json()["error"]
+        assert "queue unavailable" in error and "127.0.0.1:1" in error and "hunter2" not in error
+    r = c.post("/train", json={"project": PROJECT})
+    assert r.status_code == 503 and "hunter2" not in r.get_json()["error"]
+    r = c.get(f"/projects/{PROJECT}/settings")
+    assert r.status_code == 503 and "unavailable" in r.get_json()["error"]
+    metrics = c.get("/metrics")
+    assert metrics.status_code == 200 and "autoannotator_redis_up 0\n" in metrics.get_data(as_text=True)
+    assert f'autoannotator_model_info{{project="{PROJECT}",version="{version}"}} 1' in metrics.get_data(
+        as_text=True
+    )
+    status = c.get("/status.json")  # the model store still answers; the Redis parts say why not
+    assert status.status_code == 200
+    body = status.get_json()
+    (project,) = body["projects"]
+    assert project["version"] == version and "unavailable" in project["error"]
+    assert "unavailable" in body["error"] and "hunter2" not in status.get_data(as_text=True)
+    page = c.get("/status")
+    assert page.status_code == 200 and version in page.get_data(as_text=True)
+
+
+_SAMPLE = re.compile(
+    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*"'
+    r'(,[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*")*)\})? (?P<value>-?(\d+(\.\d+)?([eE][+-]?\d+)?|NaN|[+-]Inf))$'
+)
+
+
+def test_metrics_are_valid_prometheus_text_with_project_labels(rq_redis, published, tiny_corpus):
+    root, version = published
+    c = app_client(root, policy="mean:0.99")
+    _routed_predict(c, [{"id": i, "data": {"tweet": t}} for i, (t, _) in enumerate(tiny_corpus[:3])])
+    webhook(c, "ANNOTATION_CREATED", task=TASK, annotation=ANNOTATION)
+    State.from_url(API_REDIS_URL, "human").count(PROJECT, llm_cost_usd=0.0125)
+    r = c.get("/metrics")
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    text = r.get_data(as_text=True)
+    assert text.endswith("\n")
+    typed: dict[str, str] = {}
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            assert parts[1] in ("HELP", "TYPE") and len(parts) == 4, line
+            if parts[1] == "TYPE":
+                assert parts[2] not in typed, f"TYPE twice: {line}"
+                assert parts[3] in ("counter", "gauge"), line
+                typed[parts[2]] = parts[3]
+            continue
+        match = _SAMPLE.match(line)
+        assert match, f"not a Prometheus sample: {line!r}"
+        assert match["name"] in typed, f"sample before its TYPE: {line}"
+        samples[line.rsplit(" ", 1)[0]] = float(match["value"])
+    p = f'{{project="{PROJECT}"}}'
+    assert samples["autoannotator_redis_up"] == 1
+    assert samples[f"autoannotator_predictions_total{p}"] == 3
+    assert samples[f"autoannotator_routed_total{p}"] == 3
+    assert samples[f"autoannotator_webhooks_total{p}"] == 1
+    assert samples[f"autoannotator_llm_cost_usd_total{p}"] == pytest.approx(0.0125)
+    assert samples['autoannotator_queue_depth{queue="review"}'] == 1
+    assert samples['autoannotator_queue_depth{queue="ingest"}'] == 2  # the annotation and a sync
+    assert samples[f'autoannotator_model_info{{project="{PROJECT}",version="{version}"}}'] == 1
+    assert all(typed[n] == "counter" for n in typed if n.endswith("_total"))

@@ -209,3 +209,17 @@ def test_concurrent_adds_lose_nothing(tmp_path: Path) -> None:
     assert len(pool) == 400
     assert sorted(it.seq for it in pool.items()) == list(range(1, 401))
     assert VerifiedPool(LABELS, path=path).items() == pool.items()
+
+
+def test_removed_items_leave_the_pool_and_stay_gone_after_a_replay(tmp_path: Path) -> None:
+    path = tmp_path / "pool.jsonl"
+    pool = VerifiedPool(LABELS, path=path)
+    pool.add_many([("a", "rally", "bullish"), ("b", "crash", "bearish"), ("c", "flat", "neutral")])
+    pool.mark_trained()
+    assert pool.remove(["b", "missing"]) == 1
+    assert pool.remove(["b"]) == 0
+    assert pool.get("b") is None and len(pool) == 2
+    assert pool.growth_since_training() == 0  # a deletion is not growth
+    again = VerifiedPool(LABELS, path=path)
+    assert {it.key for it in again.items()} == {"a", "c"} and again.growth_since_training() == 0
+    assert again.add("b", "crash", "bearish") and again.growth_since_training() == 1

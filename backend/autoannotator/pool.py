@@ -127,6 +127,21 @@ class VerifiedPool:
             logger.debug("pool: %d of %d %s rows changed the pool", len(events), len(checked), source.value)
             return len(events)
 
+    def remove(self, keys: Iterable[str]) -> int:
+        """Forget these items (a person deleted the annotation behind them); returns how many.
+
+        A removal is not growth: it does not count toward β. Versions already trained on the item
+        keep what they learnt; the next training no longer sees it.
+        """
+        with self._lock:
+            gone = sorted({k for k in keys if k in self._items})
+            if not gone:
+                return 0
+            self._append([{"op": "del", "key": k, "at": time.time()} for k in gone])
+            for key in gone:
+                del self._items[key]
+            return len(gone)
+
     def mark_trained(self, upto: int | None = None) -> None:
         """Declare everything up to ``upto`` (default: everything now) trained on.
 
@@ -262,6 +277,9 @@ class VerifiedPool:
         try:
             if event["op"] == "mark":
                 self._trained_seq = max(self._trained_seq, int(event["seq"]))
+                return
+            if event["op"] == "del":
+                self._items.pop(str(event["key"]), None)
                 return
             if event["op"] != "put":
                 raise ValueError(f"unknown op {event['op']!r}")

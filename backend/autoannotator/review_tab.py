@@ -70,48 +70,75 @@ _TASK_COLUMNS = (
     "avg_lead_time",
     "draft_exists",
 )
-_SHOWN = frozenset({"id", "predictions_score", "predictions_results"})
+# The prediction's label shows in the votes column the backend writes; the raw result JSON of
+# ``predictions_results`` would be cut off at the row's height anyway.
+_SHOWN = frozenset({"id", "predictions_score"})
 
 
-def review_view_data(threshold: float, title: str = "Needs review") -> dict[str, Any]:
-    """The tab's ``data`` payload; pure, so what the tab promises can be read without a server."""
-    if not isinstance(threshold, int | float) or not math.isfinite(threshold) or not 0 < threshold <= 1:
-        raise BadInputError(f"review threshold must be a number in (0, 1], got {threshold!r}")
+def review_view_data(
+    threshold: float | None = None, title: str = "Needs review", *, flag: str | None = None
+) -> dict[str, Any]:
+    """The tab's ``data`` payload; pure, so what the tab promises can be read without a server.
+
+    Tasks with no annotation, filtered by ``predictions_score < threshold`` and/or by the boolean
+    task-data field ``flag`` being true (the backend's routing decision, exact for any policy),
+    most uncertain first.
+    """
+    if threshold is None and flag is None:
+        raise BadInputError("a review tab needs a score threshold, a flag field, or both")
+    items: list[dict[str, Any]] = [
+        {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}
+    ]
+    if threshold is not None:
+        if not isinstance(threshold, int | float) or not math.isfinite(threshold) or not 0 < threshold <= 1:
+            raise BadInputError(f"review threshold must be a number in (0, 1], got {threshold!r}")
+        items.append(
+            {
+                "filter": "filter:tasks:predictions_score",
+                "operator": "less",
+                "type": "Number",
+                "value": float(threshold),
+            }
+        )
+    if flag is not None:
+        if not flag.isidentifier():
+            raise BadInputError(f"the flag must be a plain task-data field name, got {flag!r:.40}")
+        items.append(
+            {"filter": f"filter:tasks:data.{flag}", "operator": "equal", "type": "Boolean", "value": True}
+        )
     hidden = [f"tasks:{column}" for column in _TASK_COLUMNS if column not in _SHOWN]
+    if flag is not None:
+        hidden.append(f"tasks:data.{flag}")  # always true in this tab: a column of noise
     return {
         "title": title,
-        "filters": {
-            "conjunction": "and",
-            "items": [
-                {
-                    "filter": "filter:tasks:total_annotations",
-                    "operator": "equal",
-                    "type": "Number",
-                    "value": 0,
-                },
-                {
-                    "filter": "filter:tasks:predictions_score",
-                    "operator": "less",
-                    "type": "Number",
-                    "value": float(threshold),
-                },
-            ],
-        },
+        "filters": {"conjunction": "and", "items": items},
         "ordering": ["tasks:predictions_score"],
         "hiddenColumns": {"explore": hidden, "labeling": hidden},
     }
 
 
-def ensure_review_tab(ls: LabelStudio, project_id: int, threshold: float, title: str = "Needs review") -> int:
+def ensure_review_tab(
+    ls: LabelStudio,
+    project_id: int,
+    threshold: float | None = None,
+    title: str = "Needs review",
+    *,
+    flag: str | None = None,
+) -> int:
     """Create the review tab, or rewrite the one titled ``title`` in place; return its view id.
 
     Idempotent because it runs on every setup/threshold change: LS would happily keep a second tab
     with the same title. If humans already made duplicates, the lowest id is kept up to date and the
     others are left alone (they may be someone's edits); a warning says so.
     """
-    data = review_view_data(threshold, title)
+    data = review_view_data(threshold, title, flag=flag)
+    views = list(ls.views.list(project=project_id))
+    if not views:
+        # LS's UI makes its unfiltered "Default" tab only for a project with no tab at all; ours
+        # would otherwise be the only one, and nobody could see the whole project.
+        ls.views.create(project=project_id, data={"title": "Default"})
     mine = sorted(
-        (view for view in ls.views.list(project=project_id) if (view.data or {}).get("title") == title),
+        (view for view in views if (view.data or {}).get("title") == title),
         key=lambda view: view.id or 0,
     )
     if len(mine) > 1:
@@ -124,7 +151,7 @@ def ensure_review_tab(ls: LabelStudio, project_id: int, threshold: float, title:
         view = ls.views.create(project=project_id, data=data)
     if view.id is None:
         raise RuntimeError(f"Label Studio returned no id for the {title!r} tab of project {project_id}")
-    logger.info("review tab %s of project %s: score < %s", view.id, project_id, threshold)
+    logger.info("review tab %s of project %s: score < %s, flag %s", view.id, project_id, threshold, flag)
     return view.id
 
 

@@ -13,6 +13,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+REVIEW_MODES = ("llm", "human", "off")
+
 
 def _setting(env: str, default: Any, help: str, secret: bool = False) -> Any:
     return field(default=default, repr=not secret, metadata={"env": env, "help": help, "secret": secret})
@@ -20,8 +22,7 @@ def _setting(env: str, default: Any, help: str, secret: bool = False) -> Any:
 
 @dataclass(frozen=True)
 class Settings:
-    """Only settings that something reads; review modes, Redis, the LLM and Label Studio's API come
-    with the features that use them."""
+    """Every setting the backend, its workers and the demo read; nothing else."""
 
     model_dir: Path = _setting(
         "AUTOANNOTATOR_MODEL_DIR",
@@ -36,12 +37,95 @@ class Settings:
         "BASIC_AUTH_USER", "", "user Label Studio must send (basic auth); empty: off"
     )
     basic_auth_password: str = _setting("BASIC_AUTH_PASS", "", "its password", secret=True)
+    redis_url: str = _setting(
+        "AUTOANNOTATOR_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for queues, counters, locks and modes"
+    )
+    review_mode: str = _setting(
+        "AUTOANNOTATOR_REVIEW_MODE",
+        "human",
+        "default review mode: llm, human or off (switched per project at /projects/<uid>/settings)",
+    )
+    retrain_every: int = _setting(
+        "AUTOANNOTATOR_RETRAIN_EVERY", 100, "beta: retrain when this many new verified labels arrived"
+    )
+    min_holdout: int = _setting(
+        "AUTOANNOTATOR_MIN_HOLDOUT",
+        10,
+        "held-out verified labels needed to judge a new version; with fewer it is promoted unjudged",
+    )
+    seed_labels: int = _setting(
+        "AUTOANNOTATOR_SEED_LABELS",
+        40,
+        "human annotations a project needs before its specialists are cold-started",
+    )
+    specialists: tuple[str, ...] = _setting(
+        "AUTOANNOTATOR_SPECIALISTS",
+        (),
+        "comma-separated Hugging Face ids or local dirs to serve instead of a cold start",
+    )
+    encoder: str = _setting(
+        "AUTOANNOTATOR_ENCODER", "minilm", "base encoder of cold-started specialists (hub id, dir or minilm)"
+    )
+    cold_start_kinds: tuple[str, ...] = _setting(
+        "AUTOANNOTATOR_COLD_START_KINDS",
+        ("transformer", "embedding-linear", "ngram-linear"),
+        "kinds of the cold-started specialists, one member each",
+    )
+    label_studio_url: str = _setting(
+        "LABEL_STUDIO_URL", "", "Label Studio's URL for the workers (empty: the hostname LS sends to /setup)"
+    )
+    label_studio_api_key: str = _setting(
+        "LABEL_STUDIO_API_KEY",
+        "",
+        "Label Studio API key (legacy token or personal access token)",
+        secret=True,
+    )
+    llm_base_url: str = _setting(
+        "AUTOANNOTATOR_LLM_BASE_URL", "https://api.openai.com/v1", "any OpenAI-compatible endpoint"
+    )
+    llm_model: str = _setting("AUTOANNOTATOR_LLM_MODEL", "gpt-4o-mini", "the chat model that reviews")
+    llm_api_key: str = _setting("AUTOANNOTATOR_LLM_API_KEY", "", "the LLM endpoint's key", secret=True)
+    llm_timeout_s: float = _setting("AUTOANNOTATOR_LLM_TIMEOUT", 30.0, "seconds per LLM request")
+    llm_concurrency: int = _setting("AUTOANNOTATOR_LLM_CONCURRENCY", 4, "LLM requests in flight per worker")
+    llm_price: tuple[str, ...] = _setting(
+        "AUTOANNOTATOR_LLM_PRICE",
+        (),
+        "USD per 1M input,output tokens (e.g. 0.15,0.60); empty: the built-in table",
+    )
 
     def __post_init__(self) -> None:
         if self.max_text_chars < 1:
             raise ValueError(f"AUTOANNOTATOR_MAX_TEXT_CHARS must be >= 1, got {self.max_text_chars}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_password):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.review_mode not in REVIEW_MODES:
+            raise ValueError(
+                f"AUTOANNOTATOR_REVIEW_MODE must be one of {REVIEW_MODES}, got {self.review_mode!r}"
+            )
+        if self.min_holdout < 0:
+            raise ValueError(f"AUTOANNOTATOR_MIN_HOLDOUT must be >= 0, got {self.min_holdout}")
+        for name in ("retrain_every", "seed_labels", "llm_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_env(name)} must be >= 1, got {getattr(self, name)}")
+        if self.llm_timeout_s <= 0:
+            raise ValueError(f"AUTOANNOTATOR_LLM_TIMEOUT must be > 0, got {self.llm_timeout_s}")
+        if self.llm_price:
+            self.llm_prices()  # refuses a malformed price now, not at the first review
+
+    def llm_prices(self) -> tuple[float, float] | None:
+        """The configured (input, output) price per million tokens, or None for the built-in table."""
+        if not self.llm_price:
+            return None
+        try:
+            price_in, price_out = (float(x) for x in self.llm_price)
+        except ValueError:
+            raise ValueError(
+                "AUTOANNOTATOR_LLM_PRICE must be two numbers 'input,output', "
+                f"got {','.join(self.llm_price)!r}"
+            ) from None
+        if price_in < 0 or price_out < 0:
+            raise ValueError("AUTOANNOTATOR_LLM_PRICE must not be negative")
+        return price_in, price_out
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -62,11 +146,17 @@ class Settings:
         return cls(**values)
 
 
+def _env(name: str) -> str:
+    return next(f.metadata["env"] for f in fields(Settings) if f.name == name)
+
+
 def _convert(default: Any, raw: str) -> Any:
     if isinstance(default, bool):
         return raw.lower() in {"1", "true", "yes", "on"}
     if isinstance(default, int):
         return int(raw)
+    if isinstance(default, float):
+        return float(raw)
     if isinstance(default, Path):
         return Path(raw)
     if isinstance(default, tuple):
@@ -80,5 +170,6 @@ def settings_table() -> str:
     for f in fields(Settings):
         default = "" if f.default is MISSING else f.default
         shown = ",".join(default) if isinstance(default, tuple) else str(default)
-        rows.append(f"| `{f.metadata['env']}` | `{shown}` | {f.metadata['help']} |")
+        cell = f"`{shown}`" if shown else "(empty)"
+        rows.append(f"| `{f.metadata['env']}` | {cell} | {f.metadata['help']} |")
     return "\n".join(rows)

@@ -1,0 +1,310 @@
+"""What the web workers and the rq workers share through Redis: modes, counters, flags and queues.
+
+Redis holds only what can be lost: a project's review mode (the environment's default comes back),
+counters (they restart from zero; Prometheus handles counter resets), "training pending" and
+"synced" flags, and the queues. The durable record is Label Studio's database, the model store
+(versions, ``CURRENT``) and the pool log beside them; after a flush the first request that sees the
+project missing its ``synced`` flag queues a sync that rebuilds the pool from Label Studio.
+
+Keys, all under ``aa:`` (one Redis can serve other software too):
+
+======================================  =======================================================
+``aa:p:<uid>:mode``                     review mode chosen for the project (absent: the default)
+``aa:p:<uid>:ls_mode``                  the last ``review_mode`` seen in LS's extra params
+``aa:p:<uid>:info``                     hash: LS project id, LS URL, label config, title
+``aa:p:<uid>:m``                        hash of counters (see :data:`COUNTERS`)
+``aa:p:<uid>:train_pending``            set while a training job is queued or running (with TTL)
+``aa:p:<uid>:synced``                   set once the pool was rebuilt from LS after a flush
+``aa:p:<uid>:aligned``                  the version LS's ``project.model_version`` points at
+``aa:p:<uid>:tab``                      the "Needs review" tab's view id
+``aa:p:<uid>:version``                  mirror of the registry's ``CURRENT`` (for status pages)
+``aa:lock:pool:<uid>``                  one writer of the pool log at a time
+``aa:lock:train:<uid>``                 one training per project at a time
+``aa:projects``                         set of every project uid seen
+======================================  =======================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.job import Job
+
+from autoannotator.errors import AutoAnnotatorError
+from autoannotator.settings import REVIEW_MODES
+
+logger = logging.getLogger(__name__)
+
+QUEUES = ("ingest", "review", "train")
+"""rq queues: ``ingest`` (annotations, syncs), ``review`` (routed tasks: flags or LLM), ``train``."""
+
+COUNTERS = (
+    "predictions",
+    "routed",
+    "reviewed_llm",
+    "reviewed_human_queue",
+    "llm_calls",
+    "llm_cache_hits",
+    "llm_failures",
+    "llm_prompt_tokens",
+    "llm_completion_tokens",
+    "llm_cost_usd",
+    "human_labels",
+    "trainings_published",
+    "trainings_rejected",
+    "trainings_failed",
+    "webhooks",
+)
+"""Per-project counters in ``aa:p:<uid>:m``; every one is exported by ``/metrics``."""
+
+FLOAT_COUNTERS = frozenset({"llm_cost_usd"})
+"""Counters kept as floats: always added with HINCRBYFLOAT, since HINCRBY refuses a field holding
+``0.25`` and that refusal would read as "Redis unavailable" and drop the rest of the request's work."""
+
+# A training job that dies without its finally block (a killed worker) must not block the next
+# one forever: the pending flag expires. Longer than any training on a CPU here (minutes).
+TRAIN_PENDING_TTL_S = 6 * 3600
+
+
+def _text(raw: bytes | str) -> str:
+    """rq needs a bytes client (no ``decode_responses``), so answers are decoded here."""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+class StateUnavailableError(AutoAnnotatorError):
+    """Redis cannot be reached; the message says which URL, never its password."""
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``url`` with short timeouts: a web request must never hang on a dead Redis."""
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    """What the workers need to reach a project in Label Studio, recorded from /setup and webhooks."""
+
+    uid: str
+    project_id: int
+    ls_url: str
+    label_config: str
+
+
+class State:
+    """Typed access to the keys above. Every method may raise :class:`StateUnavailableError`."""
+
+    def __init__(self, client: redis.Redis, default_mode: str) -> None:
+        self.redis = client
+        self.default_mode = default_mode
+
+    @classmethod
+    def from_url(cls, url: str, default_mode: str) -> State:
+        return cls(connect(url), default_mode)
+
+    # ------------------------------------------------------------------ helpers
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except RedisError as exc:
+            kwargs = self.redis.connection_pool.connection_kwargs
+            where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+            raise StateUnavailableError(f"Redis at {where} is unavailable: {type(exc).__name__}") from exc
+
+    @staticmethod
+    def _k(uid: str, name: str) -> str:
+        return f"aa:p:{uid}:{name}"
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except RedisError:
+            return False
+
+    def queue(self, name: str) -> Queue:
+        if name not in QUEUES:
+            raise ValueError(f"unknown queue {name!r}; the queues are {QUEUES}")
+        return Queue(name, connection=self.redis)
+
+    def enqueue(self, name: str, func: Callable[..., Any], *args: Any, **options: Any) -> Job:
+        """``Queue(name).enqueue(func, *args, **options)``; a Redis error is a :class:`StateUnavailableError`
+        like everywhere else (a raw one would reach the web client as a 500)."""
+        with self._guard():
+            return self.queue(name).enqueue(func, *args, **options)
+
+    def queue_depths(self) -> dict[str, int]:
+        with self._guard():
+            return {name: self.queue(name).count for name in QUEUES}
+
+    # ------------------------------------------------------------------ projects
+
+    def remember(self, info: ProjectInfo) -> None:
+        with self._guard():
+            pipe = self.redis.pipeline()
+            pipe.sadd("aa:projects", info.uid)
+            # Webhooks carry no LS URL: an empty field never overwrites one /setup recorded.
+            fields: dict[str, str | int] = {
+                "project_id": info.project_id,
+                "ls_url": info.ls_url,
+                "label_config": info.label_config,
+            }
+            pipe.hset(self._k(info.uid, "info"), mapping={k: v for k, v in fields.items() if v != ""})
+            pipe.execute()
+
+    def info(self, uid: str) -> ProjectInfo | None:
+        with self._guard():
+            raw = self.redis.hgetall(self._k(uid, "info"))
+        if not raw:
+            return None
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        return ProjectInfo(uid, int(data["project_id"]), data.get("ls_url", ""), data.get("label_config", ""))
+
+    def projects(self) -> list[str]:
+        with self._guard():
+            return sorted(_text(m) for m in self.redis.smembers("aa:projects"))
+
+    # ------------------------------------------------------------------ review mode
+
+    def mode(self, uid: str) -> str:
+        with self._guard():
+            raw = self.redis.get(self._k(uid, "mode"))
+        mode = _text(raw) if raw else self.default_mode
+        return mode if mode in REVIEW_MODES else self.default_mode
+
+    def set_mode(self, uid: str, mode: str) -> None:
+        if mode not in REVIEW_MODES:
+            raise ValueError(f"review mode must be one of {REVIEW_MODES}, got {mode!r:.40}")
+        with self._guard():
+            self.redis.set(self._k(uid, "mode"), mode)
+            self.redis.sadd("aa:projects", uid)
+        logger.info("project %s: review mode is now %s", uid, mode)
+
+    def mode_from_label_studio(self, uid: str, extra_params: Any) -> str | None:
+        """Apply ``extra_params["review_mode"]`` when it *changed* since LS last sent it.
+
+        LS sends the same extra params with every /setup (the UI polls it), so applying them every
+        time would undo a switch made on our settings page a second later; the latest change wins,
+        wherever it was made. Returns the mode applied, or None.
+        """
+        if not isinstance(extra_params, dict) or "review_mode" not in extra_params:
+            return None
+        wanted = str(extra_params["review_mode"]).strip().lower()
+        if wanted not in REVIEW_MODES:
+            raise ValueError(f"extra_params review_mode must be one of {REVIEW_MODES}, got {wanted!r:.40}")
+        with self._guard():
+            previous = self.redis.getset(self._k(uid, "ls_mode"), wanted)
+        if previous is not None and _text(previous) == wanted:
+            return None
+        self.set_mode(uid, wanted)
+        return wanted
+
+    # ------------------------------------------------------------------ counters
+
+    def count(self, uid: str, **deltas: float) -> None:
+        unknown = set(deltas) - set(COUNTERS)
+        if unknown:
+            raise ValueError(f"unknown counters {sorted(unknown)}")
+        with self._guard():
+            pipe = self.redis.pipeline()
+            for name, value in deltas.items():
+                if value:
+                    if isinstance(value, int) and name not in FLOAT_COUNTERS:
+                        pipe.hincrby(self._k(uid, "m"), name, value)
+                    else:
+                        pipe.hincrbyfloat(self._k(uid, "m"), name, value)
+            pipe.execute()
+
+    def counters(self, uid: str) -> dict[str, float]:
+        with self._guard():
+            raw = self.redis.hgetall(self._k(uid, "m"))
+        values = {_text(k): float(v) for k, v in raw.items()}
+        return {name: values.get(name, 0.0) for name in COUNTERS}
+
+    # ------------------------------------------------------------------ flags
+
+    def claim_training(self, uid: str) -> bool:
+        """True for the one caller that may queue a training now; False while one is pending."""
+        with self._guard():
+            return bool(self.redis.set(self._k(uid, "train_pending"), "1", nx=True, ex=TRAIN_PENDING_TTL_S))
+
+    def release_training(self, uid: str) -> None:
+        with self._guard():
+            self.redis.delete(self._k(uid, "train_pending"))
+
+    def training_pending(self, uid: str) -> bool:
+        with self._guard():
+            return bool(self.redis.exists(self._k(uid, "train_pending")))
+
+    def claim_sync(self, uid: str) -> bool:
+        """True once per Redis lifetime (or after :meth:`forget_sync`): whoever gets it queues a sync."""
+        with self._guard():
+            return bool(self.redis.set(self._k(uid, "synced"), "queued", nx=True))
+
+    def forget_sync(self, uid: str) -> None:
+        with self._guard():
+            self.redis.delete(self._k(uid, "synced"))
+
+    def get(self, uid: str, name: str) -> str | None:
+        with self._guard():
+            raw = self.redis.get(self._k(uid, name))
+        return _text(raw) if raw is not None else None
+
+    def put(self, uid: str, name: str, value: str) -> None:
+        with self._guard():
+            self.redis.set(self._k(uid, name), value)
+
+    @contextmanager
+    def lock(
+        self,
+        kind: str,
+        uid: str,
+        timeout_s: float,
+        wait_s: float | None,
+        *,
+        keep_alive: tuple[str, ...] | None = None,
+    ) -> Iterator[bool]:
+        """A Redis lock ``aa:lock:<kind>:<uid>``; yields whether it was acquired within ``wait_s``.
+
+        ``timeout_s`` frees a lock whose holder died. With ``keep_alive`` (a tuple, maybe empty),
+        a heartbeat thread renews the lock every third of ``timeout_s`` while the block runs, and
+        gives the project keys named in the tuple the same time to live: a long job holds a short
+        lock, and a job killed mid-way (no ``finally`` runs) frees it within ``timeout_s``.
+        """
+        with self._guard():
+            # thread_local=False: the heartbeat thread renews the token the acquiring thread holds.
+            lock = self.redis.lock(
+                f"aa:lock:{kind}:{uid}", timeout=timeout_s, blocking_timeout=wait_s, thread_local=False
+            )
+            acquired = lock.acquire(blocking=wait_s is None or wait_s > 0)
+        stop = threading.Event()
+        if acquired and keep_alive is not None:
+            keys = [self._k(uid, name) for name in keep_alive]
+
+            def beat() -> None:
+                while not stop.wait(timeout_s / 3):
+                    try:
+                        lock.reacquire()
+                        for key in keys:
+                            self.redis.expire(key, int(timeout_s))
+                    except RedisError as exc:
+                        logger.warning("lock %s:%s heartbeat failed: %s", kind, uid, exc)
+
+            threading.Thread(target=beat, name=f"heartbeat-{kind}-{uid}", daemon=True).start()
+        try:
+            yield acquired
+        finally:
+            stop.set()
+            if acquired:
+                try:
+                    lock.release()
+                except RedisError as exc:  # expired or Redis gone: the next holder is safe either way
+                    logger.warning("lock %s:%s was not released cleanly: %s", kind, uid, exc)

@@ -1,0 +1,181 @@
+"""Harness for the end-to-end flow tests: our app on a real socket, real rq workers, a clean Redis DB.
+
+- :class:`AppServer` serves ``create_app`` with werkzeug in a thread (see ``test_backend_e2e``'s
+  docstring for why werkzeug and not gunicorn in tests), recording every request.
+- :class:`Workers` runs ``autoannotator worker`` *processes* (the console script, as deployed),
+  with the same environment the app's settings came from, and stops them by pid.
+- :func:`drain` waits until every queue is empty and no job is running.
+
+Tests use Redis database :data:`TEST_REDIS_DB` and flush it first, so nothing from another test or
+from a developer's own backend (database 0) leaks in.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from flask import Flask, Response, request
+from rq import Queue
+from rq.registry import StartedJobRegistry
+from werkzeug.serving import make_server
+
+from autoannotator.state import QUEUES
+
+TEST_REDIS_DB = 14
+TEST_REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
+WORKER = Path(sys.executable).with_name("autoannotator")
+
+
+def fresh_redis() -> redis.Redis:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    client.flushdb()
+    return client
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    body: Any
+    status: int
+    seconds: float
+
+
+@dataclass
+class AppServer:
+    app: Flask
+    calls: list[Call] = field(default_factory=list)
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        @self.app.before_request
+        def started() -> None:
+            request.environ["aa.t0"] = time.perf_counter()
+
+        @self.app.after_request
+        def record(response: Response) -> Response:
+            t0 = request.environ.get("aa.t0", time.perf_counter())
+            self.calls.append(
+                Call(
+                    request.method,
+                    request.path,
+                    request.get_json(silent=True),
+                    response.status_code,
+                    time.perf_counter() - t0,
+                )
+            )
+            return response
+
+    def __enter__(self) -> AppServer:
+        self._server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._thread.join(timeout=10)
+        self._server.server_close()
+
+    def paths(self, path: str) -> list[Call]:
+        return [c for c in self.calls if c.path == path]
+
+
+class Workers:
+    """``n`` worker processes on ``queues``, each logging to ``log_dir/worker-<i>.log``."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, n: int = 1, queues: str = "ingest,review,train"):
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_dir = log_dir
+        self.n = n
+        self.queues = queues
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Workers:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.n):
+            log = open(self.log_dir / f"worker-{i}.log", "wb")
+            self.processes.append(
+                subprocess.Popen(
+                    [str(WORKER), "worker", "--queues", self.queues, "--name", f"test-{os.getpid()}-{i}"],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # rq: warm shutdown, finishing the current job
+        for p in self.processes:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- worker-{i} ---\n" + (self.log_dir / f"worker-{i}.log").read_text(errors="replace")[-6000:]
+            for i in range(self.n)
+        )
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.processes)
+
+
+def drain(client: redis.Redis, workers: Workers, timeout_s: float = 240.0) -> None:
+    """Wait until all queues are empty and no job runs (twice in a row, jobs enqueue jobs)."""
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while time.monotonic() < deadline:
+        assert workers.alive(), "a worker died:\n" + workers.logs()
+        busy = sum(Queue(q, connection=client).count for q in QUEUES) + sum(
+            StartedJobRegistry(q, connection=client).count for q in QUEUES
+        )
+        quiet = quiet + 1 if busy == 0 else 0
+        if quiet >= 3:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"queues did not drain in {timeout_s:.0f}s:\n" + workers.logs())
+
+
+def wait_for(
+    what: str, check: Callable[[], Any], timeout_s: float = 60.0, workers: Workers | None = None
+) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if workers is not None:
+            assert workers.alive(), "a worker died:\n" + workers.logs()
+        time.sleep(0.3)
+    raise AssertionError(
+        f"timed out after {timeout_s:.0f}s waiting for {what}" + ("\n" + workers.logs() if workers else "")
+    )
+
+
+def failed_jobs(client: redis.Redis) -> list[str]:
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry
+
+    out = []
+    for q in QUEUES:
+        for job_id in FailedJobRegistry(q, connection=client).get_job_ids():
+            job = Job.fetch(job_id, connection=client)
+            out.append(f"{q}/{job.description}: {(job.exc_info or '')[-800:]}")
+    return out

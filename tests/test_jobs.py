@@ -1,0 +1,346 @@
+"""The rq jobs run in-process (no worker, no Label Studio): ingest, cold-start gating, training.
+
+Uses the local Redis, database :data:`TEST_DB` (flushed before each test), and a model store under
+``tmp_path``. The jobs that talk to Label Studio (sync, review) are covered by tests/test_flow_e2e.py.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Queue
+
+from autoannotator import jobs
+from autoannotator.errors import LabelMappingError, TrainingError
+from autoannotator.labelconfig import parse_label_config
+from autoannotator.pool import Source, VerifiedPool
+from autoannotator.settings import Settings
+from autoannotator.specialists import NgramSpecialist
+from autoannotator.state import ProjectInfo, StateUnavailableError
+from tests import tiny
+
+TEST_DB = 12
+TEST_URL = f"redis://127.0.0.1:6379/{TEST_DB}"
+UID = "5.1700000000"
+CONFIG = (Path(__file__).resolve().parents[1] / "label_config" / "sentiment.xml").read_text()
+LABELS = parse_label_config(CONFIG).labels  # Positive, Negative, Neutral; text at $text
+AS_SENTIMENT = {"bullish": "Positive", "bearish": "Negative", "neutral": "Neutral"}
+SEED_LABELS = 10  # the cold start waits for 8 training labels (a fifth is held out)
+
+
+@pytest.fixture
+def make_ctx(tmp_path):
+    """``make_ctx(**env)``: settings from an environment, the project remembered, the jobs' context set."""
+    redis.Redis.from_url(TEST_URL).flushdb()
+
+    def make(**env: str) -> jobs.Context:
+        settings = Settings.from_env(
+            {
+                "AUTOANNOTATOR_MODEL_DIR": str(tmp_path / "models"),
+                "AUTOANNOTATOR_REDIS_URL": TEST_URL,
+                "AUTOANNOTATOR_COLD_START_KINDS": "ngram-linear",
+                "AUTOANNOTATOR_SEED_LABELS": str(SEED_LABELS),
+                **env,
+            }
+        )
+        ctx = jobs.Context.from_settings(settings)
+        ctx.state.remember(ProjectInfo(UID, 5, "http://ls.invalid", CONFIG))
+        jobs.use_context(ctx)
+        return ctx
+
+    yield make
+    jobs.use_context(None)
+
+
+@pytest.fixture
+def ctx(make_ctx):
+    return make_ctx()
+
+
+def choice(label: str) -> dict:
+    return {
+        "id": 1,
+        "result": [
+            {"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [label]}}
+        ],
+    }
+
+
+def annotate(task_id: int, text: str, label: str) -> str:
+    return jobs.ingest_annotation(UID, {"id": task_id, "data": {"text": text}}, choice(label))
+
+
+def pool_of(ctx: jobs.Context) -> VerifiedPool:
+    return VerifiedPool(LABELS, path=ctx.pool_path(UID))
+
+
+def train_jobs(ctx: jobs.Context) -> list:
+    return Queue("train", connection=ctx.state.redis).jobs
+
+
+def corpus(n: int, seed: int = 3) -> list[tuple[str, str]]:
+    return [(text, AS_SENTIMENT[y]) for text, y in tiny.make_corpus(n, seed=seed)]
+
+
+# ---------------------------------------------------------------------------- ingest
+
+
+def test_a_human_label_joins_the_pool(ctx):
+    assert annotate(1, "shares rally on record gains", "Positive") == "task 1: Positive (new)"
+    path = ctx.pool_path(UID)
+    assert path == ctx.settings.model_dir / f"project-{UID}" / "pool.jsonl" and path.is_file()
+    item = pool_of(ctx).get("task:1")
+    assert item is not None and (item.text, item.label, item.source) == (
+        "shares rally on record gains",
+        "Positive",
+        Source.HUMAN,
+    )
+    assert annotate(1, "shares rally on record gains", "Positive") == "task 1: Positive (unchanged)"
+    assert annotate(1, "shares rally on record gains", "Neutral") == "task 1: Neutral (new)"  # an edit wins
+    assert pool_of(ctx).get("task:1").label == "Neutral"
+    assert ctx.state.counters(UID)["human_labels"] == 2
+    assert ctx.state.get(UID, "pool_size") == "1"
+
+
+def test_a_human_label_overrides_an_llm_label(ctx):
+    with ctx.pool(UID, LABELS) as pool:
+        pool.add("task:4", "weak quarter", "Positive", Source.LLM)
+    assert annotate(4, "weak quarter", "Negative") == "task 4: Negative (new)"
+    item = pool_of(ctx).get("task:4")
+    assert (item.label, item.source) == ("Negative", Source.HUMAN)
+
+
+@pytest.mark.parametrize(
+    ("task", "annotation", "why"),
+    [
+        ({"id": 2, "data": {"text": "a text"}}, {**choice("Positive"), "was_cancelled": True}, "cancelled"),
+        ({"id": 2, "data": {"text": "a text"}}, {"result": []}, "no choice"),
+        ({"id": 2, "data": {"tweet": "wrong field"}}, choice("Positive"), "data has no field 'text'"),
+        ({"id": 2, "data": {"text": "   "}}, choice("Positive"), "empty or only whitespace"),
+        ({"id": 2, "data": {"text": 42}}, choice("Positive"), "is int 42, not text"),
+        ({"data": {"text": "a text"}}, choice("Positive"), "the task has no id"),
+    ],
+)
+def test_annotations_without_a_usable_label_are_ignored_and_lose_nothing(ctx, task, annotation, why):
+    annotate(1, "kept text", "Negative")
+    before = ctx.pool_path(UID).read_bytes()
+    outcome = jobs.ingest_annotation(UID, task, annotation)
+    assert outcome.startswith("ignored: ") and why in outcome
+    assert ctx.pool_path(UID).read_bytes() == before
+    assert pool_of(ctx).get("task:1").label == "Negative"
+
+
+def test_a_label_outside_the_config_is_a_clear_error(ctx):
+    with pytest.raises(LabelMappingError, match=r"'bullish', which is not one of the project's labels"):
+        annotate(3, "shares rally", "bullish")
+    assert not ctx.pool_path(UID).exists()
+
+
+def test_an_unknown_project_says_how_it_recovers(ctx):
+    with pytest.raises(jobs.NotConfiguredError, match="unknown to this Redis"):
+        jobs.ingest_annotation("9.1700000000", {"id": 1, "data": {"text": "x"}}, choice("Positive"))
+
+
+def test_workers_need_a_label_studio_key(ctx):
+    with pytest.raises(jobs.NotConfiguredError, match="LABEL_STUDIO_API_KEY is not set"):
+        ctx.label_studio(ctx.info(UID))
+
+
+# ---------------------------------------------------------------------------- cold start gating
+
+
+def test_the_cold_start_waits_for_the_seed_then_queues_exactly_one_training(ctx):
+    rows = corpus(60)
+    for i, (text, label) in enumerate(rows[:4]):
+        annotate(i, text, label)
+    waiting = ctx.state.get(UID, "last_training")
+    assert waiting is not None and waiting.startswith("waiting for seed labels: ")
+    assert "4 of 10 labels (AUTOANNOTATOR_SEED_LABELS)" in waiting
+    assert train_jobs(ctx) == [] and not ctx.state.training_pending(UID)
+    queued_at = None
+    for i, (text, label) in enumerate(rows[4:], start=4):
+        annotate(i, text, label)
+        if train_jobs(ctx) and queued_at is None:
+            queued_at = i
+            assert jobs._seed_shortfall(ctx, pool_of(ctx)) is None  # queued as soon as the seed is usable
+        if queued_at is None:
+            assert jobs._seed_shortfall(ctx, pool_of(ctx)) is not None
+    assert queued_at is not None
+    (job,) = train_jobs(ctx)  # labels arriving while it is pending queue nothing more
+    assert job.func_name.endswith("train_project") and job.args == (UID, False)
+    assert ctx.state.training_pending(UID)
+
+
+def test_a_seed_missing_a_class_waits_naming_the_class(ctx):
+    rows = [(t, lab) for t, lab in corpus(90) if lab != "Neutral"]
+    for i, (text, label) in enumerate(rows[:30]):
+        annotate(i, text, label)
+    assert ctx.state.get(UID, "last_training") == (
+        "waiting for seed labels: at least 2 labels of each of ['Neutral']"
+    )
+    assert train_jobs(ctx) == []
+    neutral = [t for t, lab in corpus(90, seed=4) if lab == "Neutral"]
+    for i, text in enumerate(neutral, start=100):
+        annotate(i, text, "Neutral")
+        if train_jobs(ctx):
+            break
+    assert len(train_jobs(ctx)) == 1
+
+
+def test_configured_specialists_do_not_wait_for_a_seed(make_ctx):
+    ctx = make_ctx(AUTOANNOTATOR_SPECIALISTS="some/model")
+    annotate(1, "one label", "Positive")
+    assert len(train_jobs(ctx)) == 1
+
+
+def test_a_served_project_retrains_every_beta_labels(make_ctx, tmp_path):
+    ctx = make_ctx(AUTOANNOTATOR_RETRAIN_EVERY="5")
+    _seed_and_publish(ctx)
+    for i, (text, label) in enumerate(corpus(5, seed=9), start=1000):
+        assert train_jobs(ctx) == []
+        annotate(i, text, label)
+    (job,) = train_jobs(ctx)
+    assert job.args == (UID, False)
+
+
+def test_a_failed_enqueue_gives_the_claims_back(ctx, monkeypatch):
+    def down(*args, **kwargs):
+        raise StateUnavailableError("Redis at 127.0.0.1:1/0 is unavailable: ConnectionError")
+
+    monkeypatch.setattr(ctx.state, "enqueue", down)
+    with pytest.raises(StateUnavailableError):
+        jobs.request_training(ctx, UID, reason="test")
+    assert not ctx.state.training_pending(UID)  # else no training for TRAIN_PENDING_TTL_S
+    with pytest.raises(StateUnavailableError):
+        jobs.request_sync(ctx, UID)
+    assert ctx.state.claim_sync(UID)  # the next request queues the sync
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _seed_and_publish(ctx: jobs.Context, n: int = 45) -> None:
+    for i, (text, label) in enumerate(corpus(n)):
+        annotate(i, text, label)
+    assert jobs.train_project(UID) == "first version v0001 published"
+    Queue("train", connection=ctx.state.redis).empty()
+
+
+def test_training_cold_starts_the_first_version_and_marks_the_pool(ctx):
+    t0 = time.perf_counter()
+    _seed_and_publish(ctx)
+    assert time.perf_counter() - t0 < 60
+    registry = ctx.models.registry(UID)
+    assert registry.current() == "v0001" and registry.versions() == ["v0001"]
+    assert registry.manifest("v0001")["members"] == ["m0-ngram-linear"]
+    assert pool_of(ctx).growth_since_training() == 0
+    assert ctx.state.get(UID, "version") == "v0001"
+    assert ctx.state.get(UID, "last_training") == "first version v0001 published"
+    assert ctx.state.counters(UID)["trainings_published"] == 1
+    assert not ctx.state.training_pending(UID)
+    ensemble = ctx.models.ensemble(UID, LABELS)
+    assert ensemble is not None and ensemble.version == "v0001"
+    probs = ensemble.predict_proba(["shares surge to record gains", "stock plunge after losses"])
+    assert [LABELS.names[i] for i in probs.mean(axis=0).argmax(axis=1)] == ["Positive", "Negative"]
+
+
+def test_start_training_before_the_seed_is_skipped_not_failed(ctx):
+    annotate(1, "only one label", "Positive")
+    outcome = jobs.train_project(UID, True)
+    assert outcome.startswith("skipped: waiting for seed labels: ")
+    assert ctx.models.registry(UID).current() is None
+    assert ctx.state.counters(UID)["trainings_failed"] == 0
+    assert ctx.state.get(UID, "last_training").startswith("waiting for seed labels: ")
+    assert not ctx.state.training_pending(UID)
+
+
+def test_a_second_training_while_one_runs_does_nothing(ctx):
+    for i, (text, label) in enumerate(corpus(45)):
+        annotate(i, text, label)
+    with ctx.state.lock("train", UID, timeout_s=60, wait_s=0) as got:
+        assert got
+        assert jobs.train_project(UID) == "another training of this project is running"
+    assert ctx.models.registry(UID).current() is None
+    assert ctx.state.counters(UID)["trainings_failed"] == 0
+
+
+def test_a_refinement_that_crashes_leaves_the_served_version_and_can_be_retried(ctx, monkeypatch):
+    _seed_and_publish(ctx)
+    for i, (text, label) in enumerate(corpus(12, seed=7), start=500):
+        annotate(i, text, label)
+    growth = pool_of(ctx).growth_since_training()
+    assert growth == 12
+
+    def crash(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(NgramSpecialist, "fit", crash)
+    assert ctx.state.claim_training(UID) or ctx.state.training_pending(UID)  # as request_training did
+    with pytest.raises(TrainingError, match="disk full"):
+        jobs.train_project(UID, True)
+    registry = ctx.models.registry(UID)
+    assert registry.current() == "v0001" and registry.versions() == ["v0001"]  # no half-built version
+    assert ctx.models.ensemble(UID, LABELS).version == "v0001"
+    assert ctx.state.counters(UID)["trainings_failed"] == 1
+    last = ctx.state.get(UID, "last_training")
+    assert last.startswith("failed: ") and "disk full" in last
+    assert registry.history()[-1]["event"] == "failed"
+    assert pool_of(ctx).growth_since_training() == growth  # the new labels are still new
+    assert not ctx.state.training_pending(UID)
+    Queue("train", connection=ctx.state.redis).empty()
+    assert jobs.request_training(ctx, UID, reason="retry")  # a later training can be queued
+    monkeypatch.undo()
+    outcome = jobs.train_project(UID, True)
+    assert outcome.startswith("v000") and ("published" in outcome or "rejected" in outcome)
+    assert pool_of(ctx).growth_since_training() == 0
+
+
+def test_a_cold_start_that_crashes_publishes_nothing(ctx, monkeypatch):
+    for i, (text, label) in enumerate(corpus(45)):
+        annotate(i, text, label)
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(NgramSpecialist, "fit", crash)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        jobs.train_project(UID)
+    assert ctx.models.registry(UID).current() is None
+    assert ctx.models.registry(UID).versions() == []
+    assert ctx.state.counters(UID)["trainings_failed"] == 1
+    assert ctx.state.get(UID, "last_training") == "failed: out of memory"
+    assert not ctx.state.training_pending(UID)
+
+
+# ---------------------------------------------------------------------------- review formatting
+
+
+@pytest.mark.parametrize(
+    ("votes", "confidence", "shown"),
+    [
+        ({"bearish": 1, "bullish": 2}, 0.5833, "bullish 2 · bearish 1 (0.58)"),
+        ({"b": 1, "a": 1, "c": 1}, 1 / 3, "a 1 · b 1 · c 1 (0.33)"),  # ties in label order
+        ({"Positive": 3}, 0.999, "Positive 3 (1.00)"),
+    ],
+)
+def test_votes_text(votes, confidence, shown):
+    assert jobs.votes_text(votes, confidence) == shown
+
+
+def test_new_labels_that_are_all_held_out_do_not_requeue_training_forever(make_ctx):
+    ctx = make_ctx(AUTOANNOTATOR_RETRAIN_EVERY="1")
+    _seed_and_publish(ctx)
+    pool = pool_of(ctx)
+    held_out = next(i for i in range(10_000, 20_000) if pool.is_holdout(f"task:{i}"))
+    annotate(held_out, "shares rally on record gains", "Positive")
+    (job,) = train_jobs(ctx)  # beta=1: one new label asks for a training
+    Queue("train", connection=ctx.state.redis).empty()
+    outcome = jobs.train_project(*job.args)  # what the worker runs
+    assert outcome.startswith("skipped: no new verified training items")
+    # Nothing to train on: the same training must not be queued again (a worker would loop on it).
+    assert train_jobs(ctx) == [] and not ctx.state.training_pending(UID)
+    assert ctx.models.registry(UID).current() == "v0001"
+    assert pool_of(ctx).holdout_items()[-1].key == f"task:{held_out}"  # still judges the next version
