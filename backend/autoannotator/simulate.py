@@ -269,6 +269,9 @@ def run_simulation(
         n_seed=len(seed),
         human_reviewer=review.human,
     )
+    if review.usage is not None:
+        # Before the LLM-only baseline runs: it may share the reviewer, and its calls are not ours.
+        report["llm"] = review.usage()
     if review.baseline is not None:
         t = time.perf_counter()
         outs = review.baseline.review([ReviewItem(e.key, e.text) for e in stream])
@@ -281,8 +284,10 @@ def run_simulation(
             "answered_share": float(answered.mean()),
             "calls": n,
         }
-    if review.usage is not None:
-        report["llm"] = review.usage()
+        ours = report.get("llm") or {}
+        if ours.get("calls") and ours.get("cost") is not None:
+            # LLM-only pays one call per item; priced at this run's mean cost per call.
+            report["baselines"]["llm_only"]["estimated_cost"] = round(ours["cost"] / ours["calls"] * n, 6)
     report["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - started_all, 2)}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
