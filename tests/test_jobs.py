@@ -6,6 +6,7 @@ Uses the local Redis, database :data:`TEST_DB` (flushed before each test), and a
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -344,3 +345,97 @@ def test_new_labels_that_are_all_held_out_do_not_requeue_training_forever(make_c
     assert train_jobs(ctx) == [] and not ctx.state.training_pending(UID)
     assert ctx.models.registry(UID).current() == "v0001"
     assert pool_of(ctx).holdout_items()[-1].key == f"task:{held_out}"  # still judges the next version
+
+
+# ---------------------------------------------------------------------------- catalog selection
+
+
+def _catalog(tmp_path: Path) -> Path:
+    """A catalog of local tiny classifiers (the packaged one names hub models: no network here).
+
+    The best match by description is a directory that does not exist, so the selection has to skip
+    it; the toxicity model is the worst match and must not be picked.
+    """
+    root = tmp_path / "catalog"
+    tiny.build_classifier(root / "fin-sent", ["negative", "neutral", "positive"])
+    tiny.build_classifier(root / "tweet-sent", ["NEGATIVE", "NEUTRAL", "POSITIVE"], seed=1)
+    tiny.build_classifier(root / "toxic", ["toxic", "not toxic"], seed=2)
+    entries = [
+        (
+            "./gone-fin-sent",
+            "Sentiment of financial news headlines and stock market tweets: bearish or bullish.",
+        ),
+        ("./fin-sent", "Financial news sentiment classifier for headlines about companies and markets."),
+        ("./tweet-sent", "Twitter sentiment classifier: negative, neutral or positive tweets."),
+        ("./toxic", "Detects toxic, insulting, obscene or threatening online comments."),
+    ]
+    path = root / "catalog.json"
+    path.write_text(
+        json.dumps({"version": 1, "models": [{"id": i, "description": d} for i, d in entries]}), "utf-8"
+    )
+    return path
+
+
+def test_catalog_specialists_are_chosen_by_task_and_need_no_seed(make_ctx, tmp_path):
+    ctx = make_ctx(
+        AUTOANNOTATOR_SPECIALISTS="catalog:2",
+        AUTOANNOTATOR_CATALOG=str(_catalog(tmp_path)),
+        AUTOANNOTATOR_TASK="Sentiment of financial news headlines",
+    )
+    annotate(1, "one label is no seed", "Positive")
+    assert len(train_jobs(ctx)) == 1  # no seed to wait for, as with listed models
+    assert jobs.train_project(UID) == "first version v0001 published"
+
+    registry = ctx.models.registry(UID)
+    assert registry.manifest("v0001")["members"] == ["m0-fin-sent", "m1-tweet-sent"]
+    published = registry.history()[-1]
+    root = (tmp_path / "catalog").resolve()
+    assert [(m["id"], m["rank"]) for m in published["catalog_models"]] == [
+        (str(root / "fin-sent"), 2),
+        (str(root / "tweet-sent"), 3),
+    ]
+    (skipped,) = published["catalog_skipped"]
+    assert skipped["id"] == str(root / "gone-fin-sent") and skipped["reason"]
+    assert published["task_description_from"] == "AUTOANNOTATOR_TASK"
+    ensemble = ctx.models.ensemble(UID, LABELS)
+    assert ensemble is not None and ensemble.version == "v0001"
+    assert ensemble.predict_proba(["shares surge"]).shape == (2, 1, 3)
+
+
+def test_a_catalog_with_nothing_usable_fails_the_training_with_every_reason(make_ctx, tmp_path):
+    catalog = tmp_path / "only-toxic.json"
+    tiny.build_classifier(tmp_path / "toxic", ["toxic", "not toxic"])
+    catalog.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "models": [
+                    {"id": "./toxic", "description": "toxic comments"},
+                    {"id": "./nowhere", "description": "sentiment"},
+                ],
+            }
+        ),
+        "utf-8",
+    )
+    # No AUTOANNOTATOR_TASK and no Label Studio key: the label names describe the task.
+    ctx = make_ctx(AUTOANNOTATOR_SPECIALISTS="catalog", AUTOANNOTATOR_CATALOG=str(catalog))
+    with pytest.raises(TrainingError, match="no catalog model could be used") as failure:
+        jobs.train_project(UID)
+    assert "toxic" in str(failure.value) and "nowhere" in str(failure.value)
+    assert ctx.models.registry(UID).current() is None
+    assert ctx.state.get(UID, "last_training").startswith("failed: ")
+    assert ctx.state.counters(UID)["trainings_failed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "top_k"),
+    [("catalog", 3), ("catalog:1", 1), (" Catalog:5 ", 5), ("a/model,./b", None), ("", None)],
+)
+def test_catalog_k_is_read_from_the_specialists_setting(value, top_k):
+    assert Settings.from_env({"AUTOANNOTATOR_SPECIALISTS": value}).catalog_top_k() == top_k
+
+
+@pytest.mark.parametrize("value", ["catalog:0", "catalog:three", "catalog:2,some/model"])
+def test_a_malformed_catalog_setting_is_refused_at_startup(value):
+    with pytest.raises(ValueError, match="AUTOANNOTATOR_SPECIALISTS"):
+        Settings.from_env({"AUTOANNOTATOR_SPECIALISTS": value})

@@ -111,6 +111,16 @@ def test_counters_add_ints_and_floats(state):
     assert set(counters) == set(COUNTERS)
 
 
+def test_counting_predictions_reads_the_mode_in_the_same_round_trip(state):
+    assert state.count_predictions(UID, 4, 1) == "human"
+    state.set_mode(UID, "llm")
+    assert state.count_predictions(UID, 2, 0) == "llm"
+    state.redis.set(f"aa:p:{UID}:mode", "bogus")
+    assert state.count_predictions(UID, 0, 0) == "human"  # garbage: the default, as mode() says
+    counters = state.counters(UID)
+    assert counters["predictions"] == 6 and counters["routed"] == 1
+
+
 def test_a_counter_that_held_a_float_still_adds_an_int(state):
     state.count(UID, llm_cost_usd=0.5)
     state.count(UID, llm_cost_usd=1)  # e.g. a price table that yields a whole number
@@ -200,6 +210,7 @@ def _calls(state: State) -> dict[str, object]:
         "mode_from_label_studio": lambda: state.mode_from_label_studio(UID, {"review_mode": "llm"}),
         "count": lambda: state.count(UID, predictions=1, llm_cost_usd=0.1),
         "counters": lambda: state.counters(UID),
+        "count_predictions": lambda: state.count_predictions(UID, 1, 1),
         "claim_training": lambda: state.claim_training(UID),
         "release_training": lambda: state.release_training(UID),
         "training_pending": lambda: state.training_pending(UID),

@@ -94,13 +94,6 @@ def create_app(
         state.remember(ProjectInfo(uid, int(uid.split(".")[0]), ls_url, label_config))
         jobs.request_sync(ctx, uid)
 
-    def mode_of(uid: str) -> str:
-        try:
-            return state.mode(uid)
-        except StateUnavailableError as exc:
-            logger.warning("project %s: %s; review mode falls back to %s", uid, exc, settings.review_mode)
-            return settings.review_mode
-
     @app.get("/health")
     @app.get("/")
     def health() -> Response:
@@ -172,8 +165,7 @@ def create_app(
                     cleared.append({"task_id": texts[i].task_id, "data": task.get("data")})
         for item in results:
             validator.check(item)
-        mode = mode_of(uid)
-        _enqueue_review(uid, version, mode, routed, cleared, len(tasks))
+        mode = _count_and_enqueue_review(uid, version, routed, cleared, len(tasks))
         logger.info(
             "project %s: %d predictions (%d without text, %d routed, mode %s) by %s",
             uid,
@@ -185,11 +177,13 @@ def create_app(
         )
         return jsonify({"results": results})
 
-    def _enqueue_review(
-        uid: str, version: str, mode: str, routed: list[dict[str, Any]], cleared: list[dict[str, Any]], n: int
-    ) -> None:
+    def _count_and_enqueue_review(
+        uid: str, version: str, routed: list[dict[str, Any]], cleared: list[dict[str, Any]], n: int
+    ) -> str:
+        """Count, read the review mode (one Redis round trip) and queue the review job if there is
+        one to do (a second); returns the mode. Without Redis: the default mode, nothing queued."""
         try:
-            state.count(uid, predictions=n, routed=len(routed))
+            mode = state.count_predictions(uid, n, len(routed))
             if (routed and mode != "off") or cleared:
                 state.enqueue(
                     "review",
@@ -202,8 +196,16 @@ def create_app(
                     job_timeout=1800,
                     description=f"review {len(routed)} tasks of {uid} ({mode})",
                 )
+            return mode
         except StateUnavailableError as exc:
-            logger.warning("project %s: %d routed tasks not queued for review: %s", uid, len(routed), exc)
+            logger.warning(
+                "project %s: %s; review mode falls back to %s, %d routed tasks not queued for review",
+                uid,
+                exc,
+                settings.review_mode,
+                len(routed),
+            )
+            return settings.review_mode
 
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:

@@ -394,7 +394,8 @@ def _components(probe: _Probe, state: State, mode: str, n: int, repeats: int) ->
     """The handler's steps, each timed alone on a batch of ``n`` (median ms): where the overhead goes.
 
     A replica of the handler's sequence built from the same library calls, not the handler itself;
-    ``redis`` is the mode lookup, the counters and (in mode human) the review job's enqueue.
+    ``redis`` is the counters with the mode lookup (one round trip) and (in mode human) the review
+    job's enqueue.
     """
     from autoannotator import jobs
 
@@ -433,8 +434,7 @@ def _components(probe: _Probe, state: State, mode: str, n: int, repeats: int) ->
             for j in range(n)
             if bool(decision.review[j])
         ]
-        state.mode(probe.uid)
-        state.count(probe.uid, predictions=n, routed=len(routed))
+        mode = state.count_predictions(probe.uid, n, len(routed))
         if routed and mode != "off":
             state.queue("review").enqueue(jobs.review_routed, probe.uid, probe.version, mode, routed, [])
         t7 = time.perf_counter()

@@ -49,6 +49,7 @@ from autoannotator.llm import LLMReviewer, PriceTable, ReviewCache, make_openai_
 from autoannotator.pool import Source, VerifiedPool
 from autoannotator.review_tab import align_model_version, ensure_review_tab, use_uncertainty_sampling
 from autoannotator.reviewers import ReviewItem, ReviewStatus
+from autoannotator.selection import load_catalog, mean_pool_embedder, rank_candidates
 from autoannotator.serving import ProjectModels
 from autoannotator.settings import Settings
 from autoannotator.specialists import import_member
@@ -561,13 +562,18 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
 def _first_version(ctx: Context, uid: str, registry: Any, pool: VerifiedPool, labels: LabelSet) -> str:
     s = ctx.settings
     version = registry.next_version()
+    top_k = s.catalog_top_k()
+    names: list[str]
+    report: dict[str, Any]
     with registry.stage(version) as staged:
-        if s.specialists:
+        if top_k is not None:
+            names, report = _from_catalog(ctx, uid, labels, staged, top_k)
+        elif s.specialists:
             names = []
             for i, source in enumerate(s.specialists):
                 names.append(f"m{i}-{Path(source).name or 'model'}")
                 import_member(source, labels, staged / names[-1])
-            report: dict[str, Any] = {"given_models": list(s.specialists)}
+            report = {"given_models": list(s.specialists)}
         else:
             items = pool.train_items()
             waiting = _seed_shortfall(ctx, pool)
@@ -592,3 +598,70 @@ def _first_version(ctx: Context, uid: str, registry: Any, pool: VerifiedPool, la
         )
     registry.publish(version, {"reason": "initial members", **report})
     return str(version)
+
+
+def _from_catalog(
+    ctx: Context, uid: str, labels: LabelSet, staged: Path, top_k: int
+) -> tuple[list[str], dict[str, Any]]:
+    """The paper's meta-controller: rank the catalog by Eq. 1 against the project's task, then import
+    candidates best first until ``top_k`` of them load and map onto the project's labels.
+
+    A candidate that cannot be used (a hub id without network, labels that do not map, a broken
+    directory) is skipped with its reason in the version's report and the log; if none can be used,
+    the training fails with every reason, and the project keeps waiting with that message on /status.
+    """
+    s = ctx.settings
+    catalog = load_catalog(Path(s.catalog) if s.catalog else None)
+    description, source = _task_description(ctx, uid, labels)
+    ranked = rank_candidates(description, labels, catalog, mean_pool_embedder(), top_k=len(catalog))
+    names: list[str] = []
+    chosen: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    for candidate in ranked:
+        if len(names) == top_k:
+            break
+        entry = candidate.entry
+        name = f"m{len(names)}-{Path(entry.id).name or 'model'}"
+        try:
+            import_member(entry.id, labels, staged / name)
+        except Exception as exc:  # an outside model: any failure skips it, with the reason
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            logger.warning("project %s: catalog model %s skipped: %s", uid, entry.id, reason)
+            skipped.append({"id": entry.id, "reason": reason})
+            continue
+        names.append(name)
+        chosen.append({"id": entry.id, "rank": candidate.rank, "similarity": round(candidate.score, 4)})
+    if not names:
+        reasons = "; ".join(f"{x['id']}: {x['reason']}" for x in skipped)
+        raise TrainingError(f"project {uid}: no catalog model could be used ({reasons})")
+    logger.info(
+        "project %s: %d specialists from the catalog for %r (from %s): %s",
+        uid,
+        len(names),
+        description[:80],
+        source,
+        ", ".join(c["id"] for c in chosen),
+    )
+    report = {
+        "catalog": s.catalog or "packaged",
+        "task_description": description,
+        "task_description_from": source,
+        "catalog_models": chosen,
+        "catalog_skipped": skipped,
+    }
+    return names, report
+
+
+def _task_description(ctx: Context, uid: str, labels: LabelSet) -> tuple[str, str]:
+    """What the project's annotators label, and where that came from, for Eq. 1."""
+    if ctx.settings.task_description.strip():
+        return ctx.settings.task_description.strip(), "AUTOANNOTATOR_TASK"
+    try:
+        info = ctx.info(uid)
+        project = ctx.label_studio(info).projects.get(id=info.project_id)
+        text = " ".join(str(x).strip() for x in (project.title, project.description) if x and str(x).strip())
+        if text:
+            return text, "the Label Studio project's title and description"
+    except Exception as exc:  # Label Studio unreachable or no key: the label names still describe the task
+        logger.warning("project %s: no task description from Label Studio (%s)", uid, exc)
+    return f"Label each text as one of: {', '.join(labels.names)}.", "the label names"

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 REVIEW_MODES = ("llm", "human", "off")
+# AUTOANNOTATOR_SPECIALISTS=catalog or catalog:K: the K best catalog models for the project (Eq. 1).
+CATALOG_PREFIX = "catalog"
+DEFAULT_CATALOG_TOP_K = 3
 
 
 def _setting(env: str, default: Any, help: str, secret: bool = False) -> Any:
@@ -61,7 +64,18 @@ class Settings:
     specialists: tuple[str, ...] = _setting(
         "AUTOANNOTATOR_SPECIALISTS",
         (),
-        "comma-separated Hugging Face ids or local dirs to serve instead of a cold start",
+        "comma-separated Hugging Face ids or local dirs to serve instead of a cold start; or "
+        "catalog:K for the K catalog models closest to the project's task (the paper's Eq. 1)",
+    )
+    catalog: str = _setting(
+        "AUTOANNOTATOR_CATALOG",
+        "",
+        "catalog JSON for AUTOANNOTATOR_SPECIALISTS=catalog:K (empty: the packaged one)",
+    )
+    task_description: str = _setting(
+        "AUTOANNOTATOR_TASK",
+        "",
+        "what annotators label, for catalog selection (empty: the LS project's title and description)",
     )
     encoder: str = _setting(
         "AUTOANNOTATOR_ENCODER", "minilm", "base encoder of cold-started specialists (hub id, dir or minilm)"
@@ -111,6 +125,28 @@ class Settings:
             raise ValueError(f"AUTOANNOTATOR_LLM_TIMEOUT must be > 0, got {self.llm_timeout_s}")
         if self.llm_price:
             self.llm_prices()  # refuses a malformed price now, not at the first review
+        self.catalog_top_k()  # refuses a malformed catalog:K now, not at the first training
+
+    def catalog_top_k(self) -> int | None:
+        """K of ``AUTOANNOTATOR_SPECIALISTS=catalog:K`` (``catalog`` alone: 3), or None for a model list."""
+        picks = [s for s in self.specialists if s.split(":", 1)[0].strip().lower() == CATALOG_PREFIX]
+        if not picks:
+            return None
+        if len(self.specialists) > 1:
+            raise ValueError(
+                "AUTOANNOTATOR_SPECIALISTS is either catalog:K or a list of models, not both; "
+                f"got {','.join(self.specialists)!r}"
+            )
+        _, _, k = picks[0].partition(":")
+        try:
+            top_k = int(k) if k.strip() else DEFAULT_CATALOG_TOP_K
+        except ValueError:
+            raise ValueError(
+                f"AUTOANNOTATOR_SPECIALISTS=catalog:K needs a whole number K, got {picks[0]!r}"
+            ) from None
+        if top_k < 1:
+            raise ValueError(f"AUTOANNOTATOR_SPECIALISTS=catalog:K needs K >= 1, got {top_k}")
+        return top_k
 
     def llm_prices(self) -> tuple[float, float] | None:
         """The configured (input, output) price per million tokens, or None for the built-in table."""
