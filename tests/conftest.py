@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 from label_studio_sdk.errors import NotFoundError
 
 from tests import tiny
@@ -22,6 +24,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+class ServerLikeClient(FlaskClient):
+    """Flask's test client, closing every response as a WSGI server does once it has sent it.
+
+    /predict counts and queues its review job in a close callback (after the answer is sent); the
+    plain test client never closes responses, so those callbacks would never run in unit tests.
+    """
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _server_like_test_client() -> Iterator[None]:
+    previous = Flask.test_client_class
+    Flask.test_client_class = ServerLikeClient
+    yield
+    Flask.test_client_class = previous
 
 
 @pytest.fixture(scope="session")

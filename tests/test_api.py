@@ -431,6 +431,22 @@ def test_mode_off_queues_no_review(rq_redis, published, tiny_corpus):
     assert jobs_in(rq_redis, "review") == []
 
 
+def test_the_review_job_is_queued_after_the_answer_is_sent(rq_redis, published, tiny_corpus):
+    """Label Studio waits on the forward pass, not on Redis: counting and queueing run when the WSGI
+    server closes the response it has sent (here: the plain test client, closed by hand)."""
+    root, _ = published
+    c = app_client(root, policy="mean:0.99")
+    tasks = [{"id": 300 + i, "data": {"tweet": t}} for i, (t, _) in enumerate(tiny_corpus[210:213])]
+    r = c.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG}, buffered=False)
+    assert r.status_code == 200 and len(r.get_json()["results"]) == 3
+    assert jobs_in(rq_redis, "review") == []
+    assert State(rq_redis, "human").counters(PROJECT)["predictions"] == 0
+    r.close()
+    (job,) = jobs_in(rq_redis, "review")
+    assert [e["task_id"] for e in job.args[3]] == [300, 301, 302]
+    assert State(rq_redis, "human").counters(PROJECT)["predictions"] == 3
+
+
 def test_annotated_tasks_are_not_routed(rq_redis, published, tiny_corpus):
     root, _ = published
     c = app_client(root, policy="mean:0.99")

@@ -165,17 +165,38 @@ def create_app(
                     cleared.append({"task_id": texts[i].task_id, "data": task.get("data")})
         for item in results:
             validator.check(item)
-        mode = _count_and_enqueue_review(uid, version, routed, cleared, len(tasks))
+        response = jsonify({"results": results})
+        # Counting and queueing the review change nothing in the answer, so they run once it has
+        # been sent (when the WSGI server closes the response): Label Studio waits on the forward
+        # pass, not on Redis. A sync gunicorn worker still finishes them before its next request.
+        unlabelled = len(tasks) - len(good)
+        response.call_on_close(
+            lambda: _after_predictions(uid, version, routed, cleared, len(tasks), unlabelled)
+        )
+        return response
+
+    def _after_predictions(
+        uid: str,
+        version: str,
+        routed: list[dict[str, Any]],
+        cleared: list[dict[str, Any]],
+        n: int,
+        unlabelled: int,
+    ) -> None:
+        try:
+            mode = _count_and_enqueue_review(uid, version, routed, cleared, n)
+        except Exception:  # after the answer: nobody to tell but the log
+            logger.exception("project %s: %d routed tasks not queued for review", uid, len(routed))
+            return
         logger.info(
             "project %s: %d predictions (%d without text, %d routed, mode %s) by %s",
             uid,
-            len(tasks),
-            len(tasks) - len(good),
+            n,
+            unlabelled,
             len(routed),
             mode,
             version,
         )
-        return jsonify({"results": results})
 
     def _count_and_enqueue_review(
         uid: str, version: str, routed: list[dict[str, Any]], cleared: list[dict[str, Any]], n: int

@@ -892,8 +892,9 @@ class Demo:
         bindir = Path(sys.executable).parent
         gunicorn = [
             str(bindir / "gunicorn"),
-            "--workers", "1",
-            "--threads", "4",
+            # Sync workers (a forward pass in a gunicorn thread runs slower: BENCHMARKS.md, 4); two,
+            # so that a webhook finds one free while the first /predict labels every task.
+            "--workers", "2",
             "--bind", f"127.0.0.1:{self.config.backend_port}",
             "--timeout", "300",  # a first /predict loads the models and labels every task at once
             "--graceful-timeout", "10",
