@@ -21,6 +21,7 @@ from autoannotator.pool import Source, VerifiedPool
 from autoannotator.settings import Settings
 from autoannotator.specialists import NgramSpecialist
 from autoannotator.state import ProjectInfo, StateUnavailableError
+from autoannotator.status import project_status
 from tests import tiny
 
 TEST_DB = 12
@@ -397,6 +398,9 @@ def test_catalog_specialists_are_chosen_by_task_and_need_no_seed(make_ctx, tmp_p
     (skipped,) = published["catalog_skipped"]
     assert skipped["id"] == str(root / "gone-fin-sent") and skipped["reason"]
     assert published["task_description_from"] == "AUTOANNOTATOR_TASK"
+    (shown,) = project_status(ctx, UID)["trainings"]  # what /status.json tells a project manager
+    assert shown["catalog_models"] == published["catalog_models"]
+    assert shown["task_description"] == "Sentiment of financial news headlines"
     ensemble = ctx.models.ensemble(UID, LABELS)
     assert ensemble is not None and ensemble.version == "v0001"
     assert ensemble.predict_proba(["shares surge"]).shape == (2, 1, 3)
@@ -439,3 +443,28 @@ def test_catalog_k_is_read_from_the_specialists_setting(value, top_k):
 def test_a_malformed_catalog_setting_is_refused_at_startup(value):
     with pytest.raises(ValueError, match="AUTOANNOTATOR_SPECIALISTS"):
         Settings.from_env({"AUTOANNOTATOR_SPECIALISTS": value})
+
+
+@pytest.mark.e2e
+def test_the_catalog_is_ranked_against_the_label_studio_projects_own_words(
+    make_ctx, tmp_path, label_studio, ls_project
+):
+    """Without AUTOANNOTATOR_TASK, the task description is the LS project's title and description."""
+    project = ls_project(
+        CONFIG,
+        title="Financial news sentiment",
+        description="Is a headline good or bad news for the company's stock?",
+    )
+    ctx = make_ctx(
+        AUTOANNOTATOR_SPECIALISTS="catalog:1",
+        AUTOANNOTATOR_CATALOG=str(_catalog(tmp_path)),
+        LABEL_STUDIO_API_KEY=label_studio.token,
+    )
+    ctx.state.remember(ProjectInfo(UID, project.id, label_studio.url, CONFIG))
+    assert jobs.train_project(UID) == "first version v0001 published"
+    published = ctx.models.registry(UID).history()[-1]
+    assert published["task_description_from"] == "the Label Studio project's title and description"
+    assert published["task_description"] == (
+        "Financial news sentiment Is a headline good or bad news for the company's stock?"
+    )
+    assert [m["id"].rsplit("/", 1)[-1] for m in published["catalog_models"]] == ["fin-sent"]

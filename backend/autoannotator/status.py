@@ -42,7 +42,11 @@ def project_status(ctx: Context, uid: str) -> dict[str, Any]:
     out["trainings"] = [
         {
             k: entry.get(k)
-            for k in ("event", "version", "previous", "reason", "metrics_new", "metrics_old", "n_new")
+            for k in (
+                *("event", "version", "previous", "reason", "metrics_new", "metrics_old", "n_new"),
+                # how the first version's members were chosen
+                *("given_models", "catalog_models", "catalog_skipped", "task_description"),
+            )
             if k in entry
         }
         for entry in history[-10:]
