@@ -90,6 +90,29 @@ def corpus(n: int, seed: int = 3) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------- ingest
 
 
+def test_two_workers_keep_their_pools_and_see_each_others_labels(ctx, monkeypatch):
+    """Each worker keeps its pool between jobs and reads only what the other appended."""
+    other = jobs.Context.from_settings(ctx.settings)  # a second worker process, in effect
+    rebuilt = []
+    real_init = VerifiedPool.__init__
+
+    def counting_init(self, *args, **kwargs):
+        rebuilt.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(VerifiedPool, "__init__", counting_init)
+    for i, (text, label) in enumerate(corpus(12)):
+        jobs.use_context(ctx if i % 2 else other)
+        annotate(i, text, label)
+    jobs.use_context(ctx)
+    annotate(99, "stocks plunge on losses", "Negative")
+    assert len(rebuilt) == 2  # one pool per worker, built once, then refreshed
+    assert ctx._pools[UID].get("task:98") is None and len(ctx._pools[UID]) == 13
+    assert ctx.state.get(UID, "pool_size") == "13"
+    monkeypatch.undo()
+    assert sorted(i.key for i in pool_of(ctx).items()) == sorted(i.key for i in ctx._pools[UID].items())
+
+
 def test_a_human_label_joins_the_pool(ctx):
     assert annotate(1, "shares rally on record gains", "Positive") == "task 1: Positive (new)"
     path = ctx.pool_path(UID)

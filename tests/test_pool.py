@@ -223,3 +223,67 @@ def test_removed_items_leave_the_pool_and_stay_gone_after_a_replay(tmp_path: Pat
     again = VerifiedPool(LABELS, path=path)
     assert {it.key for it in again.items()} == {"a", "c"} and again.growth_since_training() == 0
     assert again.add("b", "crash", "bearish") and again.growth_since_training() == 1
+
+
+# ---------------------------------------------------------------------------- refresh (many workers)
+
+
+def _state(pool: VerifiedPool) -> tuple:
+    return (
+        sorted((i.key, i.text, i.label, i.source.value, i.seq) for i in pool.items()),
+        pool.growth_since_training(),
+        pool.last_seq,
+    )
+
+
+def test_a_kept_pool_catches_up_with_what_another_worker_appended(tmp_path: Path) -> None:
+    path = tmp_path / "pool.jsonl"
+    mine, theirs = VerifiedPool(LABELS, path=path), VerifiedPool(LABELS, path=path)
+    mine.add_many(keyed(5, prefix="a"))
+    assert theirs.refresh() > 0 and len(theirs) == 5
+    theirs.add_many(keyed(3, prefix="b"), Source.LLM)
+    theirs.remove(["a0"])
+    theirs.mark_trained()
+    assert mine.refresh() > 0
+    assert _state(mine) == _state(theirs) == _state(VerifiedPool(LABELS, path=path))
+    assert mine.refresh() == 0  # nothing new: nothing read
+    mine.add("c0", "stocks rally", "bullish")  # its own events need no re-reading
+    assert mine.refresh() == 0
+    assert _state(mine) == _state(VerifiedPool(LABELS, path=path))
+
+
+def test_an_append_after_unread_events_is_read_back_in_log_order(tmp_path: Path) -> None:
+    path = tmp_path / "pool.jsonl"
+    mine, theirs = VerifiedPool(LABELS, path=path), VerifiedPool(LABELS, path=path)
+    theirs.add("k", "shares slump", "bearish", Source.LLM)
+    mine.add("k", "shares slump", "bullish", Source.LLM)  # written after theirs, unaware of it
+    assert mine.refresh() > 0  # reads theirs and its own event again: the log's order wins
+    assert _state(mine) == _state(VerifiedPool(LABELS, path=path))
+    assert mine.get("k").label == "bullish"
+
+
+def test_a_replaced_or_deleted_log_is_read_again_from_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "pool.jsonl"
+    mine = VerifiedPool(LABELS, path=path)
+    mine.add_many(keyed(4))
+    path.unlink()
+    mine.refresh()
+    assert len(mine) == 0 and mine.last_seq == 0  # the durable record is gone: so is the pool
+    other = VerifiedPool(LABELS, path=tmp_path / "elsewhere.jsonl")
+    other.add_many(keyed(2, prefix="z"))
+    (tmp_path / "elsewhere.jsonl").replace(path)  # a restored backup: another file
+    mine.refresh()
+    assert sorted(i.key for i in mine.items()) == ["z0", "z1"]
+
+
+def test_a_torn_event_appended_by_a_crashed_worker_is_cut_off_on_refresh(tmp_path: Path) -> None:
+    path = tmp_path / "pool.jsonl"
+    mine = VerifiedPool(LABELS, path=path)
+    mine.add_many(keyed(3))
+    size = path.stat().st_size
+    with open(path, "ab") as fh:
+        fh.write(b'{"op": "put", "key": "x", "te')
+    mine.refresh()
+    assert len(mine) == 3 and path.stat().st_size == size
+    mine.add("y", "stocks rally", "bullish")
+    assert _state(mine) == _state(VerifiedPool(LABELS, path=path))

@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,8 @@ class Context:
     settings: Settings
     state: State
     models: ProjectModels
+    # Each project's verified pool as this process last saw it (see pool()).
+    _pools: dict[str, VerifiedPool] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:
@@ -122,14 +124,29 @@ class Context:
 
     @contextmanager
     def pool(self, uid: str, labels: LabelSet) -> Iterator[VerifiedPool]:
-        """The project's pool, read from its log, held under the project's pool lock."""
+        """The project's pool, up to date with its log, held under the project's pool lock.
+
+        A worker keeps each project's pool between jobs and only reads what other workers appended
+        since (:meth:`VerifiedPool.refresh`); replaying the whole log for every annotation would cost
+        O(pool) per label. After a failure inside the block the kept pool is dropped and the next
+        job reads the log again.
+        """
         with self.state.lock("pool", uid, timeout_s=POOL_LOCK_TIMEOUT_S, wait_s=POOL_LOCK_TIMEOUT_S) as got:
             if not got:
                 raise TrainingError(
                     f"project {uid}: the pool lock was not free within {POOL_LOCK_TIMEOUT_S:.0f}s"
                 )
-            pool = VerifiedPool(labels, path=self.pool_path(uid))
-            yield pool
+            path = self.pool_path(uid)
+            pool = self._pools.get(uid)
+            if pool is None or pool.labels != labels or pool.path != path:
+                pool = self._pools[uid] = VerifiedPool(labels, path=path)
+            else:
+                pool.refresh()
+            try:
+                yield pool
+            except BaseException:
+                self._pools.pop(uid, None)
+                raise
             self.state.put(uid, "pool_size", str(len(pool)))
             self.state.put(uid, "pool_growth", str(pool.growth_since_training()))
 

@@ -79,13 +79,46 @@ class VerifiedPool:
         self.holdout_fraction = holdout_fraction
         self.seed = seed
         self._lock = threading.RLock()
+        self._reset()
+        if self.path is not None and self.path.exists():
+            self._replay(self.path)
+
+    def _reset(self) -> None:
         self._items: dict[str, VerifiedItem] = {}
         # Keys that ever arrived as seed items: the cold-start version trained on them.
         self._seed_keys: set[str] = set()
         self._seq = 0
         self._trained_seq = 0
-        if self.path is not None and self.path.exists():
-            self._replay(self.path)
+        # How far this pool has read its log, and which file that was (a log replaced by another
+        # file, or cut shorter, is read again from the start).
+        self._log_offset = 0
+        self._log_inode: int | None = None
+
+    def refresh(self) -> int:
+        """Catch up with the events other processes appended to the log since this pool last read or
+        wrote it; returns the bytes read. A long-lived worker keeps its pool and calls this under
+        the project's pool lock, instead of replaying the whole log for every annotation.
+
+        Replaying an event this pool applied already changes nothing, so an append that raced ahead
+        of its own bookkeeping is harmless: the log's order wins.
+        """
+        with self._lock:
+            if self.path is None:
+                return 0
+            try:
+                st = self.path.stat()
+            except FileNotFoundError:
+                st = None
+            if st is None or st.st_ino != self._log_inode or st.st_size < self._log_offset:
+                self._reset()
+                if st is not None:
+                    self._replay(self.path)
+                return st.st_size if st is not None else 0
+            if st.st_size == self._log_offset:
+                return 0
+            start = self._log_offset
+            self._replay(self.path, start)
+            return self._log_offset - start
 
     # ------------------------------------------------------------------ writing
 
@@ -234,23 +267,34 @@ class VerifiedPool:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events)
-        with open(self.path, "a", encoding="utf-8") as fh:
+        data = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events).encode("utf-8")
+        with open(self.path, "ab") as fh:
+            before = fh.tell()  # the end of the file, in append mode
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+            st = os.fstat(fh.fileno())
+        same_file = st.st_ino == self._log_inode or (self._log_inode is None and before == 0)
+        if before == self._log_offset and same_file:
+            # Nothing unread before our events: the pool has read its log up to its end.
+            self._log_offset, self._log_inode = before + len(data), st.st_ino
 
-    def _replay(self, path: Path) -> None:
-        """Rebuild the pool from its log. A torn last line (a crash mid-write) is cut off the file.
+    def _replay(self, path: Path, start: int = 0) -> None:
+        """Apply the log's events from byte ``start`` (0: rebuild the pool from the whole log). A torn
+        last line (a crash mid-write) is cut off the file.
 
         Only an undecodable *last* line counts as torn; anything wrong earlier, or a whole event that
         does not fit (an unknown label), is refused, because silently dropping it would lose a label.
         """
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            inode = os.fstat(fh.fileno()).st_ino
+            fh.seek(start)
+            raw = fh.read()
         lines = raw.split(b"\n")
         if lines and not lines[-1]:
             lines.pop()
-        offset = 0
+        offset = start
+        where = "" if start == 0 else f" (from byte {start})"
         for number, line in enumerate(lines, start=1):
             if line.strip():
                 try:
@@ -258,20 +302,22 @@ class VerifiedPool:
                 except ValueError as exc:
                     if number < len(lines):
                         raise BadInputError(
-                            f"{path}:{number} is not JSON ({exc}); the log is damaged before its end: "
-                            "restore it from a backup or move it aside"
+                            f"{path}:{number}{where} is not JSON ({exc}); the log is damaged before its "
+                            "end: restore it from a backup or move it aside"
                         ) from exc
                     logger.warning("%s: dropping a torn last line (%d bytes)", path, len(line))
                     with open(path, "r+b") as fh:
                         fh.truncate(offset)
                         fh.flush()
                         os.fsync(fh.fileno())
+                    self._log_offset, self._log_inode = offset, inode
                     return
-                self._replay_event(event, f"{path}:{number}")
+                self._replay_event(event, f"{path}:{number}{where}")
             offset += len(line) + 1
         if raw and not raw.endswith(b"\n"):
             with open(path, "ab") as fh:  # the last event is whole but its newline was lost
                 fh.write(b"\n")
+        self._log_offset, self._log_inode = offset, inode
 
     def _replay_event(self, event: Any, where: str) -> None:
         try:
