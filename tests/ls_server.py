@@ -45,11 +45,12 @@ from types import TracebackType
 
 from label_studio_sdk import LabelStudio
 
+from autoannotator.demo import ls_environment
+
 REPO = Path(__file__).resolve().parents[1]
 LS_EXECUTABLE = REPO / ".venv-ls" / "bin" / "label-studio"
 
 # Variables of the caller's environment that would steer LS or its Python away from what we set.
-_DROPPED_PREFIXES = ("LABEL_STUDIO_", "DJANGO_", "PYTHON", "VIRTUAL_ENV", "XDG_", "TMPDIR", "SQLITE_")
 
 
 class LabelStudioError(RuntimeError):
@@ -105,33 +106,9 @@ class LabelStudioServer:
         return f"LabelStudioServer(url={self.url!r}, data_dir={str(self.data_dir)!r}, running={running})"
 
     def environment(self) -> dict[str, str]:
-        """The environment LS runs with: the caller's, minus anything that would steer LS, plus ours."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_PREFIXES)}
-        env.update(
-            {
-                "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir),
-                "LABEL_STUDIO_USERNAME": self.username,
-                "LABEL_STUDIO_PASSWORD": self.password,
-                "LABEL_STUDIO_USER_TOKEN": self.token,
-                "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-                "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-                "LATEST_VERSION_CHECK": "false",
-                "COLLECT_ANALYTICS": "false",
-                "SENTRY_DSN": "",
-                "FRONTEND_SENTRY_DSN": "",
-                "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
-                "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
-                "LABEL_STUDIO_HOST": self.url,
-                # Nothing may land outside the data dir (see the module docstring).
-                "XDG_CONFIG_HOME": str(self.data_dir / "xdg-config"),
-                "XDG_CACHE_HOME": str(self.data_dir / "xdg-cache"),
-                "XDG_DATA_HOME": str(self.data_dir / "xdg-data"),
-                "TMPDIR": str(self.data_dir / "tmp"),
-                "SQLITE_TMPDIR": str(self.data_dir / "tmp"),
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        return env
+        """The environment LS runs with: the same as ``make demo``'s (one definition of a headless,
+        loopback-only LS that writes nothing outside its data dir)."""
+        return ls_environment(self.data_dir, self.url, self.username, self.password, self.token)
 
     def start(self, attempts: int = 3) -> LabelStudioServer:
         """Spawn LS and wait until ``GET /health/`` says UP; raise :class:`LabelStudioError` if not.

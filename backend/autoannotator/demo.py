@@ -511,17 +511,18 @@ class Credentials:
         return base64.b64encode(f"{self.backend_user}:{self.backend_password}".encode()).decode()
 
 
-def ls_environment(data_dir: Path, url: str, creds: Credentials) -> dict[str, str]:
+def ls_environment(data_dir: Path, url: str, username: str, password: str, token: str) -> dict[str, str]:
     """LS headless: SQLite in ``data_dir``, the admin user and legacy token made at start, no
     signup, no network calls, an ML backend and webhooks on 127.0.0.1 allowed, and no stray
-    writes outside ``data_dir`` (docs/label-studio.md, tests/ls_server.py)."""
+    writes outside ``data_dir`` (docs/label-studio.md). The caller's environment is kept, minus
+    anything that would steer LS. The end-to-end tests start their Label Studio with it too."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LS_DROPPED)}
     env.update(
         {
             "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
-            "LABEL_STUDIO_USERNAME": creds.ls_email,
-            "LABEL_STUDIO_PASSWORD": creds.ls_password,
-            "LABEL_STUDIO_USER_TOKEN": creds.ls_token,
+            "LABEL_STUDIO_USERNAME": username,
+            "LABEL_STUDIO_PASSWORD": password,
+            "LABEL_STUDIO_USER_TOKEN": token,
             "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
             "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
             "LATEST_VERSION_CHECK": "false",
@@ -858,7 +859,12 @@ class Demo:
                 else "(database kept from the last run)"
             )
         )
-        child = self.procs.spawn("label-studio", argv, ls_environment(ls_dir, self.ls_url, creds), ls_dir)
+        child = self.procs.spawn(
+            "label-studio",
+            argv,
+            ls_environment(ls_dir, self.ls_url, creds.ls_email, creds.ls_password, creds.ls_token),
+            ls_dir,
+        )
         serving = f"Starting development server at {self.ls_url}/"
 
         def healthy() -> bool:
