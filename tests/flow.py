@@ -25,11 +25,9 @@ from typing import Any
 
 import redis
 from flask import Flask, Response, request
-from rq import Queue
-from rq.registry import StartedJobRegistry
 from werkzeug.serving import make_server
 
-from autoannotator.state import QUEUES
+from autoannotator.state import QUEUES, State
 
 TEST_REDIS_DB = 14
 TEST_REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
@@ -143,9 +141,7 @@ def drain(client: redis.Redis, workers: Workers, timeout_s: float = 240.0) -> No
     quiet = 0
     while time.monotonic() < deadline:
         assert workers.alive(), "a worker died:\n" + workers.logs()
-        busy = sum(Queue(q, connection=client).count for q in QUEUES) + sum(
-            StartedJobRegistry(q, connection=client).count for q in QUEUES
-        )
+        busy = State(client, "human").jobs_in_flight()
         quiet = quiet + 1 if busy == 0 else 0
         if quiet >= 3:
             return

@@ -219,6 +219,7 @@ def _calls(state: State) -> dict[str, object]:
         "get": lambda: state.get(UID, "x"),
         "put": lambda: state.put(UID, "x", "y"),
         "queue_depths": lambda: state.queue_depths(),
+        "jobs_in_flight": lambda: state.jobs_in_flight(),
         "enqueue": lambda: state.enqueue("ingest", print, "x"),
         "lock": lambda: state.lock("pool", UID, timeout_s=1, wait_s=0).__enter__(),
     }
@@ -248,6 +249,14 @@ def test_queues_are_named_and_an_unknown_one_is_refused(state):
     with pytest.raises(ValueError, match="unknown queue 'slow'"):
         state.queue("slow")
     assert state.ping()
+
+
+def test_jobs_in_flight_counts_the_jobs_queued_on_every_queue(state):
+    """Running jobs count too; real workers exercise that in tests/test_flow_e2e.py (drain)."""
+    assert state.jobs_in_flight() == 0
+    state.enqueue("ingest", print, "a")
+    state.enqueue("train", print, "b")
+    assert state.jobs_in_flight() == 2
 
 
 def test_a_kept_alive_lock_outlives_its_timeout_and_refreshes_named_keys(state: State) -> None:

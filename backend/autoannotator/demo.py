@@ -1073,15 +1073,7 @@ class Demo:
         return out
 
     def busy(self) -> int:
-        import redis
-        from rq import Queue
-        from rq.registry import StartedJobRegistry
-
-        client = redis.Redis.from_url(self.redis_url)
-        return sum(
-            Queue(q, connection=client).count + StartedJobRegistry(q, connection=client).count
-            for q in ("ingest", "review", "train")
-        )
+        return self.state().jobs_in_flight()
 
     def drain(self, what: str, timeout_s: float = 600) -> None:
         quiet = [0]

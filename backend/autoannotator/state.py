@@ -37,6 +37,7 @@ import redis
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 
 from autoannotator.errors import AutoAnnotatorError
 from autoannotator.settings import REVIEW_MODES
@@ -144,6 +145,15 @@ class State:
     def queue_depths(self) -> dict[str, int]:
         with self._guard():
             return {name: self.queue(name).count for name in QUEUES}
+
+    def jobs_in_flight(self) -> int:
+        """Jobs queued or running on every queue: 0 when the workers have nothing left to do (until
+        a new request or a job enqueues more; callers that wait for quiet check a few times)."""
+        with self._guard():
+            return sum(
+                self.queue(name).count + StartedJobRegistry(name, connection=self.redis).count
+                for name in QUEUES
+            )
 
     # ------------------------------------------------------------------ projects
 
