@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from autoannotator.adapt import AdaptConfig, adapt_encoder, balanced_sample, read_corpus
+from autoannotator.adapt import (
+    AdaptConfig,
+    ContrastiveConfig,
+    adapt_encoder,
+    balanced_sample,
+    contrastive_adapt,
+    contrastive_pairs,
+    read_corpus,
+)
 from autoannotator.cli import main
 from autoannotator.coldstart import ColdStartConfig, cold_start
 from autoannotator.errors import BadInputError
@@ -111,3 +119,41 @@ def test_the_command_writes_the_encoder_and_prints_its_report(tmp_path, tiny_enc
     assert f"AUTOANNOTATOR_ENCODER={out}" in printed
     assert main([*args]) == 2  # the directory exists now
     assert "exists already" in capsys.readouterr().err
+
+
+def test_contrastive_pairs_pull_one_label_together_and_push_others_apart():
+    texts = ["up a", "up b", "up c", "down a", "down b", "flat a"]
+    labels = ["bull", "bull", "bull", "bear", "bear", "flat"]
+    pairs = contrastive_pairs(texts, labels, per_example=3, seed=1)
+    assert len(pairs) == 6 * 3 * 2 and contrastive_pairs(texts, labels, 3, seed=1) == pairs
+    label_of = dict(zip(texts, labels, strict=True))
+    for a, b, target in pairs:
+        assert target == (1.0 if label_of[a] == label_of[b] else 0.0)
+    assert sum(t for _, _, t in pairs) == 18  # as many same-label pairs as different-label ones
+    with pytest.raises(BadInputError, match="at least two labels"):
+        contrastive_pairs(["a", "b"], ["x", "x"], 2)
+
+
+def test_the_contrastive_encoder_separates_the_seed_labels_better(tmp_path, tiny_encoder, tiny_corpus):
+    texts, labels = [t for t, _ in tiny_corpus[:90]], [y for _, y in tiny_corpus[:90]]
+
+    def separation(encoder: Encoder) -> float:
+        """Mean cosine of same-label pairs minus mean cosine of different-label pairs."""
+        e = encoder.embed(texts)
+        sims = e @ e.T
+        same = np.equal.outer(np.array(labels), np.array(labels))
+        off = ~np.eye(len(texts), dtype=bool)
+        return float(sims[same & off].mean() - sims[~same].mean())
+
+    out = tmp_path / "contrastive"
+    report = contrastive_adapt(
+        texts,
+        labels,
+        out,
+        base=str(tiny_encoder),
+        config=ContrastiveConfig(pairs_per_example=4, learning_rate=1e-3),
+    )
+    assert report["n_pairs"] == 90 * 4 * 2 and report["loss_last_tenth"] < report["loss_first_batch"]
+    assert separation(Encoder(out)) > separation(Encoder(tiny_encoder)) + 0.05
+    with pytest.raises(FileExistsError):  # never overwritten
+        contrastive_adapt(texts, labels, out, base=str(tiny_encoder))

@@ -217,3 +217,22 @@ def test_benchmark_times_every_member_of_a_version(tmp_path, data, tiny_encoder,
     assert 0 < result["ensemble_predict_texts_per_s"] <= slowest
     assert result["machine"]["cpus_usable"] >= 1
     assert json.loads(capsys.readouterr().out) == result
+
+
+def test_a_contrastive_encoder_is_built_from_the_seed_labels_only_and_used_by_the_cold_start(
+    tmp_path, data, tiny_encoder
+):
+    report, out = run(tmp_path, data, tiny_encoder, "--contrastive-pairs", "2", "--no-retrain")
+    made = report["start"]["contrastive_encoder"]
+    assert made["n_examples"] == 60  # the run's seed labels, nothing from the stream
+    assert made["n_pairs"] == 60 * 2 * 2  # per seed: 2 same-label and 2 other-label pairs
+    assert made["base"] == str(tiny_encoder)
+    encoder = (out / "encoder-contrastive").resolve()
+    assert json.loads((encoder / "adaptation.json").read_text()) == made
+    assert report["config"]["cold_start"]["contrastive_pairs"] == 2
+    version = out / "models" / "versions" / "v0001"
+    metas = [json.loads((version / m / "specialist.json").read_text()) for m in report["start"]["members"]]
+    assert {m["kind"]: m["base_model"] for m in metas if m["kind"] != "ngram-linear"} == {
+        "transformer": str(encoder),
+        "embedding-linear": str(encoder),
+    }

@@ -149,3 +149,117 @@ def adapt_encoder(pairs: Sequence[tuple[str, str]], out_dir: Path, config: Adapt
         out_dir,
     )
     return report
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """SetFit-style pairs: for every seed example, ``pairs_per_example`` texts of its own label (pulled
+    together) and as many of another label (pushed apart). The paper-free part of the cold start:
+    it only reshapes the encoder's space with the seed labels the cold start has anyway."""
+
+    pairs_per_example: int = 8
+    learning_rate: float = 2e-5
+    batch_size: int = 16
+    max_length: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pairs_per_example < 1:
+            raise ValueError(f"pairs_per_example must be >= 1, got {self.pairs_per_example}")
+        if not self.learning_rate > 0 or self.batch_size < 1 or self.max_length < 8:
+            raise ValueError(f"bad contrastive training settings: {self}")
+
+
+def contrastive_pairs(
+    texts: Sequence[str], labels: Sequence[str], per_example: int, seed: int = 0
+) -> list[tuple[str, str, float]]:
+    """``(a, b, target)`` pairs: target 1.0 for two texts of one label, 0.0 for different labels."""
+    rng = random.Random(seed)
+    by_label: dict[str, list[str]] = {}
+    for text, label in zip(texts, labels, strict=True):
+        by_label.setdefault(label, []).append(text)
+    if len(by_label) < 2:
+        raise BadInputError(f"contrastive pairs need at least two labels, got {sorted(by_label)}")
+    pairs: list[tuple[str, str, float]] = []
+    for text, label in zip(texts, labels, strict=True):
+        others = [lab for lab in by_label if lab != label]
+        for _ in range(per_example):
+            pairs.append((text, rng.choice(by_label[label]), 1.0))
+            pairs.append((text, rng.choice(by_label[rng.choice(others)]), 0.0))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def contrastive_adapt(
+    texts: Sequence[str],
+    labels: Sequence[str],
+    out_dir: Path,
+    base: str = "minilm",
+    config: ContrastiveConfig | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``base`` so that mean-pooled embeddings of same-label texts are close (cosine 1) and
+    of different labels far (cosine 0), as SetFit does; save the encoder in ``out_dir`` (which must
+    not exist; it appears whole or not at all). Returns the report written to ``adaptation.json``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModel, AutoTokenizer
+
+    from autoannotator.specialists.encoder import resolve_model_source
+    from autoannotator.specialists.runtime import configure_torch
+
+    config = config or ContrastiveConfig()
+    pairs = contrastive_pairs(texts, labels, config.pairs_per_example, config.seed)
+    configure_torch()
+    torch.manual_seed(config.seed)
+    source = resolve_model_source(base)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModel.from_pretrained(source)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+
+    def embed(batch: list[str]) -> torch.Tensor:
+        enc = tokenizer(
+            batch, padding=True, truncation=True, max_length=config.max_length, return_tensors="pt"
+        )
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    started = time.perf_counter()
+    losses: list[float] = []
+    steps = range(0, len(pairs), config.batch_size)
+    for i in tqdm(steps, desc="contrastive encoder", unit="batch", leave=False):
+        chunk = pairs[i : i + config.batch_size]
+        a, b = embed([p[0] for p in chunk]), embed([p[1] for p in chunk])
+        cosine = torch.nn.functional.cosine_similarity(a, b)
+        loss = torch.nn.functional.mse_loss(cosine, torch.tensor([p[2] for p in chunk]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.item()))
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10) :]
+    report: dict[str, Any] = {
+        "objective": "contrastive (SetFit-style cosine pairs)",
+        "base": base,
+        "n_examples": len(texts),
+        "n_pairs": len(pairs),
+        "loss_first_batch": round(losses[0], 4),
+        "loss_last_tenth": round(sum(tail) / len(tail), 4),
+        "config": asdict(config),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    with staged_dir(Path(out_dir)) as staged:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        (staged / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    logger.info(
+        "contrastive encoder from %d seed labels (%d pairs) in %.0fs; loss %.3f -> %.3f",
+        len(texts),
+        len(pairs),
+        report["seconds"],
+        report["loss_first_batch"],
+        report["loss_last_tenth"],
+    )
+    return report

@@ -72,6 +72,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--encoder", default="minilm", help="base encoder for the cold start (default: packaged MiniLM)"
     )
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated specialist kinds from {KINDS}")
+    p.add_argument(
+        "--contrastive-pairs",
+        type=int,
+        default=0,
+        help="before the cold start, fine-tune the encoder on SetFit-style pairs of the seed labels, "
+        "this many same-label and as many other-label pairs per seed (0: off)",
+    )
     p.add_argument("--cold-lr", type=float, default=5e-5)
     p.add_argument("--cold-epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=2e-5, help="refinement learning rate (paper: 2e-5)")
@@ -317,6 +324,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
         beta=args.beta,
         retrain=not args.no_retrain,
         models=tuple(args.model),
+        contrastive_pairs=args.contrastive_pairs,
         cold_start=ColdStartConfig(
             encoder=args.encoder,
             kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),

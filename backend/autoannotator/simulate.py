@@ -19,13 +19,14 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from autoannotator.adapt import ContrastiveConfig, contrastive_adapt
 from autoannotator.coldstart import ColdStartConfig, cold_start
 from autoannotator.consensus import consensus, member_weights
 from autoannotator.datasets import Example, read_jsonl
@@ -54,6 +55,9 @@ class SimulationConfig:
     retrain: bool = True
     models: tuple[str, ...] = ()
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    # > 0: before the cold start, reshape the encoder with this many SetFit-style pairs per seed
+    # label (autoannotator.adapt.contrastive_adapt); only the seed labels are used.
+    contrastive_pairs: int = 0
     refine_train: TrainConfig = field(default_factory=TrainConfig)
     holdout_fraction: float = 0.2
     max_stream: int | None = None
@@ -69,6 +73,8 @@ class SimulationConfig:
             raise ValueError("beta must be >= 1")
         if not 0 <= self.holdout_fraction < 1:
             raise ValueError("holdout_fraction must be in [0, 1)")
+        if self.contrastive_pairs < 0:
+            raise ValueError("contrastive_pairs must be >= 0")
 
 
 @dataclass
@@ -111,15 +117,30 @@ def _initial_members(
             names.append(f"m{i}-{re.sub(r'[^A-Za-z0-9._-]+', '-', stem).strip('-.') or 'model'}")
             import_member(source, labels, stage_dir / names[-1])
         return names, {"given_models": list(config.models)}
+    cold = config.cold_start
+    contrastive: dict[str, Any] | None = None
+    if config.contrastive_pairs > 0:
+        encoder_dir = Path(config.out_dir) / "encoder-contrastive"
+        contrastive = contrastive_adapt(
+            [e.text for e in seed],
+            [e.label for e in seed],
+            encoder_dir,
+            base=cold.encoder,
+            config=ContrastiveConfig(pairs_per_example=config.contrastive_pairs, seed=cold.seed),
+        )
+        cold = replace(cold, encoder=str(encoder_dir.resolve()))
     result = cold_start(
         [e.text for e in seed],
         [e.label for e in seed],
         labels,
         stage_dir,
-        config.cold_start,
+        cold,
         probe_texts=probe,
     )
-    return [m.name for m in result.members], result.report()
+    report = result.report()
+    if contrastive is not None:
+        report["contrastive_encoder"] = contrastive
+    return [m.name for m in result.members], report
 
 
 @dataclass
@@ -419,7 +440,11 @@ def _report(
             "policy": policy.name,
             "reviewer": reviewer.name,
             "refine_train": asdict(config.refine_train),
-            "cold_start": {"encoder": config.cold_start.encoder, "kinds": list(config.cold_start.kinds)},
+            "cold_start": {
+                "encoder": config.cold_start.encoder,
+                "kinds": list(config.cold_start.kinds),
+                "contrastive_pairs": config.contrastive_pairs,
+            },
             "seed": config.seed,
         },
         "labels": list(labels.names),
