@@ -491,3 +491,23 @@ def test_the_catalog_is_ranked_against_the_label_studio_projects_own_words(
         "Financial news sentiment Is a headline good or bad news for the company's stock?"
     )
     assert [m["id"].rsplit("/", 1)[-1] for m in published["catalog_models"]] == ["fin-sent"]
+
+
+def test_the_cold_start_can_reshape_its_encoder_on_the_seed_labels_first(make_ctx, tiny_encoder):
+    ctx = make_ctx(
+        AUTOANNOTATOR_COLD_START_KINDS="embedding-linear",
+        AUTOANNOTATOR_ENCODER=str(tiny_encoder),
+        AUTOANNOTATOR_COLD_START_CONTRASTIVE="2",
+    )
+    for i, (text, label) in enumerate(corpus(12)):
+        annotate(i, text, label)
+    assert jobs.train_project(UID) == "first version v0001 published"
+    registry = ctx.models.registry(UID)
+    encoder = (registry.root / "encoders" / "v0001-contrastive").resolve()
+    published = registry.history()[-1]
+    made = published["contrastive_encoder"]
+    assert made["base"] == str(tiny_encoder) and made["n_pairs"] == made["n_examples"] * 2 * 2
+    assert made["n_examples"] == len(pool_of(ctx).train_items())  # seed labels only, none held out
+    member = json.loads((registry.path("v0001") / "m0-embedding-linear" / "specialist.json").read_text())
+    assert member["base_model"] == str(encoder)
+    assert ctx.models.ensemble(UID, LABELS).predict_proba(["shares surge"]).shape == (1, 1, 3)

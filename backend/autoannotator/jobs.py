@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from typing import Any
 
 from label_studio_sdk import LabelStudio
 
+from autoannotator.adapt import ContrastiveConfig, contrastive_adapt
 from autoannotator.coldstart import ColdStartConfig, cold_start
 from autoannotator.ensemble import write_manifest
 from autoannotator.errors import AutoAnnotatorError, TrainingError
@@ -596,15 +598,32 @@ def _first_version(ctx: Context, uid: str, registry: Any, pool: VerifiedPool, la
             waiting = _seed_shortfall(ctx, pool)
             if waiting is not None:
                 raise TrainingError(f"project {uid} cannot cold-start yet: waiting for {waiting}")
+            encoder = s.encoder
+            contrastive = None
+            if s.cold_start_contrastive > 0:
+                # Outside the staged version (whose directory is renamed when published): the
+                # embedding member refers to its encoder by path for as long as it serves.
+                encoder_dir = registry.root / "encoders" / f"{version}-contrastive"
+                shutil.rmtree(encoder_dir, ignore_errors=True)  # left by a failed attempt
+                contrastive = contrastive_adapt(
+                    [it.text for it in items],
+                    [it.label for it in items],
+                    encoder_dir,
+                    base=s.encoder,
+                    config=ContrastiveConfig(pairs_per_example=s.cold_start_contrastive),
+                )
+                encoder = str(encoder_dir.resolve())
             result = cold_start(
                 [it.text for it in items],
                 [it.label for it in items],
                 labels,
                 staged,
-                ColdStartConfig(encoder=s.encoder, kinds=s.cold_start_kinds),
+                ColdStartConfig(encoder=encoder, kinds=s.cold_start_kinds),
             )
             names = [m.name for m in result.members]
             report = result.report()
+            if contrastive is not None:
+                report["contrastive_encoder"] = contrastive
         write_manifest(
             staged,
             version=version,

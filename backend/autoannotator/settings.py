@@ -85,6 +85,11 @@ class Settings:
         ("transformer", "embedding-linear", "ngram-linear"),
         "kinds of the cold-started specialists, one member each",
     )
+    cold_start_contrastive: int = _setting(
+        "AUTOANNOTATOR_COLD_START_CONTRASTIVE",
+        0,
+        "SetFit-style pairs per seed label that reshape the encoder before the cold start (0: off)",
+    )
     label_studio_url: str = _setting(
         "LABEL_STUDIO_URL", "", "Label Studio's URL for the workers (empty: the hostname LS sends to /setup)"
     )
@@ -115,6 +120,10 @@ class Settings:
         if self.review_mode not in REVIEW_MODES:
             raise ValueError(
                 f"AUTOANNOTATOR_REVIEW_MODE must be one of {REVIEW_MODES}, got {self.review_mode!r}"
+            )
+        if self.cold_start_contrastive < 0:
+            raise ValueError(
+                f"AUTOANNOTATOR_COLD_START_CONTRASTIVE must be >= 0, got {self.cold_start_contrastive}"
             )
         if self.min_holdout < 0:
             raise ValueError(f"AUTOANNOTATOR_MIN_HOLDOUT must be >= 0, got {self.min_holdout}")
