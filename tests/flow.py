@@ -175,3 +175,21 @@ def failed_jobs(client: redis.Redis) -> list[str]:
             job = Job.fetch(job_id, connection=client)
             out.append(f"{q}/{job.description}: {(job.exc_info or '')[-800:]}")
     return out
+
+
+# The basic-auth pair the e2e backends run with (Label Studio sends it to them).
+USER, PASSWORD = "pm", "e2e-basic-auth-pass"
+
+
+def backend_env(model_dir: Path, label_studio: Any, **extra: str) -> dict[str, str]:
+    """The environment of an e2e backend and its workers: a model store, the test Redis, the
+    session's Label Studio and basic auth; ``extra`` adds or overrides settings."""
+    return {
+        "AUTOANNOTATOR_MODEL_DIR": str(model_dir),
+        "AUTOANNOTATOR_REDIS_URL": TEST_REDIS_URL,
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.token,
+        "BASIC_AUTH_USER": USER,
+        "BASIC_AUTH_PASS": PASSWORD,
+        **extra,
+    }

@@ -50,7 +50,17 @@ from autoannotator.router import MeanProbability
 from autoannotator.serving import ProjectModels
 from autoannotator.settings import Settings
 from autoannotator.specialists import EmbeddingSpecialist, NgramSpecialist, TransformerSpecialist
-from tests.flow import TEST_REDIS_URL, AppServer, Workers, drain, failed_jobs, fresh_redis, wait_for
+from tests.flow import (
+    PASSWORD,
+    USER,
+    AppServer,
+    Workers,
+    backend_env,
+    drain,
+    failed_jobs,
+    fresh_redis,
+    wait_for,
+)
 from tests.test_backend_e2e import CLEAR, CONFIG, LABELS, NEUTRAL, SEED
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -68,7 +78,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-USER, PASSWORD = "pm", "e2e-basic-auth-pass"
 TAB = "Needs review"
 # Seven rows fit in a 900 px viewport, and the table only renders the rows in view: the policy's
 # threshold is set between the 7th and 8th lowest confidence of the published ensemble.
@@ -135,15 +144,7 @@ def test_needs_review_tab_in_the_browser(
     tmp_path: Path, label_studio: Any, ls_project: Any, tiny_encoder: Path
 ) -> None:
     client = fresh_redis()
-    env = {
-        "AUTOANNOTATOR_MODEL_DIR": str(tmp_path / "models"),
-        "AUTOANNOTATOR_REDIS_URL": TEST_REDIS_URL,
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.token,
-        "BASIC_AUTH_USER": USER,
-        "BASIC_AUTH_PASS": PASSWORD,
-        "AUTOANNOTATOR_REVIEW_MODE": "human",
-    }
+    env = backend_env(tmp_path / "models", label_studio, AUTOANNOTATOR_REVIEW_MODE="human")
     ls = label_studio.client()
     project = ls_project(CONFIG, title="Support tickets: sentiment")
     uid = f"{project.id}.{int(project.created_at.timestamp())}"

@@ -36,27 +36,27 @@ from autoannotator.labelconfig import parse_label_config, prediction
 from autoannotator.pool import Source, VerifiedPool
 from autoannotator.serving import ProjectModels
 from autoannotator.settings import Settings
-from tests.flow import TEST_REDIS_URL, AppServer, Workers, drain, failed_jobs, fresh_redis, wait_for
+from tests.flow import (
+    PASSWORD,
+    USER,
+    AppServer,
+    Workers,
+    backend_env,
+    drain,
+    failed_jobs,
+    fresh_redis,
+    wait_for,
+)
 from tests.openai_server import OpenAIServer, Reply
 from tests.test_backend_e2e import CONFIG, LABELS, NEUTRAL, SEED, publish
 
 pytestmark = pytest.mark.e2e
 
-USER, PASSWORD = "pm", "e2e-basic-auth-pass"
 GOLD = {text: label for label, texts in SEED.items() for text in texts}
 
 
 def _env(tmp_path: Path, label_studio: Any, **extra: str) -> dict[str, str]:
-    return {
-        "AUTOANNOTATOR_MODEL_DIR": str(tmp_path / "models"),
-        "AUTOANNOTATOR_REDIS_URL": TEST_REDIS_URL,
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.token,
-        "BASIC_AUTH_USER": USER,
-        "BASIC_AUTH_PASS": PASSWORD,
-        "AUTOANNOTATOR_POLICY": "mean:0.8",
-        **extra,
-    }
+    return backend_env(tmp_path / "models", label_studio, **{"AUTOANNOTATOR_POLICY": "mean:0.8", **extra})
 
 
 def _connect(ls: Any, project_id: int, url: str, **fields: Any) -> str:
