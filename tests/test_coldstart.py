@@ -66,3 +66,18 @@ def test_cold_start_refuses_empty_texts(tmp_path):
             tmp_path,
             ColdStartConfig(kinds=("ngram-linear",), min_per_label=1),
         )
+
+
+def test_an_encoder_named_by_a_relative_path_is_recorded_absolute(
+    tmp_path, tiny_encoder, tiny_corpus, monkeypatch
+):
+    """A worker or web process may serve from another working directory than the one that trained."""
+    monkeypatch.chdir(tiny_encoder.parent)
+    config = ColdStartConfig(encoder=tiny_encoder.name, kinds=("embedding-linear",))
+    result = cold_start(
+        [t for t, _ in tiny_corpus[:60]], [y for _, y in tiny_corpus[:60]], LABELS, tmp_path / "m", config
+    )
+    assert result.members[0].meta.base_model == str(tiny_encoder.resolve())
+    monkeypatch.chdir(tmp_path)
+    reloaded = load_specialist(tmp_path / "m" / result.members[0].name, LABELS)
+    assert reloaded.predict_proba(["shares rally"]).shape == (1, len(LABELS))

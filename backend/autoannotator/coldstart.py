@@ -27,6 +27,7 @@ from autoannotator.specialists import (
     TrainConfig,
     TransformerSpecialist,
 )
+from autoannotator.specialists.encoder import model_reference
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,11 @@ def check_seed(labels: Sequence[str], label_set: LabelSet, min_per_label: int) -
 
 def untrained_member(kind: str, index: int, labels: LabelSet, config: ColdStartConfig) -> Specialist:
     name = f"m{index}-{kind}"
+    encoder = model_reference(config.encoder)
     if kind == "transformer":
-        return TransformerSpecialist.from_encoder(config.encoder, labels, name=name, seed=config.seed)
+        return TransformerSpecialist.from_encoder(encoder, labels, name=name, seed=config.seed)
     if kind == "embedding-linear":
-        return EmbeddingSpecialist.untrained(config.encoder, labels, name=name, c=config.embedding_c)
+        return EmbeddingSpecialist.untrained(encoder, labels, name=name, c=config.embedding_c)
     return NgramSpecialist.untrained(labels, name=name, c=config.ngram_c)
 
 

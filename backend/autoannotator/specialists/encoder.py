@@ -35,6 +35,17 @@ def resolve_model_source(source: str | Path) -> str:
     return packaged_minilm_path() if str(source) in {"minilm", "all-MiniLM-L6-v2"} else str(source)
 
 
+def model_reference(source: str | Path) -> str:
+    """How a specialist records the encoder it was built on: ``"minilm"`` and hub ids as given, an
+    existing local directory as an absolute path, so that the specialist still loads when the
+    process that serves it runs from another working directory."""
+    text = str(source)
+    if text in {"minilm", "all-MiniLM-L6-v2"}:
+        return text
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.is_dir() else text
+
+
 class Encoder:
     """Mean-pooled, L2-normalised sentence embeddings from any Hugging Face encoder."""
 
