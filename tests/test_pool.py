@@ -187,7 +187,7 @@ def test_damage_before_the_end_or_a_foreign_label_is_refused_not_skipped(tmp_pat
     with pytest.raises(BadInputError, match=r"pool\.jsonl:2 "):
         VerifiedPool(LABELS, path=path)
     other = LabelSet(("negative", "positive"))
-    path.write_text(lines[0] + "\n")
+    path.write_text(lines[0] + "\n" + lines[1] + "\n")  # the log's id, then one event
     with pytest.raises(LabelMappingError, match="another label set"):
         VerifiedPool(other, path=path)
 
@@ -287,3 +287,40 @@ def test_a_torn_event_appended_by_a_crashed_worker_is_cut_off_on_refresh(tmp_pat
     assert len(mine) == 3 and path.stat().st_size == size
     mine.add("y", "stocks rally", "bullish")
     assert _state(mine) == _state(VerifiedPool(LABELS, path=path))
+
+
+def test_a_log_rewritten_in_the_same_file_is_told_apart_by_its_id(tmp_path: Path) -> None:
+    """A deleted log's inode is often reused by the next file (seen in the e2e storm test: a kept
+    pool read a rebuilt log from its old offset and cut a "torn" line off it). Rewriting the same
+    file in place keeps the inode for sure; the random id in the log's first line tells them apart."""
+    path = tmp_path / "pool.jsonl"
+    mine = VerifiedPool(LABELS, path=path)
+    mine.add_many(keyed(3))
+    inode = path.stat().st_ino
+    other_path = tmp_path / "rebuilt.jsonl"
+    rebuilt = VerifiedPool(LABELS, path=other_path)
+    rebuilt.add_many(keyed(8, seed=5, prefix="r"))
+    rebuilt.remove(["r0"])
+    with open(path, "r+b") as fh:  # the same inode, another log, longer than what `mine` read
+        fh.write(other_path.read_bytes())
+        fh.truncate()
+    assert path.stat().st_ino == inode
+    mine.refresh()
+    assert _state(mine) == _state(rebuilt)
+    assert path.read_bytes() == other_path.read_bytes()  # nothing was cut off the file
+    mine.add("after", "shares rally", "bullish")
+    assert _state(VerifiedPool(LABELS, path=path)) == _state(mine)
+
+
+def test_a_log_begins_with_its_id_and_a_log_without_one_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "pool.jsonl"
+    VerifiedPool(LABELS, path=path).add_many(keyed(2))
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first["op"] == "log" and len(first["id"]) == 32
+    old = tmp_path / "old.jsonl"  # written before logs named themselves
+    old.write_text("".join(line + "\n" for line in path.read_text().splitlines()[1:]))
+    kept = VerifiedPool(LABELS, path=old)
+    assert [it.key for it in kept.items()] == ["t0", "t1"]
+    VerifiedPool(LABELS, path=old).add("t2", "stocks slide", "bearish")  # another worker appends
+    kept.refresh()
+    assert [it.key for it in kept.items()] == ["t0", "t1", "t2"]

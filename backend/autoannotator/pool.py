@@ -23,6 +23,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -90,9 +91,11 @@ class VerifiedPool:
         self._seq = 0
         self._trained_seq = 0
         # How far this pool has read its log, and which file that was (a log replaced by another
-        # file, or cut shorter, is read again from the start).
+        # file, or cut shorter, is read again from the start). A file is known by its inode and by
+        # the random id in its first line: a deleted log's inode is often reused by the next file.
         self._log_offset = 0
         self._log_inode: int | None = None
+        self._log_id: str | None = None
 
     def refresh(self) -> int:
         """Catch up with the events other processes appended to the log since this pool last read or
@@ -106,15 +109,16 @@ class VerifiedPool:
             if self.path is None:
                 return 0
             try:
-                st = self.path.stat()
+                with open(self.path, "rb") as fh:
+                    size, identity = os.fstat(fh.fileno()).st_size, _identity(fh)
             except FileNotFoundError:
-                st = None
-            if st is None or st.st_ino != self._log_inode or st.st_size < self._log_offset:
                 self._reset()
-                if st is not None:
-                    self._replay(self.path)
-                return st.st_size if st is not None else 0
-            if st.st_size == self._log_offset:
+                return 0
+            if identity != (self._log_inode, self._log_id) or size < self._log_offset:
+                self._reset()
+                self._replay(self.path)
+                return size
+            if size == self._log_offset:
                 return 0
             start = self._log_offset
             self._replay(self.path, start)
@@ -267,17 +271,28 @@ class VerifiedPool:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        new_id: str | None = None
         data = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events).encode("utf-8")
-        with open(self.path, "ab") as fh:
-            before = fh.tell()  # the end of the file, in append mode
+        with open(self.path, "a+b") as fh:  # appends go to the end, reads anywhere
+            before = fh.seek(0, os.SEEK_END)
+            if before == 0:  # a new log: its first line names it
+                new_id = uuid.uuid4().hex
+                data = _header(new_id) + data
+            else:
+                identity = _identity(fh)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-            st = os.fstat(fh.fileno())
-        same_file = st.st_ino == self._log_inode or (self._log_inode is None and before == 0)
-        if before == self._log_offset and same_file:
+            inode = os.fstat(fh.fileno()).st_ino
+        if before == 0:
+            in_step = self._log_inode is None and self._log_offset == 0  # it had read no other log
+            identity = (inode, new_id)
+        else:
+            in_step = before == self._log_offset and identity == (self._log_inode, self._log_id)
+        if in_step:
             # Nothing unread before our events: the pool has read its log up to its end.
-            self._log_offset, self._log_inode = before + len(data), st.st_ino
+            self._log_offset = before + len(data)
+            self._log_inode, self._log_id = identity
 
     def _replay(self, path: Path, start: int = 0) -> None:
         """Apply the log's events from byte ``start`` (0: rebuild the pool from the whole log). A torn
@@ -318,9 +333,14 @@ class VerifiedPool:
             with open(path, "ab") as fh:  # the last event is whole but its newline was lost
                 fh.write(b"\n")
         self._log_offset, self._log_inode = offset, inode
+        if start == 0:
+            with open(path, "rb") as fh:
+                self._log_id = _identity(fh)[1]
 
     def _replay_event(self, event: Any, where: str) -> None:
         try:
+            if event["op"] == LOG_HEADER_OP:  # the log's name, read by _identity
+                return
             if event["op"] == "mark":
                 self._trained_seq = max(self._trained_seq, int(event["seq"]))
                 return
@@ -344,3 +364,25 @@ class VerifiedPool:
         except BadInputError as exc:
             raise BadInputError(f"{where}: {exc}") from exc
         self._apply(VerifiedItem(key, text, label, source, added_at, seq))
+
+
+LOG_HEADER_OP = "log"
+_HEADER_BYTES = 128
+
+
+def _header(log_id: str) -> bytes:
+    """The first line of a new log: a random id that tells this file from any later one."""
+    return (json.dumps({"op": LOG_HEADER_OP, "id": log_id, "at": time.time()}) + "\n").encode("utf-8")
+
+
+def _identity(fh: Any) -> tuple[int, str | None]:
+    """``(inode, id)`` of an open log; the id is None for a log written before logs had one."""
+    first = os.pread(fh.fileno(), _HEADER_BYTES, 0).split(b"\n", 1)[0]
+    log_id = None
+    try:
+        event = json.loads(first)
+        if isinstance(event, dict) and event.get("op") == LOG_HEADER_OP:
+            log_id = str(event["id"])
+    except (ValueError, KeyError):
+        pass
+    return os.fstat(fh.fileno()).st_ino, log_id
