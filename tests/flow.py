@@ -91,22 +91,24 @@ class AppServer:
 
 
 class Workers:
-    """``n`` worker processes on ``queues``, each logging to ``log_dir/worker-<i>.log``."""
+    """Worker processes as the README deploys them: ``n`` on the queues ingest and review (jobs run in
+    the worker's own process, which keeps each project's pool between jobs) and one on train (a
+    forked child per training); each logs to ``log_dir/worker-<i>.log``."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, n: int = 1, queues: str = "ingest,review,train"):
+    def __init__(self, env: dict[str, str], log_dir: Path, n: int = 1):
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_dir = log_dir
-        self.n = n
-        self.queues = queues
+        self.queues = [*(["ingest,review"] * n), "train"]
+        self.n = len(self.queues)
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> Workers:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(self.n):
+        for i, queues in enumerate(self.queues):
             log = open(self.log_dir / f"worker-{i}.log", "wb")
             self.processes.append(
                 subprocess.Popen(
-                    [str(WORKER), "worker", "--queues", self.queues, "--name", f"test-{os.getpid()}-{i}"],
+                    [str(WORKER), "worker", "--queues", queues, "--name", f"test-{os.getpid()}-{i}"],
                     env=self.env,
                     stdout=log,
                     stderr=subprocess.STDOUT,

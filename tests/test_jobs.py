@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from rq import Queue
+from rq import Queue, SimpleWorker, Worker
 
 from autoannotator import jobs
-from autoannotator.errors import LabelMappingError, TrainingError
+from autoannotator.errors import AutoAnnotatorError, LabelMappingError, TrainingError
 from autoannotator.labelconfig import parse_label_config
 from autoannotator.pool import Source, VerifiedPool
 from autoannotator.settings import Settings
@@ -111,6 +111,40 @@ def test_two_workers_keep_their_pools_and_see_each_others_labels(ctx, monkeypatc
     assert ctx.state.get(UID, "pool_size") == "13"
     monkeypatch.undo()
     assert sorted(i.key for i in pool_of(ctx).items()) == sorted(i.key for i in ctx._pools[UID].items())
+
+
+def test_workers_fork_for_training_and_keep_their_context_otherwise():
+    assert jobs.worker_class(["ingest", "review"]) is SimpleWorker
+    assert jobs.worker_class(["train"]) is Worker
+    assert jobs.worker_class(["ingest", "review", "train"]) is Worker
+    assert jobs.worker_class(["ingest"], "fork") is Worker
+    assert jobs.worker_class(["train"], "none") is SimpleWorker
+    with pytest.raises(AutoAnnotatorError, match="isolate must be one of"):
+        jobs.worker_class(["ingest"], "thread")
+
+
+def test_an_rq_worker_on_the_ingest_queue_keeps_the_pool_between_jobs(ctx, monkeypatch):
+    """Real rq, real Redis: annotations queued as /webhook queues them, run by the worker class that
+    ``autoannotator worker --queues ingest,review`` uses. The pool is built once, then refreshed; a
+    forked job would start from an empty context and replay the whole log each time."""
+    rebuilt = []
+    real_init = VerifiedPool.__init__
+
+    def counting_init(self, *args, **kwargs):
+        rebuilt.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(VerifiedPool, "__init__", counting_init)
+    examples = corpus(6)
+    for i, (text, label) in enumerate(examples):
+        task = {"id": i, "data": {"text": text}}
+        ctx.state.enqueue("ingest", jobs.ingest_annotation, UID, task, choice(label), job_timeout=300)
+    worker_class = jobs.worker_class(["ingest", "review"])
+    worker = worker_class([ctx.state.queue("ingest")], connection=ctx.state.redis)
+    assert worker.work(burst=True)
+    assert ctx.state.queue("ingest").failed_job_registry.count == 0
+    assert len(rebuilt) == 1
+    assert len(ctx._pools[UID]) == len(examples) == int(ctx.state.get(UID, "pool_size"))
 
 
 def test_a_human_label_joins_the_pool(ctx):

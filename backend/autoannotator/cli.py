@@ -229,6 +229,13 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     p.add_argument("--name", default=None, help="worker name (default: rq's host.pid)")
+    p.add_argument(
+        "--isolate",
+        choices=("auto", "fork", "none"),
+        default="auto",
+        help="fork: each job in a forked child (rq's default); none: jobs in this process, which keeps "
+        "every project's verified pool in memory between jobs; auto: fork only if 'train' is served",
+    )
     p.set_defaults(func=_worker)
 
     p = sub.add_parser(
@@ -539,8 +546,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from rq import Worker
-
     from autoannotator import jobs
     from autoannotator.settings import Settings
     from autoannotator.state import QUEUES
@@ -554,8 +559,15 @@ def _worker(args: argparse.Namespace) -> int:
     jobs.use_context(ctx)
     if not ctx.state.ping():
         raise AutoAnnotatorError("Redis does not answer at AUTOANNOTATOR_REDIS_URL; start it or fix the URL")
-    worker = Worker([ctx.state.queue(q) for q in queues], connection=ctx.state.redis, name=args.name)
-    logger.info("worker %s on queues %s, models in %s", worker.name, queues, ctx.settings.model_dir)
+    worker_class = jobs.worker_class(queues, args.isolate)
+    worker = worker_class([ctx.state.queue(q) for q in queues], connection=ctx.state.redis, name=args.name)
+    logger.info(
+        "worker %s on queues %s (%s), models in %s",
+        worker.name,
+        queues,
+        "a forked child per job" if worker_class is not jobs.SimpleWorker else "jobs in this process",
+        ctx.settings.model_dir,
+    )
     worker.work(burst=args.burst, with_scheduler=False)
     return 0
 

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from label_studio_sdk import LabelStudio
+from rq import SimpleWorker, Worker
+from rq.worker import BaseWorker
 
 from autoannotator.adapt import ContrastiveConfig, contrastive_adapt
 from autoannotator.coldstart import ColdStartConfig, cold_start
@@ -156,6 +158,26 @@ class Context:
 @lru_cache(maxsize=64)
 def _parse(xml: str) -> ProjectConfig:
     return parse_label_config(xml)
+
+
+ISOLATION = ("auto", "fork", "none")
+
+
+def worker_class(queues: list[str], isolate: str = "auto") -> type[BaseWorker]:
+    """rq's worker class for ``autoannotator worker`` on ``queues``.
+
+    ``fork`` is rq's default: every job runs in a child process forked for it, so a job's memory
+    goes back to the system when it ends and a crash in native code loses that job only — right
+    for trainings, which hold gigabytes for minutes. ``none`` runs jobs in the worker's own process:
+    its :class:`Context` outlives each job, so each project's verified pool stays in memory and an
+    ingest reads only what other workers appended (:meth:`Context.pool`), where a forked job would
+    start from an empty context and replay the whole log for every annotation. ``auto``: fork when
+    the worker serves the ``train`` queue, else ``none``.
+    """
+    if isolate not in ISOLATION:
+        raise AutoAnnotatorError(f"isolate must be one of {list(ISOLATION)}, got {isolate!r}")
+    fork = isolate == "fork" or (isolate == "auto" and "train" in queues)
+    return Worker if fork else SimpleWorker
 
 
 _context: Context | None = None
