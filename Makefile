@@ -76,10 +76,10 @@ test-fast: $(STAMP)
 test-e2e: $(STAMP) $(LS_STAMP) install-browser install-demo-data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m e2e
 
-## The figures in BENCHMARKS.md (about 40 minutes on 2 cores; needs ../shared/datasets, and Redis on
-## 127.0.0.1:6379 for bench-predict, which flushes its database 13).
+## The figures in BENCHMARKS.md (about 3 hours on 2 cores, two of them for the MPNet runs; needs
+## ../shared/datasets, and Redis on 127.0.0.1:6379 for bench-predict, which flushes its database 13).
 DATA := ../shared/datasets
-bench: $(STAMP)
+bench: $(STAMP) $(MPNET)
 	$(BIN)/autoannotator sweep --seed-file $(DATA)/twitter-financial-news/train.jsonl \
 		--stream-file $(DATA)/twitter-financial-news/val.jsonl --n-seed 500 --challenger mean \
 		--budgets 0.1,0.2,0.3 --out runs/sweep-fin
@@ -90,6 +90,15 @@ bench: $(STAMP)
 		--data $(DATA)/twitter-financial-news/val.jsonl --n 1000 --train-n 300 --epochs 3 --out runs/bench-fin.json
 	$(BIN)/autoannotator bench-predict --version-dir runs/sweep-fin/eps-1/models/versions/v0001 \
 		--data $(DATA)/twitter-financial-news/val.jsonl --repeats 5 --out runs/bench-predict-fin.json
+	$(BIN)/autoannotator sweep --seed-file $(DATA)/twitter-financial-news/train.jsonl \
+		--stream-file $(DATA)/twitter-financial-news/val.jsonl --n-seed 500 --challenger mean \
+		--budgets 0.1,0.2,0.3 --encoder $(MPNET) --out runs/sweep-fin-mpnet
+	$(BIN)/autoannotator simulate --seed-file $(DATA)/twitter-financial-news/train.jsonl \
+		--stream-file $(DATA)/twitter-financial-news/val.jsonl --n-seed 500 --encoder $(MPNET) \
+		--policy budget:0.2:mean --seed 1 --out runs/fin-mpnet-b20-s1
+	$(BIN)/autoannotator benchmark --version-dir runs/fin-mpnet-b20-s1/models/versions/v0001 \
+		--data $(DATA)/twitter-financial-news/val.jsonl --n 1000 --train-n 300 --epochs 3 --repeats 1 \
+		--out runs/bench-fin-mpnet.json
 
 ## Everything on loopback with a demo project: Label Studio (http://127.0.0.1:8080, login printed),
 ## Redis, the backend, its workers. Ctrl-C stops it; state stays in runs/demo (DEMO_ARGS=--fresh wipes it).
