@@ -147,6 +147,14 @@ def test_an_rq_worker_on_the_ingest_queue_keeps_the_pool_between_jobs(ctx, monke
     assert len(ctx._pools[UID]) == len(examples) == int(ctx.state.get(UID, "pool_size"))
 
 
+def test_a_worker_keeps_each_projects_llm_answers_and_reads_what_others_added(ctx):
+    other = jobs.Context.from_settings(ctx.settings)  # a second worker process, in effect
+    cache = ctx.review_cache(UID)
+    other.review_cache(UID).put("k", "Positive")
+    again = ctx.review_cache(UID)
+    assert again is cache and again.get("k") == "Positive"
+
+
 def test_a_human_label_joins_the_pool(ctx):
     assert annotate(1, "shares rally on record gains", "Positive") == "task 1: Positive (new)"
     path = ctx.pool_path(UID)

@@ -355,6 +355,31 @@ def test_a_persisted_cache_is_reloaded_by_a_new_reviewer(
     assert len(ReviewCache(path)) == 4
 
 
+def test_a_kept_cache_reads_only_what_other_workers_appended(tmp_path: Path) -> None:
+    path = tmp_path / "reviews.jsonl"
+    mine, theirs = ReviewCache(path), ReviewCache(path)
+    theirs.put("k1", "bullish")
+    assert mine.get("k1") is None  # not read yet
+    assert mine.refresh() > 0 and mine.get("k1") == "bullish"
+    assert mine.refresh() == 0  # nothing new: nothing read
+    with path.open("a") as f:
+        f.write('{"key": "k2", "answer": "bea')  # another worker in the middle of its write
+    assert mine.refresh() == 0 and mine.get("k2") is None
+    with path.open("a") as f:
+        f.write('rish"}\n')
+    mine.refresh()
+    assert mine.get("k2") == "bearish"
+    mine.put("k3", "neutral")
+    mine.refresh()  # its own line comes back: the same answer
+    assert (mine.get("k3"), len(mine)) == ("neutral", 3)
+
+    replacement = tmp_path / "restored.jsonl"
+    ReviewCache(replacement).put("k9", "neutral")
+    replacement.replace(path)  # another file, shorter than what was read
+    mine.refresh()
+    assert mine.get("k9") == "neutral" and mine.get("k1") == "bullish"  # known answers stay true
+
+
 def test_cost_comes_from_the_price_table() -> None:
     with OpenAIServer(usage=lambda body, content: (1200, 3)) as server:
         c = openai.OpenAI(base_url=server.base_url, api_key="test-key")

@@ -89,6 +89,8 @@ class Context:
     models: ProjectModels
     # Each project's verified pool as this process last saw it (see pool()).
     _pools: dict[str, VerifiedPool] = field(default_factory=dict, compare=False, repr=False)
+    # Each project's LLM answers as this process last read them (see review_cache()).
+    _review_caches: dict[str, ReviewCache] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:
@@ -125,6 +127,17 @@ class Context:
 
     def pool_path(self, uid: str) -> Path:
         return self.models.registry(uid).root / "pool.jsonl"
+
+    def review_cache(self, uid: str) -> ReviewCache:
+        """The project's cache of LLM answers, kept between jobs and brought up to date with what
+        other workers appended (a worker that forks per job reads the whole file each time)."""
+        path = self.models.registry(uid).root / "llm-cache.jsonl"
+        cache = self._review_caches.get(uid)
+        if cache is None or cache.path != path:
+            cache = self._review_caches[uid] = ReviewCache(path)
+        else:
+            cache.refresh()
+        return cache
 
     @contextmanager
     def pool(self, uid: str, labels: LabelSet) -> Iterator[VerifiedPool]:
@@ -466,7 +479,7 @@ def _llm_reviewer(ctx: Context, uid: str, labels: LabelSet) -> LLMReviewer:
     if configured is not None:
         prices = prices.with_price(s.llm_model, *configured)
     client = make_openai_client(s.llm_base_url, s.llm_api_key or None, s.llm_timeout_s)
-    cache = ReviewCache(ctx.models.registry(uid).root / "llm-cache.jsonl")
+    cache = ctx.review_cache(uid)
     return LLMReviewer(
         client,
         s.llm_model,

@@ -139,6 +139,9 @@ class ReviewCache:
         self.path = Path(path) if path is not None else None
         self._answers: dict[str, str] = {}
         self._lock = threading.Lock()
+        # How far the file has been read (whole lines only), and which file it was.
+        self._offset = 0
+        self._inode: int | None = None
         if self.path is not None and self.path.exists():
             self._load(self.path)
 
@@ -148,7 +151,17 @@ class ReviewCache:
         return hashlib.sha256(json.dumps([model, system_prompt, text]).encode()).hexdigest()
 
     def _load(self, path: Path) -> None:
-        data = path.read_bytes()
+        with path.open("rb") as fh:
+            data, self._inode = fh.read(), os.fstat(fh.fileno()).st_ino
+        self._read_lines(data)
+        self._offset = len(data)
+        if data and not data.endswith(b"\n"):
+            # End the truncated line, or the next append would glue a good entry onto it.
+            with path.open("ab") as f:
+                f.write(b"\n")
+            self._offset += 1
+
+    def _read_lines(self, data: bytes) -> None:
         skipped = 0
         for line in data.decode("utf-8", "replace").splitlines():
             try:
@@ -157,11 +170,30 @@ class ReviewCache:
             except (ValueError, KeyError, TypeError):
                 skipped += int(bool(line.strip()))
         if skipped:
-            logger.warning("skipped %d unreadable lines in review cache %s", skipped, path)
-        if data and not data.endswith(b"\n"):
-            # End the truncated line, or the next append would glue a good entry onto it.
-            with path.open("ab") as f:
-                f.write(b"\n")
+            logger.warning("skipped %d unreadable lines in review cache %s", skipped, self.path)
+
+    def refresh(self) -> int:
+        """Read the answers other processes appended since this cache last read its file (whole
+        lines only); returns the bytes read. A long-lived worker keeps one cache per project and
+        calls this before each review, instead of reading the whole file again. A replaced or
+        shortened file is read from the start; answers already known are kept (they stay true)."""
+        if self.path is None:
+            return 0
+        with self._lock:
+            try:
+                fh = self.path.open("rb")
+            except FileNotFoundError:
+                return 0
+            with fh:
+                st = os.fstat(fh.fileno())
+                if st.st_ino != self._inode or st.st_size < self._offset:
+                    self._offset, self._inode = 0, st.st_ino
+                fh.seek(self._offset)
+                data = fh.read()
+            whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for next time
+            self._read_lines(whole)
+            self._offset += len(whole)
+            return len(whole)
 
     def get(self, key: str) -> str | None:
         with self._lock:
