@@ -27,6 +27,7 @@ import redis
 from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
+from autoannotator.demo import poll_until
 from autoannotator.state import QUEUES, State
 
 TEST_REDIS_DB = 14
@@ -154,17 +155,17 @@ def drain(client: redis.Redis, workers: Workers, timeout_s: float = 240.0) -> No
 def wait_for(
     what: str, check: Callable[[], Any], timeout_s: float = 60.0, workers: Workers | None = None
 ) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
+    def workers_alive() -> None:
         if workers is not None:
             assert workers.alive(), "a worker died:\n" + workers.logs()
-        time.sleep(0.3)
-    raise AssertionError(
-        f"timed out after {timeout_s:.0f}s waiting for {what}" + ("\n" + workers.logs() if workers else "")
-    )
+
+    value = poll_until(check, timeout_s, workers_alive, every_s=0.3)
+    if not value:
+        raise AssertionError(
+            f"timed out after {timeout_s:.0f}s waiting for {what}"
+            + ("\n" + workers.logs() if workers else "")
+        )
+    return value
 
 
 def failed_jobs(client: redis.Redis) -> list[str]:

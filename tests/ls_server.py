@@ -30,22 +30,18 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import json
 import os
 import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import TracebackType
 
 from label_studio_sdk import LabelStudio
 
-from autoannotator.demo import ls_environment
+from autoannotator.demo import DIE_WITH_PARENT, PortTakenError, ls_argv, ls_environment, ls_probe
 
 REPO = Path(__file__).resolve().parents[1]
 LS_EXECUTABLE = REPO / ".venv-ls" / "bin" / "label-studio"
@@ -54,12 +50,7 @@ LS_EXECUTABLE = REPO / ".venv-ls" / "bin" / "label-studio"
 
 
 class LabelStudioError(RuntimeError):
-    """LS did not come up (exited, or not healthy in time); the message carries its log's tail."""
-
-
-class PortTakenError(LabelStudioError):
-    """Our port was taken before LS bound it. LS does not fail then: it quietly serves on the next
-    port, which nobody asked for, so we stop it and (for a port we chose) try again on another."""
+    """Label Studio did not start: the message says why and ends with its log's tail."""
 
 
 def free_port() -> int:
@@ -67,12 +58,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the test process dies, even by SIGKILL (Linux only)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 class LabelStudioServer:
@@ -135,26 +120,17 @@ class LabelStudioServer:
         return self
 
     def _spawn_and_wait(self, deadline: float) -> None:
-        command = [
-            str(self.executable),
-            "start",
-            "--no-browser",
-            "--internal-host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
             self._process = subprocess.Popen(
-                command,
+                ls_argv(self.executable, self.port),
                 cwd=self.data_dir,
                 env=self.environment(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, so stop() reaches every child
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=DIE_WITH_PARENT,
             )
         atexit.register(self.stop)
         try:
@@ -166,30 +142,19 @@ class LabelStudioServer:
     def _wait_healthy(self, deadline: float) -> None:
         assert self._process is not None
         last = "no answer yet"
-        # Only trust /health/ once our process says it serves our URL: anything else on that port
-        # (a server that grabbed it first) could answer UP too.
-        serving = f"Starting development server at {self.url}/"
         while time.monotonic() < deadline:
             code = self._process.poll()
             if code is not None:
                 raise LabelStudioError(
                     f"label-studio exited with code {code} before it was healthy{self._tail()}"
                 )
-            output = self._output()
-            if f"Port {self.port} is in use" in output:
-                raise PortTakenError(f"port {self.port} was taken before label-studio bound it{self._tail()}")
-            if serving not in output:
-                last = "not serving yet (migrating the database, loading Django)"
-                time.sleep(0.5)
-                continue
             try:
-                with urllib.request.urlopen(f"{self.url}/health/", timeout=2) as response:
-                    body = json.loads(response.read() or b"null")
-                if isinstance(body, dict) and body.get("status") == "UP":
-                    return
-                last = f"/health/ answered {body!r}"
-            except (OSError, ValueError) as exc:  # refused while booting, a timeout, a non-JSON page
-                last = f"/health/: {exc}"
+                waiting = ls_probe(self._output(), self.url, self.port)
+            except PortTakenError as exc:
+                raise PortTakenError(f"{exc}{self._tail()}") from None
+            if waiting is None:
+                return
+            last = waiting
             time.sleep(0.5)
         raise LabelStudioError(
             f"label-studio at {self.url} was not healthy after {self.start_timeout_s:.0f} s ({last})"

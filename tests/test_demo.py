@@ -11,6 +11,7 @@ the demo's data dir in its environment (an rq work horse leaves its worker's pro
 from __future__ import annotations
 
 import contextlib
+import http.server
 import io
 import json
 import os
@@ -171,6 +172,48 @@ def test_a_later_run_stops_what_a_crashed_one_left(tmp_path: Path) -> None:
         later.clean_stale()
     later.stop_all()  # what a refused demo does on its way out: the running demo's record stays
     assert (tmp_path / "pids.json").exists()
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    """Answers ``GET /health/`` with whatever body the test sets on the server."""
+
+    def do_GET(self) -> None:
+        body = self.server.body  # type: ignore[attr-defined]
+        self.send_response(200 if self.path == "/health/" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_ls_probe_trusts_health_only_once_its_log_says_it_serves_our_url() -> None:
+    """How the demo and the e2e tests tell that their Label Studio is up, against a real HTTP
+    server standing in for it (the full start is the demo's e2e test and every LS test)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    server.body = b'{"status": "UP"}'  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    url = f"http://127.0.0.1:{port}"
+    serving = f"Starting development server at {url}/\n"
+    try:
+        # UP from whoever holds the port counts only once LS's own log says it serves there.
+        assert demo.ls_probe("Applying migrations...\n", url, port) == (
+            "not serving yet (migrating the database, loading Django)"
+        )
+        assert demo.ls_probe(serving, url, port) is None
+        server.body = b'{"status": "DOWN"}'  # type: ignore[attr-defined]
+        assert demo.ls_probe(serving, url, port) == "/health/ answered {'status': 'DOWN'}"
+        server.body = b"<html>booting</html>"  # type: ignore[attr-defined]
+        assert (demo.ls_probe(serving, url, port) or "").startswith("/health/: ")
+        with pytest.raises(demo.PortTakenError, match=f"port {port} was taken"):
+            demo.ls_probe(f"Port {port} is in use\n" + serving, url, port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (demo.ls_probe(serving, url, port) or "").startswith("/health/: ")  # refused now
+    assert demo.ls_argv(Path("/x/label-studio"), port)[-2:] == ["--port", str(port)]
 
 
 def test_the_packaged_dataset_maps_onto_the_project_labels() -> None:

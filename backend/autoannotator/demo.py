@@ -45,9 +45,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from autoannotator.errors import AutoAnnotatorError
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO / "runs" / "demo"
@@ -241,10 +243,15 @@ def family(pid: int) -> dict[int, int]:
     return {p: int(procs[p][19]) for p in found}
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the demo dies, even by SIGKILL (Linux only)."""
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM when its parent (the demo, a test session) dies, even by
+    SIGKILL (Linux only)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+DIE_WITH_PARENT = die_with_parent if sys.platform.startswith("linux") else None
+"""``preexec_fn`` for ``subprocess.Popen``: :func:`die_with_parent` where Linux has it."""
 
 
 @dataclass
@@ -332,7 +339,7 @@ class Processes:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: Ctrl-C reaches the demo only
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=DIE_WITH_PARENT,
             )
         child = Child(name, popen.pid, start_ticks(popen.pid), str(log_path), popen, offset)
         self.children.append(child)
@@ -418,6 +425,26 @@ class Processes:
 
     def dead(self) -> list[Child]:
         return [c for c in self.children if not c.running()]
+
+
+def poll_until(
+    check: Callable[[], T],
+    timeout_s: float,
+    between: Callable[[], object] | None = None,
+    every_s: float = 0.5,
+) -> T | None:
+    """Call ``check`` until it returns something truthy, and return that; None after ``timeout_s``.
+    ``between`` runs after each miss: a progress line, or a raise when waiting is pointless (a child
+    died). The demo's waits and the e2e tests' share it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if between is not None:
+            between()
+        time.sleep(every_s)
+    return None
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -541,6 +568,35 @@ def ls_environment(data_dir: Path, url: str, username: str, password: str, token
         }
     )
     return env
+
+
+def ls_argv(executable: Path, port: int) -> list[str]:
+    """The command that starts Label Studio headless on ``127.0.0.1:port``."""
+    return [str(executable), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)]
+
+
+class PortTakenError(AutoAnnotatorError):
+    """Label Studio found its port taken. It does not fail then: it quietly serves on the next
+    port, which nobody asked for, so whoever started it must stop it."""
+
+
+def ls_probe(output: str, url: str, port: int) -> str | None:
+    """None once the Label Studio whose log so far is ``output`` serves ``url`` and its
+    ``/health/`` says UP; else what it is still doing. Raises :class:`PortTakenError` when it
+    reported ``port`` taken. /health/ is only trusted once the log says our process serves our
+    URL: anything else on that port (a server that grabbed it first) could answer UP too."""
+    if f"Port {port} is in use" in output:
+        raise PortTakenError(f"port {port} was taken before Label Studio bound it")
+    if f"Starting development server at {url}/" not in output:
+        return "not serving yet (migrating the database, loading Django)"
+    try:
+        with urllib.request.urlopen(f"{url}/health/", timeout=2) as response:
+            body = json.loads(response.read() or b"null")
+    except (OSError, ValueError) as exc:  # refused while booting, a timeout, a non-JSON page
+        return f"/health/: {exc}"
+    if isinstance(body, dict) and body.get("status") == "UP":
+        return None
+    return f"/health/ answered {body!r}"
 
 
 def backend_environment(config: DemoConfig, creds: Credentials, seed_labels: int) -> dict[str, str]:
@@ -792,16 +848,16 @@ class Demo:
     def _wait(
         self, what: str, check: Callable[[], Any], timeout_s: float, show: Callable[[], str] | None = None
     ) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = check()
-            if value:
-                return value
+
+        def between() -> None:
             self._check_children()
             if show is not None:
                 self.console.progress(show())
-            time.sleep(0.5)
-        raise DemoError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+        value = poll_until(check, timeout_s, between)
+        if not value:
+            raise DemoError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        return value
 
     # ------------------------------------------------------------------ services
 
@@ -842,15 +898,6 @@ class Demo:
         ls_dir = self.data_dir / "label-studio"
         first = not (ls_dir / "label_studio.sqlite3").is_file()
         (ls_dir / "tmp").mkdir(parents=True, exist_ok=True)
-        argv = [
-            str(executable),
-            "start",
-            "--no-browser",
-            "--internal-host",
-            "127.0.0.1",
-            "--port",
-            str(self.config.ls_port),
-        ]
         self.console.say(
             f"Label Studio: starting on {self.ls_url} "
             + (
@@ -861,25 +908,16 @@ class Demo:
         )
         child = self.procs.spawn(
             "label-studio",
-            argv,
+            ls_argv(executable, self.config.ls_port),
             ls_environment(ls_dir, self.ls_url, creds.ls_email, creds.ls_password, creds.ls_token),
             ls_dir,
         )
-        serving = f"Starting development server at {self.ls_url}/"
 
         def healthy() -> bool:
-            text = child.output()
-            if f"Port {self.config.ls_port} is in use" in text:
-                raise DemoError(
-                    f"port {self.config.ls_port} was taken before Label Studio bound it; pass --ls-port"
-                )
-            if serving not in text:
-                return False
             try:
-                with urllib.request.urlopen(f"{self.ls_url}/health/", timeout=2) as response:
-                    return bool(json.loads(response.read() or b"null").get("status") == "UP")
-            except (OSError, ValueError, AttributeError):
-                return False
+                return ls_probe(child.output(), self.ls_url, self.config.ls_port) is None
+            except PortTakenError as exc:
+                raise DemoError(f"{exc}; pass --ls-port") from None
 
         started = time.monotonic()
         self._wait(
