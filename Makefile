@@ -76,7 +76,7 @@ test-fast: $(STAMP)
 test-e2e: $(STAMP) $(LS_STAMP) install-browser install-demo-data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m e2e
 
-## The figures in BENCHMARKS.md (about 3 hours on 2 cores, two of them for the MPNet runs; needs
+## The figures in BENCHMARKS.md (about 4 hours on 2 cores, three of them for the MPNet runs; needs
 ## ../shared/datasets, and Redis on 127.0.0.1:6379 for bench-predict, which flushes its database 13).
 DATA := ../shared/datasets
 bench: $(STAMP) $(MPNET)
@@ -99,6 +99,9 @@ bench: $(STAMP) $(MPNET)
 	$(BIN)/autoannotator benchmark --version-dir runs/fin-mpnet-b20-s1/models/versions/v0001 \
 		--data $(DATA)/twitter-financial-news/val.jsonl --n 1000 --train-n 300 --epochs 3 --repeats 1 \
 		--out runs/bench-fin-mpnet.json
+	$(BIN)/autoannotator simulate --seed-file $(DATA)/tweeteval-sentiment/train.jsonl \
+		--stream-file $(DATA)/tweeteval-sentiment/val.jsonl --n-seed 500 --encoder $(MPNET) \
+		--policy budget:0.2:mean --out runs/sent-mpnet-b20
 
 ## Everything on loopback with a demo project: Label Studio (http://127.0.0.1:8080, login printed),
 ## Redis, the backend, its workers. Ctrl-C stops it; state stays in runs/demo (DEMO_ARGS=--fresh wipes it).
