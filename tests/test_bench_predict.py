@@ -8,6 +8,7 @@ queue moved as production would have moved them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,7 @@ def test_bench_predict_end_to_end(
     assert code == 0
     table = capsys.readouterr().out
     assert "| human | 1 (p50) |" in table and "| off | 20 |" in table
+    assert "The gunicorn worker (one project loaded): " in table
 
     result = json.loads(out.read_text())
     assert result["version"] == version_dir.name
@@ -148,5 +150,9 @@ def test_bench_predict_end_to_end(
     for steps in result["components_ms"].values():
         assert set(steps) >= {"json_parse", "forward_pass", "validate", "redis", "json_out"}
         assert steps["forward_pass"] > 0 and all(v >= 0 for v in steps.values())
+    # The one gunicorn worker's memory, read from /proc while it still ran.
+    worker = result["worker_memory"]
+    assert worker["pid"] != os.getpid()
+    assert 50 < worker["rss_mb"] <= worker["peak_rss_mb"]
     # The benchmark cleans up after itself.
     assert redis.Redis.from_url(REDIS_URL).dbsize() == 0

@@ -1,10 +1,13 @@
 """``autoannotator simulate`` end to end on tiny real models, with an oracle and with a real LLM server."""
 
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from autoannotator.benchmark import peak_rss_mb, reset_peak, rss_mb
 from autoannotator.cli import main
 from tests import tiny
 from tests.openai_server import OpenAIServer
@@ -216,7 +219,27 @@ def test_benchmark_times_every_member_of_a_version(tmp_path, data, tiny_encoder,
     slowest = min(m["predict_texts_per_s"] for m in result["members"])
     assert 0 < result["ensemble_predict_texts_per_s"] <= slowest
     assert result["machine"]["cpus_usable"] >= 1
+    memory = result["memory"]
+    assert memory["peak_is_per_phase"] is sys.platform.startswith("linux")
+    assert 0 < memory["rss_start_mb"] < memory["rss_loaded_mb"] <= memory["peak_predict_mb"] + 1
+    for m in result["members"]:
+        assert m["fit_peak_rss_mb"] >= m["rss_before_fit_mb"] - 1  # the peak window opens at that RSS
     assert json.loads(capsys.readouterr().out) == result
+
+
+def test_peak_memory_is_reset_between_phases():
+    """The benchmark's per-phase peaks: a 64 MiB block raises the peak, and a reset after it is
+    freed starts a window that no longer holds it."""
+    if not reset_peak():
+        pytest.skip("the peak resident set cannot be reset here (Linux only)")
+    before = rss_mb()
+    assert before is not None
+    block = np.ones(64 * 2**20 // 8)  # written, so every page is resident
+    high = peak_rss_mb()
+    del block
+    assert high >= before + 60
+    assert reset_peak()
+    assert peak_rss_mb() < high - 50
 
 
 def test_a_contrastive_encoder_is_built_from_the_seed_labels_only_and_used_by_the_cold_start(

@@ -52,7 +52,7 @@ import numpy as np
 import redis
 from flask import Flask, Response
 
-from autoannotator.benchmark import machine
+from autoannotator.benchmark import machine, process_memory_mb
 from autoannotator.ensemble import Ensemble, read_manifest
 from autoannotator.errors import AutoAnnotatorError
 from autoannotator.labelconfig import PredictionValidator, extract_texts, parse_label_config, prediction
@@ -237,6 +237,17 @@ def gunicorn_server(env: dict[str, str], log_path: Path, threads: int = 1) -> It
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+
+
+def _worker_memory(server: Server) -> dict[str, Any]:
+    """The gunicorn worker's memory once every request has been served: what one web worker
+    holds for one project (``rss_mb``) and the most it held (``peak_rss_mb``, its largest batch)."""
+    try:
+        with open(f"/proc/{server.process.pid}/task/{server.process.pid}/children") as fh:
+            workers = [int(pid) for pid in fh.read().split()]
+    except OSError:  # no /proc (not Linux): not measured
+        return {}
+    return {"pid": workers[0], **process_memory_mb(workers[0])} if len(workers) == 1 else {}
 
 
 def _wait_healthy(server: Server) -> None:
@@ -664,6 +675,7 @@ def run_bench_predict(
                 str(n): _components(probe, state, comp_mode, n, single_n if n == 1 else repeats)
                 for n in (1, *batch_sizes)
             }
+            worker_memory = _worker_memory(server)
         result.update(
             {
                 "machine": machine(),
@@ -686,6 +698,7 @@ def run_bench_predict(
                 "repeats": repeats,
                 "components_mode": comp_mode,
                 "components_ms": components,
+                "worker_memory": worker_memory,
             }
         )
         return result
@@ -717,6 +730,12 @@ def markdown_table(result: dict[str, Any]) -> str:
                 f"{b['paired_overhead_pct']:+.1f}% | {1000 * b['handler_excl_forward_s']:.1f} ms | "
                 f"{1000 * b['http_minus_server_forward_s']:.1f} ms |"
             )
+    worker = result.get("worker_memory") or {}
+    if worker.get("rss_mb") is not None:
+        rows.append(
+            f"\nThe gunicorn worker (one project loaded): {worker['rss_mb']:,.0f} MiB resident after the "
+            f"run, {worker['peak_rss_mb']:,.0f} MiB at its peak (its largest batch)."
+        )
     disturbed = [mode for mode, m in result["modes"].items() if not m.get("redis_undisturbed", True)]
     if disturbed:
         rows.append(
