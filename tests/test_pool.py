@@ -289,6 +289,21 @@ def test_a_torn_event_appended_by_a_crashed_worker_is_cut_off_on_refresh(tmp_pat
     assert _state(mine) == _state(VerifiedPool(LABELS, path=path))
 
 
+def test_a_log_loaded_past_a_torn_line_is_then_read_on_not_again(tmp_path: Path) -> None:
+    """Loading cuts the torn line and keeps the log's identity, so the next refresh reads only what
+    was appended since, not the whole log once more."""
+    path = tmp_path / "pool.jsonl"
+    VerifiedPool(LABELS, path=path).add_many(keyed(3))
+    with open(path, "ab") as fh:
+        fh.write(b'{"op": "put", "key": "x", "te')
+    mine = VerifiedPool(LABELS, path=path)
+    assert len(mine) == 3
+    size = path.stat().st_size
+    VerifiedPool(LABELS, path=path).add("y", "stocks rally", "bullish")
+    assert mine.refresh() == path.stat().st_size - size  # the one appended event, not the log
+    assert _state(mine) == _state(VerifiedPool(LABELS, path=path))
+
+
 def test_a_log_rewritten_in_the_same_file_is_told_apart_by_its_id(tmp_path: Path) -> None:
     """A deleted log's inode is often reused by the next file (seen in the e2e storm test: a kept
     pool read a rebuilt log from its old offset and cut a "torn" line off it). Rewriting the same

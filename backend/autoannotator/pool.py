@@ -302,7 +302,7 @@ class VerifiedPool:
         does not fit (an unknown label), is refused, because silently dropping it would lose a label.
         """
         with open(path, "rb") as fh:
-            inode = os.fstat(fh.fileno()).st_ino
+            identity = _identity(fh)  # of the very file read, whichever way the replay ends
             fh.seek(start)
             raw = fh.read()
         lines = raw.split(b"\n")
@@ -325,17 +325,16 @@ class VerifiedPool:
                         fh.truncate(offset)
                         fh.flush()
                         os.fsync(fh.fileno())
-                    self._log_offset, self._log_inode = offset, inode
+                    self._log_offset = offset
+                    self._log_inode, self._log_id = identity
                     return
                 self._replay_event(event, f"{path}:{number}{where}")
             offset += len(line) + 1
         if raw and not raw.endswith(b"\n"):
             with open(path, "ab") as fh:  # the last event is whole but its newline was lost
                 fh.write(b"\n")
-        self._log_offset, self._log_inode = offset, inode
-        if start == 0:
-            with open(path, "rb") as fh:
-                self._log_id = _identity(fh)[1]
+        self._log_offset = offset
+        self._log_inode, self._log_id = identity
 
     def _replay_event(self, event: Any, where: str) -> None:
         try:
