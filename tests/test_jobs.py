@@ -90,17 +90,23 @@ def corpus(n: int, seed: int = 3) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------- ingest
 
 
-def test_two_workers_keep_their_pools_and_see_each_others_labels(ctx, monkeypatch):
-    """Each worker keeps its pool between jobs and reads only what the other appended."""
-    other = jobs.Context.from_settings(ctx.settings)  # a second worker process, in effect
-    rebuilt = []
+def count_pool_builds(monkeypatch) -> list[int]:
+    """A list that grows by one each time a VerifiedPool is built (rather than refreshed)."""
+    built: list[int] = []
     real_init = VerifiedPool.__init__
 
     def counting_init(self, *args, **kwargs):
-        rebuilt.append(1)
+        built.append(1)
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(VerifiedPool, "__init__", counting_init)
+    return built
+
+
+def test_two_workers_keep_their_pools_and_see_each_others_labels(ctx, monkeypatch):
+    """Each worker keeps its pool between jobs and reads only what the other appended."""
+    other = jobs.Context.from_settings(ctx.settings)  # a second worker process, in effect
+    rebuilt = count_pool_builds(monkeypatch)
     for i, (text, label) in enumerate(corpus(12)):
         jobs.use_context(ctx if i % 2 else other)
         annotate(i, text, label)
@@ -127,14 +133,7 @@ def test_an_rq_worker_on_the_ingest_queue_keeps_the_pool_between_jobs(ctx, monke
     """Real rq, real Redis: annotations queued as /webhook queues them, run by the worker class that
     ``autoannotator worker --queues ingest,review`` uses. The pool is built once, then refreshed; a
     forked job would start from an empty context and replay the whole log each time."""
-    rebuilt = []
-    real_init = VerifiedPool.__init__
-
-    def counting_init(self, *args, **kwargs):
-        rebuilt.append(1)
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(VerifiedPool, "__init__", counting_init)
+    rebuilt = count_pool_builds(monkeypatch)
     examples = corpus(6)
     for i, (text, label) in enumerate(examples):
         task = {"id": i, "data": {"text": text}}
