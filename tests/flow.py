@@ -6,8 +6,8 @@
   with the same environment the app's settings came from, and stops them by pid.
 - :func:`drain` waits until every queue is empty and no job is running.
 
-Tests use Redis database :data:`TEST_REDIS_DB` and flush it first, so nothing from another test or
-from a developer's own backend (database 0) leaks in.
+Tests use the session's private Redis (the ``redis_url`` / ``redis_client`` fixtures, emptied per
+test), so nothing from another test, another run or a developer's own backend leaks in.
 """
 
 from __future__ import annotations
@@ -30,15 +30,7 @@ from werkzeug.serving import make_server
 from autoannotator.demo import poll_until
 from autoannotator.state import QUEUES, State
 
-TEST_REDIS_DB = 14
-TEST_REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
 WORKER = Path(sys.executable).with_name("autoannotator")
-
-
-def fresh_redis() -> redis.Redis:
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    client.flushdb()
-    return client
 
 
 @dataclass
@@ -184,12 +176,12 @@ def failed_jobs(client: redis.Redis) -> list[str]:
 USER, PASSWORD = "pm", "e2e-basic-auth-pass"
 
 
-def backend_env(model_dir: Path, label_studio: Any, **extra: str) -> dict[str, str]:
-    """The environment of an e2e backend and its workers: a model store, the test Redis, the
-    session's Label Studio and basic auth; ``extra`` adds or overrides settings."""
+def backend_env(model_dir: Path, label_studio: Any, redis_url: str, **extra: str) -> dict[str, str]:
+    """The environment of an e2e backend and its workers: a model store, the session's Redis and
+    Label Studio, and basic auth; ``extra`` adds or overrides settings."""
     return {
         "AUTOANNOTATOR_MODEL_DIR": str(model_dir),
-        "AUTOANNOTATOR_REDIS_URL": TEST_REDIS_URL,
+        "AUTOANNOTATOR_REDIS_URL": redis_url,
         "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.token,
         "BASIC_AUTH_USER": USER,

@@ -33,7 +33,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from types import TracebackType
 from label_studio_sdk import LabelStudio
 
 from autoannotator.demo import DIE_WITH_PARENT, PortTakenError, ls_argv, ls_environment, ls_probe
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LS_EXECUTABLE = REPO / ".venv-ls" / "bin" / "label-studio"
@@ -51,13 +51,6 @@ LS_EXECUTABLE = REPO / ".venv-ls" / "bin" / "label-studio"
 
 class LabelStudioError(RuntimeError):
     """Label Studio did not start: the message says why and ends with its log's tail."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (LS binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LabelStudioServer:

@@ -17,7 +17,6 @@ from autoannotator.settings import Settings, settings_table
 from autoannotator.specialists import EmbeddingSpecialist, NgramSpecialist
 from autoannotator.state import State
 from tests import tiny
-from tests.flow import TEST_REDIS_URL, fresh_redis
 
 CONFIG = """<View>
   <Text name="text" value="$tweet"/>
@@ -27,11 +26,6 @@ CONFIG = """<View>
 </View>"""
 LABELS = LabelSet.of(tiny.LABELS)
 PROJECT = "7.1700000000"
-
-
-def fresh_test_redis() -> str:
-    fresh_redis()
-    return TEST_REDIS_URL
 
 
 def publish(projects: ProjectModels, corpus, encoder, n=150):
@@ -52,9 +46,9 @@ def projects(tmp_path):
 
 
 @pytest.fixture
-def client(projects, tmp_path):
+def client(projects, tmp_path, redis_url):
     app = create_app(
-        Settings(model_dir=tmp_path / "models", policy="mean:0.6", redis_url=fresh_test_redis()), projects
+        Settings(model_dir=tmp_path / "models", policy="mean:0.6", redis_url=redis_url), projects
     )
     return app.test_client()
 
@@ -154,13 +148,13 @@ def test_internal_errors_never_reach_the_client_as_tracebacks(
     assert "ngrams.json is unreadable" in caplog.text
 
 
-def test_basic_auth(tmp_path):
+def test_basic_auth(tmp_path, redis_url):
     app = create_app(
         Settings(
             model_dir=tmp_path,
             basic_auth_user="ls",
             basic_auth_password="s3cret",
-            redis_url=fresh_test_redis(),
+            redis_url=redis_url,
         )
     )
     c = app.test_client()
@@ -199,9 +193,8 @@ def test_settings_from_environment_keep_secrets_out_of_repr(tmp_path):
 
 
 # ---------------------------------------------------------------------------- queues, modes, Redis
-# These use a real Redis, database 12 (flushed by each test), and inspect the rq queues directly.
+# These use the session's private Redis (flushed by each test) and inspect the rq queues directly.
 
-API_REDIS_URL = "redis://127.0.0.1:6379/12"
 DEAD_REDIS_URL = "redis://:hunter2@127.0.0.1:1/0"  # nothing listens on port 1
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"pm:s3cret").decode()}
 # LS's project object in webhooks; 2023-11-14T22:13:20Z is 1700000000, so its uid is PROJECT.
@@ -216,9 +209,8 @@ ANNOTATION = {
 
 
 @pytest.fixture
-def rq_redis():
-    client = redis.Redis.from_url(API_REDIS_URL)
-    client.flushdb()
+def rq_redis(redis_url):
+    client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
 
@@ -230,9 +222,16 @@ def published(tmp_path_factory, tiny_corpus, tiny_encoder):
     return projects.root, publish(projects, tiny_corpus, tiny_encoder)
 
 
-def app_client(model_dir, **settings):
-    values = {"model_dir": model_dir, "redis_url": API_REDIS_URL, **settings}
-    return create_app(Settings(**values)).test_client()
+@pytest.fixture
+def app_client(redis_url):
+    """Factory: a test client of an app on the session's Redis, with ``settings`` on top."""
+
+    def make(model_dir, **settings):
+        return create_app(
+            Settings(**{"model_dir": model_dir, "redis_url": redis_url, **settings})
+        ).test_client()
+
+    return make
 
 
 def jobs_in(client_redis, queue):
@@ -243,7 +242,7 @@ def webhook(client, action, **extra):
     return client.post("/webhook", json={"action": action, "project": LS_PROJECT, **extra})
 
 
-def test_an_annotation_webhook_is_acknowledged_at_once_and_queued_for_ingest(rq_redis, tmp_path):
+def test_an_annotation_webhook_is_acknowledged_at_once_and_queued_for_ingest(rq_redis, tmp_path, app_client):
     c = app_client(tmp_path / "models")
     t0 = time.perf_counter()
     r = webhook(c, "ANNOTATION_CREATED", task=TASK, annotation=ANNOTATION)
@@ -259,12 +258,12 @@ def test_an_annotation_webhook_is_acknowledged_at_once_and_queued_for_ingest(rq_
     names = [j.func_name.rsplit(".", 1)[1] for j in jobs_in(rq_redis, "ingest")]
     assert sorted(names) == ["ingest_annotation", "ingest_annotation", "sync_project"]
     assert jobs_in(rq_redis, "train") == [] and jobs_in(rq_redis, "review") == []
-    state = State.from_url(API_REDIS_URL, "human")
+    state = State(rq_redis, "human")
     assert state.counters(PROJECT)["webhooks"] == 2
     assert state.info(PROJECT).label_config == CONFIG  # the workers can parse the project's config
 
 
-def test_webhooks_we_do_not_act_on_are_acknowledged(rq_redis, tmp_path):
+def test_webhooks_we_do_not_act_on_are_acknowledged(rq_redis, tmp_path, app_client):
     c = app_client(tmp_path / "models")
     r = webhook(c, "PROJECT_UPDATED")
     assert r.status_code == 200 and r.get_json() == {"status": "ignored", "action": "PROJECT_UPDATED"}
@@ -274,7 +273,7 @@ def test_webhooks_we_do_not_act_on_are_acknowledged(rq_redis, tmp_path):
     assert not [j for j in jobs_in(rq_redis, "ingest") if j.func_name.endswith("ingest_annotation")]
 
 
-def test_malformed_webhooks_get_a_clear_400(rq_redis, tmp_path):
+def test_malformed_webhooks_get_a_clear_400(rq_redis, tmp_path, app_client):
     c = app_client(tmp_path / "models")
     r = c.post("/webhook", data="{not json", content_type="application/json")
     assert r.status_code == 400 and r.get_json() == {"error": "the request body must be a JSON object"}
@@ -287,7 +286,7 @@ def test_malformed_webhooks_get_a_clear_400(rq_redis, tmp_path):
     assert [j for j in jobs_in(rq_redis, "ingest") if j.func_name.endswith("ingest_annotation")] == []
 
 
-def test_start_training_queues_one_training_until_it_ran(rq_redis, tmp_path):
+def test_start_training_queues_one_training_until_it_ran(rq_redis, tmp_path, app_client):
     c = app_client(tmp_path / "models")
     r = webhook(c, "START_TRAINING")
     assert r.status_code == 200 and r.get_json() == {"status": "training queued"}
@@ -297,12 +296,12 @@ def test_start_training_queues_one_training_until_it_ran(rq_redis, tmp_path):
     assert r.get_json() == {"status": "training already queued or running"}
     (job,) = jobs_in(rq_redis, "train")
     assert job.func_name.endswith("train_project") and job.args == (PROJECT, True)
-    State.from_url(API_REDIS_URL, "human").release_training(PROJECT)  # what the job does at its end
+    State(rq_redis, "human").release_training(PROJECT)  # what the job does at its end
     assert webhook(c, "START_TRAINING").get_json() == {"status": "training queued"}
     assert len(jobs_in(rq_redis, "train")) == 2
 
 
-def test_legacy_train_endpoint_queues_one_training(rq_redis, tmp_path):
+def test_legacy_train_endpoint_queues_one_training(rq_redis, tmp_path, app_client):
     c = app_client(tmp_path / "models")
     r = c.post("/train", json={"project": PROJECT, "label_config": CONFIG})
     assert r.status_code == 200 and r.get_json() == {"status": "training queued"}
@@ -312,7 +311,7 @@ def test_legacy_train_endpoint_queues_one_training(rq_redis, tmp_path):
     assert c.post("/train", json={"project": "../x"}).status_code == 400
 
 
-def test_basic_auth_guards_every_endpoint_including_the_webhook(rq_redis, tmp_path):
+def test_basic_auth_guards_every_endpoint_including_the_webhook(rq_redis, tmp_path, app_client):
     c = app_client(tmp_path / "models", basic_auth_user="pm", basic_auth_password="s3cret")
     for method, path in [
         ("post", "/webhook"),
@@ -335,7 +334,7 @@ def test_basic_auth_guards_every_endpoint_including_the_webhook(rq_redis, tmp_pa
     assert r.status_code == 200
 
 
-def test_settings_page_shows_and_switches_the_review_mode(rq_redis, published):
+def test_settings_page_shows_and_switches_the_review_mode(rq_redis, published, app_client):
     root, version = published
     c = app_client(root, basic_auth_user="pm", basic_auth_password="s3cret", policy="mean:0.99")
     url = f"/projects/{PROJECT}/settings"
@@ -365,7 +364,7 @@ def test_settings_page_shows_and_switches_the_review_mode(rq_redis, published):
     assert c.get(url, headers=AUTH).get_json()["review_mode"] == "off"
 
 
-def test_settings_refuse_an_invalid_mode_and_changes_without_authentication(rq_redis, tmp_path):
+def test_settings_refuse_an_invalid_mode_and_changes_without_authentication(rq_redis, tmp_path, app_client):
     c = app_client(tmp_path / "models", basic_auth_user="pm", basic_auth_password="s3cret")
     url = f"/projects/{PROJECT}/settings"
     r = c.post(url, json={"review_mode": "gpt-5"}, headers=AUTH)
@@ -382,7 +381,7 @@ def test_settings_refuse_an_invalid_mode_and_changes_without_authentication(rq_r
     assert open_app.get(url).get_json()["review_mode"] == "human"
 
 
-def test_setup_applies_label_studios_extra_params_only_when_they_change(rq_redis, tmp_path):
+def test_setup_applies_label_studios_extra_params_only_when_they_change(rq_redis, tmp_path, app_client):
     c = app_client(tmp_path / "models", basic_auth_user="pm", basic_auth_password="s3cret")
     url = f"/projects/{PROJECT}/settings"
     setup = {"project": PROJECT, "schema": CONFIG, "extra_params": '{"review_mode": "llm"}'}
@@ -403,7 +402,7 @@ def _routed_predict(c, tasks):
     return r.get_json()["results"]
 
 
-def test_uncertain_tasks_are_handed_to_one_review_job(rq_redis, published, tiny_corpus):
+def test_uncertain_tasks_are_handed_to_one_review_job(rq_redis, published, tiny_corpus, app_client):
     root, version = published
     c = app_client(root, policy="mean:0.99")
     tasks = [{"id": 100 + i, "data": {"tweet": t}} for i, (t, _) in enumerate(tiny_corpus[200:206])]
@@ -419,11 +418,11 @@ def test_uncertain_tasks_are_handed_to_one_review_job(rq_redis, published, tiny_
         assert set(entry["votes"]) <= set(tiny.LABELS) and entry["label"] in tiny.LABELS
         assert entry["label"] == result["result"][0]["value"]["choices"][0]
         assert entry["confidence"] == pytest.approx(result["score"], abs=1e-4) and entry["confidence"] < 0.99
-    counters = State.from_url(API_REDIS_URL, "human").counters(PROJECT)
+    counters = State(rq_redis, "human").counters(PROJECT)
     assert counters["predictions"] == 7 and counters["routed"] == 6
 
 
-def test_mode_off_queues_no_review(rq_redis, published, tiny_corpus):
+def test_mode_off_queues_no_review(rq_redis, published, tiny_corpus, app_client):
     root, _ = published
     c = app_client(root, policy="mean:0.99", review_mode="off")
     results = _routed_predict(c, [{"id": 1, "data": {"tweet": tiny_corpus[0][0]}}])
@@ -431,7 +430,7 @@ def test_mode_off_queues_no_review(rq_redis, published, tiny_corpus):
     assert jobs_in(rq_redis, "review") == []
 
 
-def test_the_review_job_is_queued_after_the_answer_is_sent(rq_redis, published, tiny_corpus):
+def test_the_review_job_is_queued_after_the_answer_is_sent(rq_redis, published, tiny_corpus, app_client):
     """Label Studio waits on the forward pass, not on Redis: counting and queueing run when the WSGI
     server closes the response it has sent (here: the plain test client, closed by hand)."""
     root, _ = published
@@ -447,7 +446,7 @@ def test_the_review_job_is_queued_after_the_answer_is_sent(rq_redis, published, 
     assert State(rq_redis, "human").counters(PROJECT)["predictions"] == 3
 
 
-def test_annotated_tasks_are_not_routed(rq_redis, published, tiny_corpus):
+def test_annotated_tasks_are_not_routed(rq_redis, published, tiny_corpus, app_client):
     root, _ = published
     c = app_client(root, policy="mean:0.99")
     text = tiny_corpus[0][0]
@@ -463,7 +462,7 @@ def test_annotated_tasks_are_not_routed(rq_redis, published, tiny_corpus):
     assert [e["task_id"] for e in job.args[3]] == [3, 4]
 
 
-def test_a_flagged_task_no_longer_routed_is_cleared(rq_redis, published, tiny_corpus):
+def test_a_flagged_task_no_longer_routed_is_cleared(rq_redis, published, tiny_corpus, app_client):
     root, version = published
     c = app_client(root, policy="mean:0.0", review_mode="off")  # nothing is routed any more
     flagged = {"id": 9, "data": {"tweet": tiny_corpus[0][0], "aa_needs_review": True}}
@@ -518,12 +517,12 @@ _SAMPLE = re.compile(
 )
 
 
-def test_metrics_are_valid_prometheus_text_with_project_labels(rq_redis, published, tiny_corpus):
+def test_metrics_are_valid_prometheus_text_with_project_labels(rq_redis, published, tiny_corpus, app_client):
     root, version = published
     c = app_client(root, policy="mean:0.99")
     _routed_predict(c, [{"id": i, "data": {"tweet": t}} for i, (t, _) in enumerate(tiny_corpus[:3])])
     webhook(c, "ANNOTATION_CREATED", task=TASK, annotation=ANNOTATION)
-    State.from_url(API_REDIS_URL, "human").count(PROJECT, llm_cost_usd=0.0125)
+    State(rq_redis, "human").count(PROJECT, llm_cost_usd=0.0125)
     r = c.get("/metrics")
     assert r.status_code == 200 and r.mimetype == "text/plain"
     text = r.get_data(as_text=True)

@@ -85,7 +85,6 @@ from autoannotator.labels import LabelSet
 from autoannotator.serving import WAITING_VERSION, ProjectModels
 from autoannotator.settings import Settings
 from autoannotator.specialists import NgramSpecialist
-from tests.flow import TEST_REDIS_URL, fresh_redis
 from tests.ls_server import LabelStudioServer
 
 pytestmark = pytest.mark.e2e
@@ -216,11 +215,10 @@ def _record_calls(app: Flask, calls: list[Call]) -> None:
 
 
 @pytest.fixture
-def backend(tmp_path: Path) -> Iterator[RunningBackend]:
+def backend(tmp_path: Path, redis_url: str) -> Iterator[RunningBackend]:
     """Our backend on a real socket for the test's length (see the module docstring: why werkzeug)."""
     model_dir = tmp_path / "models"
-    fresh_redis()
-    app = create_app(Settings(model_dir=model_dir, redis_url=TEST_REDIS_URL))
+    app = create_app(Settings(model_dir=model_dir, redis_url=redis_url))
     calls: list[Call] = []
     _record_calls(app, calls)
     server = make_server("127.0.0.1", 0, app, threaded=True)

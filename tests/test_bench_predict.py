@@ -24,16 +24,6 @@ from autoannotator.specialists import NgramSpecialist
 from tests import tiny
 
 LABELS = LabelSet.of(tiny.LABELS)
-# Not the benchmark's default database (13): a suite run must never flush a benchmark mid-run.
-# The other tests use 11 (demo), 12 and 14.
-REDIS_URL = "redis://127.0.0.1:6379/15"
-
-
-def _redis_up() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture
@@ -63,9 +53,8 @@ def test_label_config_and_store_serve_the_version(version_dir: Path, tmp_path: P
     assert ensemble is not None and ensemble.k == 3 and ensemble.version == version
 
 
-@pytest.mark.skipif(not _redis_up(), reason=f"no Redis at {REDIS_URL}")
 def test_bench_predict_end_to_end(
-    version_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    version_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], redis_url: str
 ) -> None:
     data = tmp_path / "data.jsonl"
     data.write_text(
@@ -87,7 +76,7 @@ def test_bench_predict_end_to_end(
             "--repeats",
             str(repeats),
             "--redis-url",
-            REDIS_URL,
+            redis_url,
             "--out",
             str(out),
         ]
@@ -155,4 +144,4 @@ def test_bench_predict_end_to_end(
     assert worker["pid"] != os.getpid()
     assert 50 < worker["rss_mb"] <= worker["peak_rss_mb"]
     # The benchmark cleans up after itself.
-    assert redis.Redis.from_url(REDIS_URL).dbsize() == 0
+    assert redis.Redis.from_url(redis_url).dbsize() == 0

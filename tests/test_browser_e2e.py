@@ -58,7 +58,6 @@ from tests.flow import (
     backend_env,
     drain,
     failed_jobs,
-    fresh_redis,
     wait_for,
 )
 from tests.test_backend_e2e import CLEAR, CONFIG, LABELS, NEUTRAL, SEED
@@ -141,10 +140,10 @@ def _publish_three_kinds(model_dir: Path, uid: str, encoder: Path) -> str:
 
 
 def test_needs_review_tab_in_the_browser(
-    tmp_path: Path, label_studio: Any, ls_project: Any, tiny_encoder: Path
+    tmp_path: Path, label_studio: Any, ls_project: Any, tiny_encoder: Path, redis_client: Any, redis_url: str
 ) -> None:
-    client = fresh_redis()
-    env = backend_env(tmp_path / "models", label_studio, AUTOANNOTATOR_REVIEW_MODE="human")
+    client = redis_client
+    env = backend_env(tmp_path / "models", label_studio, redis_url, AUTOANNOTATOR_REVIEW_MODE="human")
     ls = label_studio.client()
     project = ls_project(CONFIG, title="Support tickets: sentiment")
     uid = f"{project.id}.{int(project.created_at.timestamp())}"

@@ -80,14 +80,14 @@ def test_worker_commands_parse_with_our_cli() -> None:
     assert covered == set(QUEUES), "some queue has no worker"
 
 
-def test_the_backend_command_is_gunicorn_serving_our_app_factory(tmp_path: Path) -> None:
+def test_the_backend_command_is_gunicorn_serving_our_app_factory(tmp_path: Path, redis_url: str) -> None:
     command = _dockerfile_cmd()
     assert command[0] == "gunicorn"
     target = command[-1]
     module, _, call = target.partition(":")
     assert call.endswith("()")
     factory = getattr(__import__(module, fromlist=["_"]), call.removesuffix("()"))
-    app = factory(Settings(model_dir=tmp_path, redis_url="redis://127.0.0.1:6379/12"))
+    app = factory(Settings(model_dir=tmp_path, redis_url=redis_url))
     assert app.test_client().get("/health").status_code == 200
     assert shlex.join(command)  # a plain argv, no shell
 

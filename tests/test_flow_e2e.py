@@ -45,7 +45,6 @@ from tests.flow import (
     backend_env,
     drain,
     failed_jobs,
-    fresh_redis,
     wait_for,
 )
 from tests.openai_server import OpenAIServer, Reply
@@ -56,8 +55,10 @@ pytestmark = pytest.mark.e2e
 GOLD = {text: label for label, texts in SEED.items() for text in texts}
 
 
-def _env(tmp_path: Path, label_studio: Any, **extra: str) -> dict[str, str]:
-    return backend_env(tmp_path / "models", label_studio, **{"AUTOANNOTATOR_POLICY": "mean:0.8", **extra})
+def _env(tmp_path: Path, label_studio: Any, redis_url: str, **extra: str) -> dict[str, str]:
+    return backend_env(
+        tmp_path / "models", label_studio, redis_url, **{"AUTOANNOTATOR_POLICY": "mean:0.8", **extra}
+    )
 
 
 def _connect(ls: Any, project_id: int, url: str, **fields: Any) -> str:
@@ -94,12 +95,13 @@ def _pool(model_dir: Path, uid: str) -> VerifiedPool:
 
 
 def test_human_mode_cold_start_review_tab_and_retraining(
-    tmp_path: Path, label_studio: Any, ls_project: Any, tiny_encoder: Path
+    tmp_path: Path, label_studio: Any, ls_project: Any, redis_client: Any, redis_url: str, tiny_encoder: Path
 ) -> None:
-    client = fresh_redis()
+    client = redis_client
     env = _env(
         tmp_path,
         label_studio,
+        redis_url,
         AUTOANNOTATOR_REVIEW_MODE="human",
         AUTOANNOTATOR_SEED_LABELS="30",
         AUTOANNOTATOR_RETRAIN_EVERY="10",
@@ -218,13 +220,14 @@ def _llm_answer(text: str) -> str:
 
 
 def test_llm_mode_from_label_studio_extra_params_with_fallback_to_humans(
-    tmp_path: Path, label_studio: Any, ls_project: Any
+    tmp_path: Path, label_studio: Any, ls_project: Any, redis_client: Any, redis_url: str
 ) -> None:
-    client = fresh_redis()
+    client = redis_client
     with OpenAIServer(answer=_llm_answer) as llm:
         env = _env(
             tmp_path,
             label_studio,
+            redis_url,
             AUTOANNOTATOR_REVIEW_MODE="off",
             AUTOANNOTATOR_POLICY="mean:0.95",
             AUTOANNOTATOR_LLM_BASE_URL=llm.base_url,
@@ -307,10 +310,12 @@ def test_llm_mode_from_label_studio_extra_params_with_fallback_to_humans(
 
 
 def test_webhook_storm_starts_one_training_and_loses_no_label_then_redis_flush_rebuilds_pool(
-    tmp_path: Path, label_studio: Any, ls_project: Any
+    tmp_path: Path, label_studio: Any, ls_project: Any, redis_client: Any, redis_url: str
 ) -> None:
-    client = fresh_redis()
-    env = _env(tmp_path, label_studio, AUTOANNOTATOR_REVIEW_MODE="off", AUTOANNOTATOR_RETRAIN_EVERY="20")
+    client = redis_client
+    env = _env(
+        tmp_path, label_studio, redis_url, AUTOANNOTATOR_REVIEW_MODE="off", AUTOANNOTATOR_RETRAIN_EVERY="20"
+    )
     settings = Settings.from_env(env)
     ls = label_studio.client()
     texts = [t for label_texts in SEED.values() for t in label_texts[:10]]  # 30 texts

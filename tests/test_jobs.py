@@ -1,6 +1,6 @@
 """The rq jobs run in-process (no worker, no Label Studio): ingest, cold-start gating, training.
 
-Uses the local Redis, database :data:`TEST_DB` (flushed before each test), and a model store under
+Uses the session's private Redis (emptied before each test), and a model store under
 ``tmp_path``. The jobs that talk to Label Studio (sync, review) are covered by tests/test_flow_e2e.py.
 """
 
@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 from rq import Queue, SimpleWorker, Worker
 
 from autoannotator import jobs
@@ -24,8 +23,6 @@ from autoannotator.state import ProjectInfo, StateUnavailableError
 from autoannotator.status import project_status
 from tests import tiny
 
-TEST_DB = 12
-TEST_URL = f"redis://127.0.0.1:6379/{TEST_DB}"
 UID = "5.1700000000"
 CONFIG = (Path(__file__).resolve().parents[1] / "label_config" / "sentiment.xml").read_text()
 LABELS = parse_label_config(CONFIG).labels  # Positive, Negative, Neutral; text at $text
@@ -34,15 +31,14 @@ SEED_LABELS = 10  # the cold start waits for 8 training labels (a fifth is held 
 
 
 @pytest.fixture
-def make_ctx(tmp_path):
+def make_ctx(tmp_path, redis_url):
     """``make_ctx(**env)``: settings from an environment, the project remembered, the jobs' context set."""
-    redis.Redis.from_url(TEST_URL).flushdb()
 
     def make(**env: str) -> jobs.Context:
         settings = Settings.from_env(
             {
                 "AUTOANNOTATOR_MODEL_DIR": str(tmp_path / "models"),
-                "AUTOANNOTATOR_REDIS_URL": TEST_URL,
+                "AUTOANNOTATOR_REDIS_URL": redis_url,
                 "AUTOANNOTATOR_COLD_START_KINDS": "ngram-linear",
                 "AUTOANNOTATOR_SEED_LABELS": str(SEED_LABELS),
                 **env,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from autoannotator.reviewers import (
     parse_answer,
 )
 from tests.openai_server import OpenAIServer, Reply, labels_in_prompt
+from tests.ports import free_port
 
 LABELS = LabelSet.of(["bearish", "bullish", "neutral"])
 PAPER_PROMPT = (
@@ -264,9 +264,7 @@ def test_a_malformed_body_forever_fails_with_a_clear_detail(
 
 
 def test_connection_refused_fails_after_retries() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     nowhere = make_openai_client(f"http://127.0.0.1:{port}/v1", "test-key", timeout=1.0)
     outcome = one(reviewer(nowhere, max_retries=1), "a bullish day")
 

@@ -1,6 +1,6 @@
 """Redis state shared by web and rq workers: modes, counters, flags, locks, and a Redis that is down.
 
-Runs against the local Redis, database :data:`TEST_DB` (flushed before each test); never database 0.
+Runs against the session's private Redis (emptied before each test).
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 
 from autoannotator.settings import REVIEW_MODES
 from autoannotator.state import (
@@ -20,16 +19,13 @@ from autoannotator.state import (
     StateUnavailableError,
 )
 
-TEST_DB = 12
-TEST_URL = f"redis://127.0.0.1:6379/{TEST_DB}"
 DEAD_URL = "redis://:hunter2@127.0.0.1:1/0"  # nothing listens on port 1
 UID = "3.1700000000"
 
 
 @pytest.fixture
-def state() -> State:
-    redis.Redis.from_url(TEST_URL).flushdb()
-    return State.from_url(TEST_URL, "human")
+def state(redis_url: str) -> State:
+    return State.from_url(redis_url, "human")
 
 
 # ---------------------------------------------------------------------------- review mode

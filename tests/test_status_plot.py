@@ -38,10 +38,10 @@ def test_tradeoff_is_measured_on_held_out_labels_and_rises_to_one(projects, tiny
     assert np.all(np.diff(curve["accuracy"]) >= 0)
 
 
-def test_status_png_is_served_with_and_without_a_measurement(projects, tiny_corpus, tiny_encoder, tmp_path):
-    from tests.test_api import fresh_test_redis
-
-    app = create_app(Settings(model_dir=tmp_path / "models", redis_url=fresh_test_redis()), projects)
+def test_status_png_is_served_with_and_without_a_measurement(
+    projects, tiny_corpus, tiny_encoder, tmp_path, redis_url
+):
+    app = create_app(Settings(model_dir=tmp_path / "models", redis_url=redis_url), projects)
     client = app.test_client()
     empty = client.get(f"/projects/{PROJECT}/status.png")
     assert empty.status_code == 200 and empty.mimetype == "image/png"
