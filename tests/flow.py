@@ -33,20 +33,28 @@ from autoannotator.state import QUEUES, State
 WORKER = Path(sys.executable).with_name("autoannotator")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Call:
+    """One request made to our app and what it answered."""
+
     method: str
     path: str
-    body: Any
+    body: Any  # the JSON sent, None without one
+    authorization: str | None
     status: int
+    answer: Any  # the JSON answered, None without one
     seconds: float
 
 
 @dataclass
 class AppServer:
+    """The suite's one call-recording harness: ``app`` served by werkzeug on a free port in a thread,
+    every request appended to ``calls``."""
+
     app: Flask
     calls: list[Call] = field(default_factory=list)
     url: str = ""
+    model_dir: Path | None = None  # the app's model store, for tests that publish into it
 
     def __post_init__(self) -> None:
         @self.app.before_request
@@ -58,11 +66,13 @@ class AppServer:
             t0 = request.environ.get("aa.t0", time.perf_counter())
             self.calls.append(
                 Call(
-                    request.method,
-                    request.path,
-                    request.get_json(silent=True),
-                    response.status_code,
-                    time.perf_counter() - t0,
+                    method=request.method,
+                    path=request.path,
+                    body=request.get_json(silent=True),
+                    authorization=request.headers.get("Authorization"),
+                    status=response.status_code,
+                    answer=response.get_json(silent=True) if response.is_json else None,
+                    seconds=time.perf_counter() - t0,
                 )
             )
             return response
@@ -81,6 +91,10 @@ class AppServer:
 
     def paths(self, path: str) -> list[Call]:
         return [c for c in self.calls if c.path == path]
+
+    def since(self, mark: int, *, webhooks: bool = False) -> list[Call]:
+        """Calls after the first ``mark``; LS's project-event webhooks are left out unless asked."""
+        return [c for c in self.calls[mark:] if webhooks or c.path != "/webhook"]
 
 
 class Workers:

@@ -65,187 +65,38 @@ What LS 1.23.2 / label-studio-sdk 2.1.2 did, measured while writing this test (b
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, Response, request
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
-from werkzeug.serving import make_server
 
 from autoannotator.api import create_app
 from autoannotator.labelconfig import PredictionValidator, parse_label_config
-from autoannotator.labels import LabelSet
-from autoannotator.serving import WAITING_VERSION, ProjectModels
+from autoannotator.serving import WAITING_VERSION
 from autoannotator.settings import Settings
-from autoannotator.specialists import NgramSpecialist
+from tests.e2e_data import CLEAR, CONFIG, LABELS, NEUTRAL, publish
+from tests.flow import AppServer
 from tests.ls_server import LabelStudioServer
 
 pytestmark = pytest.mark.e2e
 
-CONFIG = (Path(__file__).resolve().parents[1] / "label_config" / "sentiment.xml").read_text(encoding="utf-8")
-LABELS = LabelSet.of(("Positive", "Negative", "Neutral"))
 BACKEND_TITLE = "AutoAnnotator e2e"
-
-# A seed set a project owner could label in ten minutes: 20 short sentences per label.
-SEED = {
-    "Positive": [
-        "I love this phone, it is wonderful",
-        "Great service and friendly staff",
-        "What a fantastic movie, truly excellent",
-        "The food was delicious and amazing",
-        "Absolutely wonderful experience, highly recommend",
-        "Best purchase I have made this year",
-        "I am so happy with the results",
-        "Excellent quality, works perfectly",
-        "The team did a great job, love it",
-        "Brilliant performance, I enjoyed every minute",
-        "Superb hotel with a beautiful view",
-        "Fantastic support, they solved everything fast",
-        "This is awesome, thank you so much",
-        "Delightful little cafe with great coffee",
-        "Happy customer, excellent value for money",
-        "The concert was amazing and the crowd loved it",
-        "Perfect fit and lovely colour",
-        "Wonderful book, I love the characters",
-        "Great news, profits are up and everyone is happy",
-        "Really enjoyed the trip, everything was excellent",
-    ],
-    "Negative": [
-        "I hate this phone, it is terrible",
-        "Awful service and rude staff",
-        "What a horrible movie, truly boring",
-        "The food was disgusting and cold",
-        "Absolutely terrible experience, never again",
-        "Worst purchase I have made this year",
-        "I am so angry and disappointed",
-        "Poor quality, broke after one day",
-        "The team did a bad job, hate it",
-        "Dreadful performance, I regret every minute",
-        "Dirty hotel with a horrible smell",
-        "Useless support, they ignored my complaint",
-        "This is awful, a complete waste of money",
-        "Miserable little cafe with bitter coffee",
-        "Unhappy customer, terrible value for money",
-        "The concert was a disaster and the crowd booed",
-        "Bad fit and ugly colour",
-        "Boring book, I hated the characters",
-        "Bad news, losses are up and everyone is worried",
-        "Really disliked the trip, everything was awful",
-    ],
-    "Neutral": [
-        "The meeting is scheduled for Tuesday at ten",
-        "The store opens at nine in the morning",
-        "The report has twelve pages",
-        "The train leaves from platform four",
-        "Our office is on the third floor",
-        "The package was delivered on Monday",
-        "The museum is located near the station",
-        "The form asks for your name and address",
-        "The company released its quarterly report today",
-        "The bus route changes next week",
-        "The library closes at six on weekdays",
-        "The manual describes the settings menu",
-        "The event takes place in the main hall",
-        "The price is listed on the website",
-        "The new policy starts in January",
-        "The book has three chapters",
-        "The flight departs at noon",
-        "The document was updated yesterday",
-        "The parking lot is behind the building",
-        "The survey contains ten questions",
-    ],
-}
-# Tasks whose label no sensible model can miss, and neutral ones whose label is not asserted.
-CLEAR = {
-    "I love it, wonderful and excellent": "Positive",
-    "Great food and friendly staff, highly recommend": "Positive",
-    "Amazing, I am so happy": "Positive",
-    "Terrible and awful, I hate it": "Negative",
-    "Rude staff and disgusting food, never again": "Negative",
-    "Horrible, I am so angry and disappointed": "Negative",
-}
-NEUTRAL = ["The meeting is on the third floor", "The report was released on Monday"]
 RETRIEVE = "retrieve_tasks_predictions"
 
 
-@dataclass(frozen=True)
-class Call:
-    """One request LS made to our backend and what we answered."""
-
-    method: str
-    path: str
-    body: Any  # the JSON LS sent, None without one
-    authorization: str | None
-    status: int
-    answer: Any
-
-
-@dataclass
-class RunningBackend:
-    url: str
-    model_dir: Path
-    calls: list[Call]
-
-    def since(self, mark: int, *, webhooks: bool = False) -> list[Call]:
-        """Calls after the first ``mark``; LS's project-event webhooks (404 here) are left out."""
-        return [c for c in self.calls[mark:] if webhooks or c.path != "/webhook"]
-
-
-def _record_calls(app: Flask, calls: list[Call]) -> None:
-    @app.after_request
-    def record(response: Response) -> Response:
-        calls.append(
-            Call(
-                method=request.method,
-                path=request.path,
-                body=request.get_json(silent=True),
-                authorization=request.headers.get("Authorization"),
-                status=response.status_code,
-                answer=response.get_json(silent=True),
-            )
-        )
-        return response
-
-
 @pytest.fixture
-def backend(tmp_path: Path, redis_url: str) -> Iterator[RunningBackend]:
-    """Our backend on a real socket for the test's length (see the module docstring: why werkzeug)."""
+def backend(tmp_path: Path, redis_url: str) -> Iterator[AppServer]:
+    """Our backend on a real socket for the test's length (see the module docstring: why werkzeug),
+    every request LS makes recorded; ``backend.model_dir`` is its model store."""
     model_dir = tmp_path / "models"
-    app = create_app(Settings(model_dir=model_dir, redis_url=redis_url))
-    calls: list[Call] = []
-    _record_calls(app, calls)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="autoannotator-e2e", daemon=True)
-    thread.start()
-    try:
-        yield RunningBackend(f"http://127.0.0.1:{server.server_port}", model_dir, calls)
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
-
-
-def publish(model_dir: Path, uid: str, c: float, note: str) -> str:
-    """Train and publish a version the way the trainer would: through a registry of its own, not
-    through the server's objects, so the server can only learn of it from disk."""
-    texts = [t for texts in SEED.values() for t in texts]
-    ys = [label for label, texts in SEED.items() for _ in texts]
-    return (
-        ProjectModels(model_dir)
-        .registry(uid)
-        .save_ensemble(
-            LABELS,
-            {"ngram": lambda d: NgramSpecialist.untrained(LABELS, c=c).fit(texts, ys, d)},
-            note=note,
-        )
-    )
+    with AppServer(create_app(Settings(model_dir=model_dir, redis_url=redis_url))) as server:
+        server.model_dir = model_dir
+        yield server
 
 
 def stored_predictions(ls: LabelStudio, project_id: int) -> dict[int, dict[str, Any]]:
@@ -263,7 +114,7 @@ def prediction_scores(ls: LabelStudio, project_id: int) -> dict[int, float | Non
 
 
 def test_label_studio_drives_our_backend_over_http(
-    backend: RunningBackend, label_studio: LabelStudioServer, ls_project, capsys
+    backend: AppServer, label_studio: LabelStudioServer, ls_project, capsys
 ) -> None:
     ls = label_studio.client()
     config = parse_label_config(CONFIG)

@@ -50,6 +50,7 @@ from autoannotator.router import MeanProbability
 from autoannotator.serving import ProjectModels
 from autoannotator.settings import Settings
 from autoannotator.specialists import EmbeddingSpecialist, NgramSpecialist, TransformerSpecialist
+from tests.e2e_data import CLEAR, CONFIG, LABELS, NEUTRAL, SEED
 from tests.flow import (
     PASSWORD,
     USER,
@@ -60,7 +61,6 @@ from tests.flow import (
     failed_jobs,
     wait_for,
 )
-from tests.test_backend_e2e import CLEAR, CONFIG, LABELS, NEUTRAL, SEED
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]

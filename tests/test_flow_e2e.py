@@ -37,6 +37,7 @@ from autoannotator.labelconfig import parse_label_config, prediction
 from autoannotator.pool import Source, VerifiedPool
 from autoannotator.serving import ProjectModels
 from autoannotator.settings import Settings
+from tests.e2e_data import CONFIG, LABELS, NEUTRAL, SEED, publish
 from tests.flow import (
     PASSWORD,
     USER,
@@ -48,7 +49,6 @@ from tests.flow import (
     wait_for,
 )
 from tests.openai_server import OpenAIServer, Reply
-from tests.test_backend_e2e import CONFIG, LABELS, NEUTRAL, SEED, publish
 
 pytestmark = pytest.mark.e2e
 
