@@ -14,7 +14,6 @@ from autoannotator.labelconfig import PredictionValidator, parse_label_config
 from autoannotator.labels import LabelSet
 from autoannotator.serving import WAITING_VERSION, ProjectModels
 from autoannotator.settings import Settings, settings_table
-from autoannotator.specialists import EmbeddingSpecialist, NgramSpecialist
 from autoannotator.state import State
 from tests import tiny
 
@@ -25,19 +24,11 @@ CONFIG = """<View>
   </Choices>
 </View>"""
 LABELS = LabelSet.of(tiny.LABELS)
-PROJECT = "7.1700000000"
+PROJECT = tiny.PROJECT
 
 
 def publish(projects: ProjectModels, corpus, encoder, n=150):
-    texts, ys = [t for t, _ in corpus[:n]], [y for _, y in corpus[:n]]
-    return projects.registry(PROJECT).save_ensemble(
-        LABELS,
-        {
-            "m0-embedding": lambda d: EmbeddingSpecialist.untrained(encoder, LABELS).fit(texts, ys, d),
-            "m1-ngram": lambda d: NgramSpecialist.untrained(LABELS).fit(texts, ys, d),
-        },
-        note="test",
-    )
+    return tiny.publish_two_members(projects, corpus, encoder, n)
 
 
 @pytest.fixture

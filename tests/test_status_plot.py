@@ -10,11 +10,16 @@ import pytest
 from PIL import Image
 
 from autoannotator.api import create_app
+from autoannotator.labels import LabelSet
 from autoannotator.pool import Source, VerifiedItem
 from autoannotator.serving import ProjectModels
 from autoannotator.settings import Settings
 from autoannotator.status_plot import read_holdout_tradeoff, render, write_holdout_tradeoff
-from tests.test_api import LABELS, PROJECT, publish
+from tests import tiny
+from tests.tiny import PROJECT
+from tests.tiny import publish_two_members as publish
+
+LABELS = LabelSet.of(tiny.LABELS)
 
 
 @pytest.fixture

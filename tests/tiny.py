@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
@@ -132,3 +133,27 @@ def build_classifier(directory: Path, labels: list[str], seed: int = 0) -> Path:
     )
     BertForSequenceClassification(cfg).save_pretrained(directory)
     return directory
+
+
+# The project uid the in-process app tests serve: 2023-11-14T22:13:20Z is 1700000000.
+PROJECT = "7.1700000000"
+
+
+def publish_two_members(projects: Any, corpus: list[tuple[str, str]], encoder: Path, n: int = 150) -> str:
+    """Publish a tiny two-member ensemble (embeddings + LR, n-grams) for :data:`PROJECT` in the model
+    store ``projects`` (a ``ProjectModels``), trained on the first ``n`` items of ``corpus``."""
+    from autoannotator.labels import LabelSet
+    from autoannotator.specialists import EmbeddingSpecialist, NgramSpecialist
+
+    labels = LabelSet.of(LABELS)
+    texts, ys = [t for t, _ in corpus[:n]], [y for _, y in corpus[:n]]
+    return str(
+        projects.registry(PROJECT).save_ensemble(
+            labels,
+            {
+                "m0-embedding": lambda d: EmbeddingSpecialist.untrained(encoder, labels).fit(texts, ys, d),
+                "m1-ngram": lambda d: NgramSpecialist.untrained(labels).fit(texts, ys, d),
+            },
+            note="test",
+        )
+    )
