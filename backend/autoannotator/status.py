@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING, Any
 
+from autoannotator.llm import PriceTable
 from autoannotator.state import COUNTERS, QUEUES, StateUnavailableError
 
 if TYPE_CHECKING:
@@ -70,7 +71,10 @@ def project_status(ctx: Context, uid: str) -> dict[str, Any]:
     out["routed_share"] = round(routed / predicted, 4) if predicted else None
     # LLM-only annotation would have asked the LLM once per predicted task.
     out["llm_calls_saved"] = int(predicted - calls) if predicted else 0
-    per_call = counters["llm_cost_usd"] / calls if calls else None
+    # Calls of a model without a known price are counted at $0: no saving can be claimed from them.
+    s = ctx.settings
+    priced = s.llm_prices() is not None or PriceTable.default().price(s.llm_model) is not None
+    per_call = counters["llm_cost_usd"] / calls if calls and priced else None
     out["llm_cost_saved_usd"] = round(per_call * (predicted - calls), 6) if per_call is not None else None
     out["retrain_every"] = ctx.settings.retrain_every
     out["seed_labels"] = ctx.settings.seed_labels
