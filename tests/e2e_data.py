@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from autoannotator.labels import LabelSet
-from autoannotator.serving import ProjectModels
-from autoannotator.specialists import NgramSpecialist
+from autoannotator.core.labels import LabelSet
+from autoannotator.models.specialists import NgramSpecialist
+from autoannotator.storage.model_store import ProjectModels
 
 CONFIG = (Path(__file__).resolve().parents[1] / "label_config" / "sentiment.xml").read_text(encoding="utf-8")
 LABELS = LabelSet.of(("Positive", "Negative", "Neutral"))

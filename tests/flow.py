@@ -27,8 +27,8 @@ import redis
 from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
-from autoannotator.demo import poll_until
-from autoannotator.state import QUEUES, State
+from autoannotator.demo.run import poll_until
+from autoannotator.storage.redis_state import QUEUES, State
 
 WORKER = Path(sys.executable).with_name("autoannotator")
 

@@ -40,7 +40,7 @@ from types import TracebackType
 
 from label_studio_sdk import LabelStudio
 
-from autoannotator.demo import DIE_WITH_PARENT, PortTakenError, ls_argv, ls_environment, ls_probe
+from autoannotator.demo.run import DIE_WITH_PARENT, PortTakenError, ls_argv, ls_environment, ls_probe
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from autoannotator.adapt import (
+from autoannotator.cli import main
+from autoannotator.core.labels import LabelSet
+from autoannotator.errors import BadInputError
+from autoannotator.learning.adapt import (
     AdaptConfig,
     ContrastiveConfig,
     adapt_encoder,
@@ -20,12 +23,9 @@ from autoannotator.adapt import (
     contrastive_pairs,
     read_corpus,
 )
-from autoannotator.cli import main
-from autoannotator.coldstart import ColdStartConfig, cold_start
-from autoannotator.errors import BadInputError
-from autoannotator.labels import LabelSet
-from autoannotator.specialists import TrainConfig
-from autoannotator.specialists.encoder import Encoder
+from autoannotator.learning.coldstart import ColdStartConfig, cold_start
+from autoannotator.models.specialists import TrainConfig
+from autoannotator.models.specialists.encoder import Encoder
 from tests import tiny
 
 FAST = TrainConfig(learning_rate=5e-3, epochs=6, batch_size=16, max_length=32)

@@ -9,12 +9,12 @@ import pytest
 import redis
 from rq import Queue
 
-from autoannotator.api import create_app
-from autoannotator.labelconfig import PredictionValidator, parse_label_config
-from autoannotator.labels import LabelSet
-from autoannotator.serving import WAITING_VERSION, ProjectModels
+from autoannotator.core.labels import LabelSet
+from autoannotator.labelstudio.config import PredictionValidator, parse_label_config
+from autoannotator.service.app import create_app
 from autoannotator.settings import Settings, settings_table
-from autoannotator.state import State
+from autoannotator.storage.model_store import WAITING_VERSION, ProjectModels
+from autoannotator.storage.redis_state import State
 from tests import tiny
 
 CONFIG = """<View>

@@ -75,10 +75,10 @@ import pytest
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
-from autoannotator.api import create_app
-from autoannotator.labelconfig import PredictionValidator, parse_label_config
-from autoannotator.serving import WAITING_VERSION
+from autoannotator.labelstudio.config import PredictionValidator, parse_label_config
+from autoannotator.service.app import create_app
 from autoannotator.settings import Settings
+from autoannotator.storage.model_store import WAITING_VERSION
 from tests.e2e_data import CLEAR, CONFIG, LABELS, NEUTRAL, publish
 from tests.flow import AppServer
 from tests.ls_server import LabelStudioServer

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from autoannotator.bench_predict import label_config_xml, model_store
 from autoannotator.cli import main
-from autoannotator.labelconfig import parse_label_config
-from autoannotator.labels import LabelSet
-from autoannotator.registry import Registry
-from autoannotator.serving import ProjectModels
-from autoannotator.specialists import NgramSpecialist
+from autoannotator.core.labels import LabelSet
+from autoannotator.lab.bench_predict import label_config_xml, model_store
+from autoannotator.labelstudio.config import parse_label_config
+from autoannotator.models.specialists import NgramSpecialist
+from autoannotator.storage.model_store import ProjectModels
+from autoannotator.storage.registry import Registry
 from tests import tiny
 
 LABELS = LabelSet.of(tiny.LABELS)

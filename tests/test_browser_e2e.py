@@ -44,12 +44,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autoannotator.api import create_app
-from autoannotator.labels import LabelSet
-from autoannotator.router import MeanProbability
-from autoannotator.serving import ProjectModels
+from autoannotator.core.labels import LabelSet
+from autoannotator.core.policies import MeanProbability
+from autoannotator.models.specialists import EmbeddingSpecialist, NgramSpecialist, TransformerSpecialist
+from autoannotator.service.app import create_app
 from autoannotator.settings import Settings
-from autoannotator.specialists import EmbeddingSpecialist, NgramSpecialist, TransformerSpecialist
+from autoannotator.storage.model_store import ProjectModels
 from tests.e2e_data import CLEAR, CONFIG, LABELS, NEUTRAL, SEED
 from tests.flow import (
     PASSWORD,

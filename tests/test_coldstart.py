@@ -4,10 +4,10 @@ import re
 import numpy as np
 import pytest
 
-from autoannotator.coldstart import ColdStartConfig, check_seed, cold_start
+from autoannotator.core.labels import LabelSet
 from autoannotator.errors import BadInputError, LabelMappingError, TrainingError
-from autoannotator.labels import LabelSet
-from autoannotator.specialists import TrainConfig, load_specialist
+from autoannotator.learning.coldstart import ColdStartConfig, check_seed, cold_start
+from autoannotator.models.specialists import TrainConfig, load_specialist
 from tests import tiny
 
 LABELS = LabelSet.of(tiny.LABELS)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from autoannotator.consensus import consensus, member_weights, pairwise_disagreement
+from autoannotator.core.consensus import consensus, member_weights, pairwise_disagreement
 from autoannotator.errors import BadInputError
 
 # k = 3 members, L = 3 labels, three items: unanimous (0,0,0), a 2-1 split (0,0,1), no majority (0,1,2).

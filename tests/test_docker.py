@@ -18,7 +18,7 @@ import yaml
 
 from autoannotator import cli
 from autoannotator.settings import Settings
-from autoannotator.state import QUEUES
+from autoannotator.storage.redis_state import QUEUES
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker" / "compose.yaml"

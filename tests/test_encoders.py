@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from autoannotator.cli import main
-from autoannotator.encoders import (
+from autoannotator.lab.install_encoder import (
     ALL_MPNET_BASE_V2,
     PROVENANCE_FILE,
     EncoderInstallError,
@@ -28,7 +28,7 @@ from autoannotator.encoders import (
     known_encoder,
     sha256_of,
 )
-from autoannotator.specialists.encoder import Encoder
+from autoannotator.models.specialists.encoder import Encoder
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 

@@ -12,7 +12,7 @@ What LS 1.23.2 did, measured while writing these tests:
 
 - The webhook LS creates on connect (``<backend>/webhook``) carries no basic auth even when the
   ML backend uses it (LS sends the credentials on /setup, /predict and START_TRAINING only), so
-  every annotation event is refused until :func:`autoannotator.jobs.secure_webhooks` adds the
+  every annotation event is refused until :func:`autoannotator.service.jobs.secure_webhooks` adds the
   header; the sync it runs in then reads the annotations that were refused.
 - ``ls.annotations.create`` through the API fires ANNOTATION_CREATED like the UI does.
 - The "extra params" of the ML backend connection (a textarea in LS's connect form) reach /setup
@@ -32,11 +32,11 @@ from typing import Any
 import pytest
 from rq import Worker
 
-from autoannotator.api import create_app
-from autoannotator.labelconfig import parse_label_config, prediction
-from autoannotator.pool import Source, VerifiedPool
-from autoannotator.serving import ProjectModels
+from autoannotator.labelstudio.config import parse_label_config, prediction
+from autoannotator.learning.pool import Source, VerifiedPool
+from autoannotator.service.app import create_app
 from autoannotator.settings import Settings
+from autoannotator.storage.model_store import ProjectModels
 from tests.e2e_data import CONFIG, LABELS, NEUTRAL, SEED, publish
 from tests.flow import (
     PASSWORD,

@@ -29,10 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from autoannotator.api import create_app
-from autoannotator.bench_predict import server_env
+from autoannotator.lab.bench_predict import server_env
+from autoannotator.service.app import create_app
 from autoannotator.settings import Settings
 from tests.e2e_data import CLEAR, CONFIG, NEUTRAL
 from tests.flow import wait_for
@@ -57,8 +55,8 @@ ROTATE = {"Positive": "Negative", "Negative": "Neutral", "Neutral": "Positive"}
 PUBLISHER = """
 import sys
 from pathlib import Path
-from autoannotator.serving import ProjectModels
-from autoannotator.specialists import NgramSpecialist
+from autoannotator.storage.model_store import ProjectModels
+from autoannotator.models.specialists import NgramSpecialist
 from tests.e2e_data import LABELS, SEED
 
 model_dir, uid, rotate = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "rotate"
@@ -133,7 +131,9 @@ def _worker_pids(master: int) -> set[int]:
         return {int(p) for p in fh.read().split()}
 
 
-def test_every_gunicorn_worker_swaps_to_a_version_published_by_another_process(tmp_path: Path, redis_url: str) -> None:
+def test_every_gunicorn_worker_swaps_to_a_version_published_by_another_process(
+    tmp_path: Path, redis_url: str
+) -> None:
     model_dir = tmp_path / "models"
     v1 = _published(_publish_in_another_process(model_dir, "plain"))
     env = server_env(model_dir, redis_url, "off")
@@ -165,7 +165,7 @@ def test_every_gunicorn_worker_swaps_to_a_version_published_by_another_process(t
         str(access_log),
         "--access-logformat",
         "%({x-probe}i)s %(p)s",
-        "autoannotator.api:create_app()",
+        "autoannotator.service.app:create_app()",
     ]
     with open(server_log, "wb") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)

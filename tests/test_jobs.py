@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from rq import Queue, SimpleWorker, Worker
 
-from autoannotator import jobs
 from autoannotator.errors import AutoAnnotatorError, LabelMappingError, TrainingError
-from autoannotator.labelconfig import parse_label_config
-from autoannotator.pool import Source, VerifiedPool
+from autoannotator.labelstudio.config import parse_label_config
+from autoannotator.learning.pool import Source, VerifiedPool
+from autoannotator.models.specialists import NgramSpecialist
+from autoannotator.service import jobs
+from autoannotator.service.status import project_status
 from autoannotator.settings import Settings
-from autoannotator.specialists import NgramSpecialist
-from autoannotator.state import ProjectInfo, StateUnavailableError
-from autoannotator.status import project_status
+from autoannotator.storage.redis_state import ProjectInfo, StateUnavailableError
 from tests import tiny
 
 UID = "5.1700000000"

@@ -17,7 +17,7 @@ import pytest
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
-from autoannotator.labelconfig import PredictionValidator, parse_label_config, prediction
+from autoannotator.labelstudio.config import PredictionValidator, parse_label_config, prediction
 from tests.ls_server import LabelStudioServer
 
 pytestmark = pytest.mark.e2e

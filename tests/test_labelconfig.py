@@ -5,7 +5,7 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
 from autoannotator.errors import BadInputError, LabelMappingError, UnsupportedConfigError
-from autoannotator.labelconfig import (
+from autoannotator.labelstudio.config import (
     PredictionValidator,
     ProjectConfig,
     TaskText,

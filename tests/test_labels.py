@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from autoannotator.core.labels import LabelSet, map_model_labels, project_columns
 from autoannotator.errors import LabelMappingError
-from autoannotator.labels import LabelSet, map_model_labels, project_columns
 
 FIN = LabelSet.of(["bearish", "bullish", "neutral"])
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from autoannotator.core.labels import LabelSet
 from autoannotator.errors import BadInputError, LabelMappingError
-from autoannotator.labels import LabelSet
-from autoannotator.pool import Source, VerifiedItem, VerifiedPool
+from autoannotator.learning.pool import Source, VerifiedItem, VerifiedPool
 from tests import tiny
 
 LABELS = LabelSet(tiny.LABELS)

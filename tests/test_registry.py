@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autoannotator.core.labels import LabelSet
 from autoannotator.errors import LabelMappingError, SpecialistLoadError
-from autoannotator.labels import LabelSet
-from autoannotator.registry import Registry
-from autoannotator.specialists import NgramSpecialist
+from autoannotator.models.specialists import NgramSpecialist
+from autoannotator.storage.registry import Registry
 from tests import tiny
 
 LABELS = LabelSet(tiny.LABELS)

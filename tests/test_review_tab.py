@@ -1,7 +1,7 @@
 """The review tab against a real Label Studio: what a reviewer sees in it and what /next serves.
 
 Predictions are created straight through the API (no backend): the tab only cares about their
-scores and versions. The measured LS behaviours are listed in ``autoannotator.review_tab``.
+scores and versions. The measured LS behaviours are listed in ``autoannotator.labelstudio.review_tab``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from autoannotator.errors import BadInputError
-from autoannotator.labelconfig import parse_label_config, prediction
-from autoannotator.review_tab import (
+from autoannotator.labelstudio.config import parse_label_config, prediction
+from autoannotator.labelstudio.review_tab import (
     UNCERTAINTY_SAMPLING,
     align_model_version,
     ensure_review_tab,

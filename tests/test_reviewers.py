@@ -12,18 +12,9 @@ from pathlib import Path
 import openai
 import pytest
 
+from autoannotator.core.labels import LabelSet
 from autoannotator.errors import LabelMappingError
-from autoannotator.labels import LabelSet
-from autoannotator.llm import (
-    LLMReviewer,
-    LLMUsage,
-    PriceTable,
-    ReviewCache,
-    _retry_after_s,
-    make_openai_client,
-    system_prompt,
-)
-from autoannotator.reviewers import (
+from autoannotator.review.base import (
     NoisyOracleReviewer,
     OracleReviewer,
     Reviewer,
@@ -31,6 +22,15 @@ from autoannotator.reviewers import (
     ReviewOutcome,
     ReviewStatus,
     parse_answer,
+)
+from autoannotator.review.llm import (
+    LLMReviewer,
+    LLMUsage,
+    PriceTable,
+    ReviewCache,
+    _retry_after_s,
+    make_openai_client,
+    system_prompt,
 )
 from tests.openai_server import OpenAIServer, Reply, labels_in_prompt
 from tests.ports import free_port
@@ -398,7 +398,7 @@ def test_cost_comes_from_the_price_table() -> None:
 def test_an_unpriced_model_costs_zero_with_one_warning(
     server: OpenAIServer, client: openai.OpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="autoannotator.llm")
+    caplog.set_level(logging.WARNING, logger="autoannotator.review.llm")
     rev = reviewer(client, model="my-local-llama", prices=PriceTable({"other": (1.0, 1.0)}))
     outcomes = rev.review([ReviewItem("a", "bullish"), ReviewItem("b", "bearish")])
 

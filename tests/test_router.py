@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from autoannotator.consensus import member_weights
-from autoannotator.router import (
+from autoannotator.core.consensus import member_weights
+from autoannotator.core.policies import (
     Budget,
     Decision,
     EpsilonRule,

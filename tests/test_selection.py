@@ -25,9 +25,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from autoannotator.core.labels import LabelSet, map_model_labels
 from autoannotator.errors import BadInputError
-from autoannotator.labels import LabelSet, map_model_labels
-from autoannotator.selection import (
+from autoannotator.learning.selection import (
     CatalogEntry,
     RankedCandidate,
     load_catalog,
@@ -307,7 +307,7 @@ def test_llm_line_answer_with_invented_ids_never_adds_candidates(
     chat: ChatServer, shortlist: list, caplog: pytest.LogCaptureFixture
 ) -> None:
     chat.script.append((200, "1. org/b - best for tweets\n2. evil/invented\n- `ORG/A`\n3. org/b\n"))
-    with caplog.at_level(logging.WARNING, logger="autoannotator.selection"):
+    with caplog.at_level(logging.WARNING, logger="autoannotator.learning.selection"):
         out = rerank_with_llm(shortlist, "Sentiment of tweets", SENTIMENT, chat.client, "meta-llm", top_k=2)
     assert ids(out) == ["org/b", "org/a"]
     assert "evil/invented" in caplog.text
@@ -317,7 +317,7 @@ def test_llm_server_error_keeps_the_embedding_order(
     chat: ChatServer, shortlist: list, caplog: pytest.LogCaptureFixture
 ) -> None:
     chat.script.append((500, "upstream exploded"))
-    with caplog.at_level(logging.WARNING, logger="autoannotator.selection"):
+    with caplog.at_level(logging.WARNING, logger="autoannotator.learning.selection"):
         out = rerank_with_llm(shortlist, "Sentiment of tweets", SENTIMENT, chat.client, "meta-llm", top_k=2)
     assert ids(out) == ["org/a", "org/b"]
     assert len(chat.requests) == 1
@@ -328,7 +328,7 @@ def test_llm_answer_naming_no_candidate_keeps_the_embedding_order(
     chat: ChatServer, shortlist: list, caplog: pytest.LogCaptureFixture
 ) -> None:
     chat.script.append((200, "I would pick a RoBERTa model."))
-    with caplog.at_level(logging.WARNING, logger="autoannotator.selection"):
+    with caplog.at_level(logging.WARNING, logger="autoannotator.learning.selection"):
         out = rerank_with_llm(shortlist, "Sentiment of tweets", SENTIMENT, chat.client, "meta-llm")
     assert ids(out) == ["org/a", "org/b", "org/c"]
     assert "named no candidate" in caplog.text

@@ -27,8 +27,8 @@ def _classifier(directory, labels, bias_to=None):
 @pytest.mark.slow
 def test_select_ranks_by_description_and_drops_a_member_that_hurts_the_vote(tmp_path, tiny_corpus, capsys):
     """Ranking needs a real sentence encoder: this uses the packaged MiniLM."""
-    from autoannotator.labels import LabelSet
-    from autoannotator.specialists import NgramSpecialist
+    from autoannotator.core.labels import LabelSet
+    from autoannotator.models.specialists import NgramSpecialist
 
     labels = LabelSet.of(tiny.LABELS)
     texts, ys = [t for t, _ in tiny_corpus[:150]], [y for _, y in tiny_corpus[:150]]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoannotator.benchmark import peak_rss_mb, reset_peak, rss_mb
 from autoannotator.cli import main
+from autoannotator.lab.benchmark import peak_rss_mb, reset_peak, rss_mb
 from tests import tiny
 from tests.openai_server import OpenAIServer
 

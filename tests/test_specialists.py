@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from autoannotator.core.labels import LabelSet
 from autoannotator.errors import BadInputError, LabelMappingError, SpecialistLoadError, TrainingError
-from autoannotator.labels import LabelSet
-from autoannotator.specialists import (
+from autoannotator.models.specialists import (
     EmbeddingSpecialist,
     NgramSpecialist,
     TrainConfig,
     TransformerSpecialist,
     load_specialist,
 )
-from autoannotator.specialists.base import MAX_TEXT_CHARS, staged_dir
-from autoannotator.specialists.runtime import available_cpus, configure_torch
+from autoannotator.models.specialists.base import MAX_TEXT_CHARS, staged_dir
+from autoannotator.models.specialists.runtime import available_cpus, configure_torch
 from tests import tiny
 
 LABELS = LabelSet.of(tiny.LABELS)

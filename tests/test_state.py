@@ -10,7 +10,7 @@ import time
 import pytest
 
 from autoannotator.settings import REVIEW_MODES
-from autoannotator.state import (
+from autoannotator.storage.redis_state import (
     COUNTERS,
     QUEUES,
     TRAIN_PENDING_TTL_S,

