@@ -2,20 +2,21 @@
 the webhook, settings, routing to review jobs, /metrics and a Redis that is down, against a real Redis."""
 
 import base64
-import re
 import time
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from rq import Queue
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.labelstudio.config import PredictionValidator, parse_label_config
+from autoannotator.labelstudio.fields import ClearedTask, RoutedTask
 from autoannotator.service.app import create_app
 from autoannotator.settings import Settings, settings_table
 from autoannotator.storage.model_store import WAITING_VERSION, ProjectModels
-from autoannotator.storage.redis_state import State
-from tests import tiny
+from autoannotator.storage.redis_state import COUNTERS, State
+from tests import scrape, tiny
 
 CONFIG = """<View>
   <Text name="text" value="$tweet"/>
@@ -402,13 +403,14 @@ def test_uncertain_tasks_are_handed_to_one_review_job(rq_redis, published, tiny_
     (job,) = jobs_in(rq_redis, "review")
     uid, job_version, mode, routed, cleared = job.args
     assert (uid, job_version, mode, cleared) == (PROJECT, version, "human", [])
-    assert [e["task_id"] for e in routed] == [t["id"] for t in tasks[:6]]
+    assert [e.task_id for e in routed] == [t["id"] for t in tasks[:6]]
     for entry, task, result in zip(routed, tasks, results, strict=False):
-        assert entry["text"] == task["data"]["tweet"] and entry["data"] == task["data"]
-        assert sum(entry["votes"].values()) == 2  # one vote per member
-        assert set(entry["votes"]) <= set(tiny.LABELS) and entry["label"] in tiny.LABELS
-        assert entry["label"] == result["result"][0]["value"]["choices"][0]
-        assert entry["confidence"] == pytest.approx(result["score"], abs=1e-4) and entry["confidence"] < 0.99
+        assert isinstance(entry, RoutedTask)
+        assert entry.text == task["data"]["tweet"] and entry.data == task["data"]
+        assert sum(entry.votes.values()) == 2  # one vote per member
+        assert set(entry.votes) <= set(tiny.LABELS) and entry.label in tiny.LABELS
+        assert entry.label == result["result"][0]["value"]["choices"][0]
+        assert entry.confidence == pytest.approx(result["score"], abs=1e-4) and entry.confidence < 0.99
     counters = State(rq_redis, "human").counters(PROJECT)
     assert counters["predictions"] == 7 and counters["routed"] == 6
 
@@ -433,7 +435,7 @@ def test_the_review_job_is_queued_after_the_answer_is_sent(rq_redis, published, 
     assert State(rq_redis, "human").counters(PROJECT)["predictions"] == 0
     r.close()
     (job,) = jobs_in(rq_redis, "review")
-    assert [e["task_id"] for e in job.args[3]] == [300, 301, 302]
+    assert [e.task_id for e in job.args[3]] == [300, 301, 302]
     assert State(rq_redis, "human").counters(PROJECT)["predictions"] == 3
 
 
@@ -450,7 +452,7 @@ def test_annotated_tasks_are_not_routed(rq_redis, published, tiny_corpus, app_cl
     results = _routed_predict(c, tasks)
     assert all(r["result"] for r in results)  # every task still gets its prediction
     (job,) = jobs_in(rq_redis, "review")
-    assert [e["task_id"] for e in job.args[3]] == [3, 4]
+    assert [e.task_id for e in job.args[3]] == [3, 4]
 
 
 def test_a_flagged_task_no_longer_routed_is_cleared(rq_redis, published, tiny_corpus, app_client):
@@ -460,7 +462,7 @@ def test_a_flagged_task_no_longer_routed_is_cleared(rq_redis, published, tiny_co
     plain = {"id": 10, "data": {"tweet": tiny_corpus[1][0], "aa_needs_review": False}}
     _routed_predict(c, [flagged, plain])
     (job,) = jobs_in(rq_redis, "review")  # even in mode off the stale flag is taken down
-    assert job.args == (PROJECT, version, "off", [], [{"task_id": 9, "data": flagged["data"]}])
+    assert job.args == (PROJECT, version, "off", [], [ClearedTask(9, flagged["data"])])
     rq_redis.flushdb()
     _routed_predict(c, [plain])
     assert jobs_in(rq_redis, "review") == []
@@ -488,9 +490,13 @@ def test_without_redis_predictions_still_answer_and_queues_say_they_are_down(pub
     r = c.get(f"/projects/{PROJECT}/settings")
     assert r.status_code == 503 and "unavailable" in r.get_json()["error"]
     metrics = c.get("/metrics")
-    assert metrics.status_code == 200 and "autoannotator_redis_up 0\n" in metrics.get_data(as_text=True)
-    assert f'autoannotator_model_info{{project="{PROJECT}",version="{version}"}} 1' in metrics.get_data(
-        as_text=True
+    assert metrics.status_code == 200
+    assert scrape.value(metrics.get_data(as_text=True), "autoannotator_redis_up") == 0
+    assert (
+        scrape.value(
+            metrics.get_data(as_text=True), "autoannotator_model_info", project=PROJECT, version=version
+        )
+        == 1
     )
     status = c.get("/status.json")  # the model store still answers; the Redis parts say why not
     assert status.status_code == 200
@@ -502,12 +508,6 @@ def test_without_redis_predictions_still_answer_and_queues_say_they_are_down(pub
     assert page.status_code == 200 and version in page.get_data(as_text=True)
 
 
-_SAMPLE = re.compile(
-    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*"'
-    r'(,[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*")*)\})? (?P<value>-?(\d+(\.\d+)?([eE][+-]?\d+)?|NaN|[+-]Inf))$'
-)
-
-
 def test_metrics_are_valid_prometheus_text_with_project_labels(rq_redis, published, tiny_corpus, app_client):
     root, version = published
     c = app_client(root, policy="mean:0.99")
@@ -517,29 +517,16 @@ def test_metrics_are_valid_prometheus_text_with_project_labels(rq_redis, publish
     r = c.get("/metrics")
     assert r.status_code == 200 and r.mimetype == "text/plain"
     text = r.get_data(as_text=True)
-    assert text.endswith("\n")
-    typed: dict[str, str] = {}
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            parts = line.split(" ", 3)
-            assert parts[1] in ("HELP", "TYPE") and len(parts) == 4, line
-            if parts[1] == "TYPE":
-                assert parts[2] not in typed, f"TYPE twice: {line}"
-                assert parts[3] in ("counter", "gauge"), line
-                typed[parts[2]] = parts[3]
-            continue
-        match = _SAMPLE.match(line)
-        assert match, f"not a Prometheus sample: {line!r}"
-        assert match["name"] in typed, f"sample before its TYPE: {line}"
-        samples[line.rsplit(" ", 1)[0]] = float(match["value"])
-    p = f'{{project="{PROJECT}"}}'
-    assert samples["autoannotator_redis_up"] == 1
-    assert samples[f"autoannotator_predictions_total{p}"] == 3
-    assert samples[f"autoannotator_routed_total{p}"] == 3
-    assert samples[f"autoannotator_webhooks_total{p}"] == 1
-    assert samples[f"autoannotator_llm_cost_usd_total{p}"] == pytest.approx(0.0125)
-    assert samples['autoannotator_queue_depth{queue="review"}'] == 1
-    assert samples['autoannotator_queue_depth{queue="ingest"}'] == 2  # the annotation and a sync
-    assert samples[f'autoannotator_model_info{{project="{PROJECT}",version="{version}"}}'] == 1
-    assert all(typed[n] == "counter" for n in typed if n.endswith("_total"))
+    # Prometheus' own parser reads it; every counter is typed as one and named *_total.
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    counters = {name for name, f in families.items() if f.type == "counter"}
+    assert {f"autoannotator_{name}" for name in COUNTERS} <= counters
+    assert all(s.name.endswith("_total") for n in counters for s in families[n].samples)
+    assert scrape.value(text, "autoannotator_redis_up") == 1
+    assert scrape.value(text, "autoannotator_predictions_total", project=PROJECT) == 3
+    assert scrape.value(text, "autoannotator_routed_total", project=PROJECT) == 3
+    assert scrape.value(text, "autoannotator_webhooks_total", project=PROJECT) == 1
+    assert scrape.value(text, "autoannotator_llm_cost_usd_total", project=PROJECT) == pytest.approx(0.0125)
+    assert scrape.value(text, "autoannotator_queue_depth", queue="review") == 1
+    assert scrape.value(text, "autoannotator_queue_depth", queue="ingest") == 2  # the annotation and a sync
+    assert scrape.value(text, "autoannotator_model_info", project=PROJECT, version=version) == 1

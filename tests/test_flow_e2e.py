@@ -12,7 +12,7 @@ What LS 1.23.2 did, measured while writing these tests:
 
 - The webhook LS creates on connect (``<backend>/webhook``) carries no basic auth even when the
   ML backend uses it (LS sends the credentials on /setup, /predict and START_TRAINING only), so
-  every annotation event is refused until :func:`autoannotator.service.jobs.secure_webhooks` adds the
+  every annotation event is refused until :func:`autoannotator.labelstudio.client.secure_webhooks` adds the
   header; the sync it runs in then reads the annotations that were refused.
 - ``ls.annotations.create`` through the API fires ANNOTATION_CREATED like the UI does.
 - The "extra params" of the ML backend connection (a textarea in LS's connect form) reach /setup
@@ -37,6 +37,7 @@ from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.service.app import create_app
 from autoannotator.settings import Settings
 from autoannotator.storage.model_store import ProjectModels
+from tests import scrape
 from tests.e2e_data import CONFIG, LABELS, NEUTRAL, SEED, publish
 from tests.flow import (
     PASSWORD,
@@ -199,8 +200,8 @@ def test_human_mode_cold_start_review_tab_and_retraining(
         assert mine["counters"]["human_labels"] == 46 and mine["counters"]["trainings_published"] == published
         assert mine["counters"]["predictions"] >= 2 * len(stream)
         metrics = app.app.test_client().get("/metrics", headers=_auth()).get_data(as_text=True)
-        assert f'autoannotator_trainings_published_total{{project="{uid}"}} {published}' in metrics
-        assert f'autoannotator_model_info{{project="{uid}",version="{newest}"}} 1' in metrics
+        assert scrape.value(metrics, "autoannotator_trainings_published_total", project=uid) == published
+        assert scrape.value(metrics, "autoannotator_model_info", project=uid, version=newest) == 1
         assert not failed_jobs(client), failed_jobs(client)
 
 

@@ -13,14 +13,25 @@ from pathlib import Path
 import pytest
 from rq import Queue, SimpleWorker, Worker
 
-from autoannotator.errors import AutoAnnotatorError, LabelMappingError, TrainingError
+from autoannotator.errors import (
+    AutoAnnotatorError,
+    LabelMappingError,
+    NotConfiguredError,
+    StateUnavailableError,
+    TrainingError,
+)
 from autoannotator.labelstudio.config import parse_label_config
+from autoannotator.labelstudio.fields import votes_text
 from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.models.specialists import NgramSpecialist
 from autoannotator.service import jobs
+from autoannotator.service.context import Context
+from autoannotator.service.ingest import seed_shortfall
+from autoannotator.service.queueing import JOBS, request_sync, request_training
 from autoannotator.service.status import project_status
+from autoannotator.service.worker import worker_class
 from autoannotator.settings import Settings
-from autoannotator.storage.redis_state import ProjectInfo, StateUnavailableError
+from autoannotator.storage.redis_state import ProjectInfo
 from tests import tiny
 
 UID = "5.1700000000"
@@ -34,7 +45,7 @@ SEED_LABELS = 10  # the cold start waits for 8 training labels (a fifth is held 
 def make_ctx(tmp_path, redis_url):
     """``make_ctx(**env)``: settings from an environment, the project remembered, the jobs' context set."""
 
-    def make(**env: str) -> jobs.Context:
+    def make(**env: str) -> Context:
         settings = Settings.from_env(
             {
                 "AUTOANNOTATOR_MODEL_DIR": str(tmp_path / "models"),
@@ -44,13 +55,13 @@ def make_ctx(tmp_path, redis_url):
                 **env,
             }
         )
-        ctx = jobs.Context.from_settings(settings)
+        ctx = Context.from_settings(settings)
         ctx.state.remember(ProjectInfo(UID, 5, "http://ls.invalid", CONFIG))
-        jobs.use_context(ctx)
+        jobs.bind_context(ctx)
         return ctx
 
     yield make
-    jobs.use_context(None)
+    jobs.bind_context(None)
 
 
 @pytest.fixture
@@ -71,11 +82,11 @@ def annotate(task_id: int, text: str, label: str) -> str:
     return jobs.ingest_annotation(UID, {"id": task_id, "data": {"text": text}}, choice(label))
 
 
-def pool_of(ctx: jobs.Context) -> VerifiedPool:
+def pool_of(ctx: Context) -> VerifiedPool:
     return VerifiedPool(LABELS, path=ctx.pool_path(UID))
 
 
-def train_jobs(ctx: jobs.Context) -> list:
+def train_jobs(ctx: Context) -> list:
     return Queue("train", connection=ctx.state.redis).jobs
 
 
@@ -101,12 +112,12 @@ def count_pool_builds(monkeypatch) -> list[int]:
 
 def test_two_workers_keep_their_pools_and_see_each_others_labels(ctx, monkeypatch):
     """Each worker keeps its pool between jobs and reads only what the other appended."""
-    other = jobs.Context.from_settings(ctx.settings)  # a second worker process, in effect
+    other = Context.from_settings(ctx.settings)  # a second worker process, in effect
     rebuilt = count_pool_builds(monkeypatch)
     for i, (text, label) in enumerate(corpus(12)):
-        jobs.use_context(ctx if i % 2 else other)
+        jobs.bind_context(ctx if i % 2 else other)
         annotate(i, text, label)
-    jobs.use_context(ctx)
+    jobs.bind_context(ctx)
     annotate(99, "stocks plunge on losses", "Negative")
     assert len(rebuilt) == 2  # one pool per worker, built once, then refreshed
     assert ctx._pools[UID].get("task:98") is None and len(ctx._pools[UID]) == 13
@@ -116,13 +127,13 @@ def test_two_workers_keep_their_pools_and_see_each_others_labels(ctx, monkeypatc
 
 
 def test_workers_fork_for_training_and_keep_their_context_otherwise():
-    assert jobs.worker_class(["ingest", "review"]) is SimpleWorker
-    assert jobs.worker_class(["train"]) is Worker
-    assert jobs.worker_class(["ingest", "review", "train"]) is Worker
-    assert jobs.worker_class(["ingest"], "fork") is Worker
-    assert jobs.worker_class(["train"], "none") is SimpleWorker
+    assert worker_class(["ingest", "review"]) is SimpleWorker
+    assert worker_class(["train"]) is Worker
+    assert worker_class(["ingest", "review", "train"]) is Worker
+    assert worker_class(["ingest"], "fork") is Worker
+    assert worker_class(["train"], "none") is SimpleWorker
     with pytest.raises(AutoAnnotatorError, match="isolate must be one of"):
-        jobs.worker_class(["ingest"], "thread")
+        worker_class(["ingest"], "thread")
 
 
 def test_an_rq_worker_on_the_ingest_queue_keeps_the_pool_between_jobs(ctx, monkeypatch):
@@ -133,9 +144,9 @@ def test_an_rq_worker_on_the_ingest_queue_keeps_the_pool_between_jobs(ctx, monke
     examples = corpus(6)
     for i, (text, label) in enumerate(examples):
         task = {"id": i, "data": {"text": text}}
-        ctx.state.enqueue("ingest", jobs.ingest_annotation, UID, task, choice(label), job_timeout=300)
-    worker_class = jobs.worker_class(["ingest", "review"])
-    worker = worker_class([ctx.state.queue("ingest")], connection=ctx.state.redis)
+        ctx.state.enqueue("ingest", JOBS + "ingest_annotation", UID, task, choice(label), job_timeout=300)
+    cls = worker_class(["ingest", "review"])
+    worker = cls([ctx.state.queue("ingest")], connection=ctx.state.redis)
     assert worker.work(burst=True)
     assert ctx.state.queue("ingest").failed_job_registry.count == 0
     assert len(rebuilt) == 1
@@ -143,7 +154,7 @@ def test_an_rq_worker_on_the_ingest_queue_keeps_the_pool_between_jobs(ctx, monke
 
 
 def test_a_worker_keeps_each_projects_llm_answers_and_reads_what_others_added(ctx):
-    other = jobs.Context.from_settings(ctx.settings)  # a second worker process, in effect
+    other = Context.from_settings(ctx.settings)  # a second worker process, in effect
     cache = ctx.review_cache(UID)
     other.review_cache(UID).put("k", "Positive")
     again = ctx.review_cache(UID)
@@ -202,12 +213,12 @@ def test_a_label_outside_the_config_is_a_clear_error(ctx):
 
 
 def test_an_unknown_project_says_how_it_recovers(ctx):
-    with pytest.raises(jobs.NotConfiguredError, match="unknown to this Redis"):
+    with pytest.raises(NotConfiguredError, match="unknown to this Redis"):
         jobs.ingest_annotation("9.1700000000", {"id": 1, "data": {"text": "x"}}, choice("Positive"))
 
 
 def test_workers_need_a_label_studio_key(ctx):
-    with pytest.raises(jobs.NotConfiguredError, match="LABEL_STUDIO_API_KEY is not set"):
+    with pytest.raises(NotConfiguredError, match="LABEL_STUDIO_API_KEY is not set"):
         ctx.label_studio(ctx.info(UID))
 
 
@@ -227,9 +238,9 @@ def test_the_cold_start_waits_for_the_seed_then_queues_exactly_one_training(ctx)
         annotate(i, text, label)
         if train_jobs(ctx) and queued_at is None:
             queued_at = i
-            assert jobs._seed_shortfall(ctx, pool_of(ctx)) is None  # queued as soon as the seed is usable
+            assert seed_shortfall(ctx, pool_of(ctx)) is None  # queued as soon as the seed is usable
         if queued_at is None:
-            assert jobs._seed_shortfall(ctx, pool_of(ctx)) is not None
+            assert seed_shortfall(ctx, pool_of(ctx)) is not None
     assert queued_at is not None
     (job,) = train_jobs(ctx)  # labels arriving while it is pending queue nothing more
     assert job.func_name.endswith("train_project") and job.args == (UID, False)
@@ -274,17 +285,17 @@ def test_a_failed_enqueue_gives_the_claims_back(ctx, monkeypatch):
 
     monkeypatch.setattr(ctx.state, "enqueue", down)
     with pytest.raises(StateUnavailableError):
-        jobs.request_training(ctx, UID, reason="test")
+        request_training(ctx, UID, reason="test")
     assert not ctx.state.training_pending(UID)  # else no training for TRAIN_PENDING_TTL_S
     with pytest.raises(StateUnavailableError):
-        jobs.request_sync(ctx, UID)
+        request_sync(ctx, UID)
     assert ctx.state.claim_sync(UID)  # the next request queues the sync
 
 
 # ---------------------------------------------------------------------------- training
 
 
-def _seed_and_publish(ctx: jobs.Context, n: int = 45) -> None:
+def _seed_and_publish(ctx: Context, n: int = 45) -> None:
     for i, (text, label) in enumerate(corpus(n)):
         annotate(i, text, label)
     assert jobs.train_project(UID) == "first version v0001 published"
@@ -353,7 +364,7 @@ def test_a_refinement_that_crashes_leaves_the_served_version_and_can_be_retried(
     assert pool_of(ctx).growth_since_training() == growth  # the new labels are still new
     assert not ctx.state.training_pending(UID)
     Queue("train", connection=ctx.state.redis).empty()
-    assert jobs.request_training(ctx, UID, reason="retry")  # a later training can be queued
+    assert request_training(ctx, UID, reason="retry")  # a later training can be queued
     monkeypatch.undo()
     outcome = jobs.train_project(UID, True)
     assert outcome.startswith("v000") and ("published" in outcome or "rejected" in outcome)
@@ -389,7 +400,7 @@ def test_a_cold_start_that_crashes_publishes_nothing(ctx, monkeypatch):
     ],
 )
 def test_votes_text(votes, confidence, shown):
-    assert jobs.votes_text(votes, confidence) == shown
+    assert votes_text(votes, confidence) == shown
 
 
 def test_new_labels_that_are_all_held_out_do_not_requeue_training_forever(make_ctx):

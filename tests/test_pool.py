@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from autoannotator.core.labels import LabelSet
-from autoannotator.errors import BadInputError, LabelMappingError
+from autoannotator.errors import BadInputError, CorruptStoreError, LabelMappingError
 from autoannotator.learning.pool import Source, VerifiedItem, VerifiedPool
 from tests import tiny
 
@@ -184,8 +184,9 @@ def test_damage_before_the_end_or_a_foreign_label_is_refused_not_skipped(tmp_pat
     VerifiedPool(LABELS, path=path).add_many(keyed(3))
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
-    with pytest.raises(BadInputError, match=r"pool\.jsonl:2 "):
+    with pytest.raises(CorruptStoreError, match=r"pool\.jsonl:2 ") as damaged:
         VerifiedPool(LABELS, path=path)
+    assert not isinstance(damaged.value, BadInputError)  # a damaged store is ours, not the client's
     other = LabelSet(("negative", "positive"))
     path.write_text(lines[0] + "\n" + lines[1] + "\n")  # the log's id, then one event
     with pytest.raises(LabelMappingError, match="another label set"):

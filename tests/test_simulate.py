@@ -221,7 +221,8 @@ def test_benchmark_times_every_member_of_a_version(tmp_path, data, tiny_encoder,
     assert result["machine"]["cpus_usable"] >= 1
     memory = result["memory"]
     assert memory["peak_is_per_phase"] is sys.platform.startswith("linux")
-    assert 0 < memory["rss_start_mb"] < memory["rss_loaded_mb"] <= memory["peak_predict_mb"] + 1
+    # Loading tiny members into a process that already ran a simulation may reuse freed pages: no growth.
+    assert 0 < memory["rss_start_mb"] <= memory["rss_loaded_mb"] <= memory["peak_predict_mb"] + 1
     for m in result["members"]:
         assert m["fit_peak_rss_mb"] >= m["rss_before_fit_mb"] - 1  # the peak window opens at that RSS
     assert json.loads(capsys.readouterr().out) == result

@@ -28,8 +28,11 @@ from autoannotator.models.ensemble import Ensemble
 from autoannotator.models.specialists.base import TrainConfig
 from autoannotator.service import jobs
 from autoannotator.service.app import create_app
+from autoannotator.service.context import Context
+from autoannotator.service.worker import worker_class
 from autoannotator.settings import Settings
 from autoannotator.storage.redis_state import ProjectInfo, State
+from tests import scrape
 from tests.e2e_data import CONFIG, LABELS, publish
 
 UID = "7.1700000000"
@@ -104,9 +107,9 @@ def test_status_derives_routed_share_and_llm_savings_from_the_counters(tmp_path,
     assert _saved_row(page) == "9 calls, $0.0018"
     # /metrics carries the raw counters the fields are derived from.
     metrics = client.get("/metrics").get_data(as_text=True)
-    assert f'autoannotator_predictions_total{{project="{UID}"}} 12' in metrics
-    assert f'autoannotator_routed_total{{project="{UID}"}} 4' in metrics
-    assert f'autoannotator_llm_cost_usd_total{{project="{UID}"}} 0.000600' in metrics
+    assert scrape.value(metrics, "autoannotator_predictions_total", project=UID) == 12
+    assert scrape.value(metrics, "autoannotator_routed_total", project=UID) == 4
+    assert scrape.value(metrics, "autoannotator_llm_cost_usd_total", project=UID) == pytest.approx(0.0006)
 
 
 @pytest.mark.parametrize(
@@ -152,11 +155,11 @@ def gate_ctx(tmp_path, redis_url):
             AUTOANNOTATOR_MIN_HOLDOUT="5",
         )
     )
-    ctx = jobs.Context.from_settings(settings)
+    ctx = Context.from_settings(settings)
     ctx.state.remember(ProjectInfo(UID, 7, "http://ls.invalid", CONFIG))
-    jobs.use_context(ctx)
+    jobs.bind_context(ctx)
     yield ctx
-    jobs.use_context(None)
+    jobs.bind_context(None)
 
 
 def _annotate(task_id: int, text: str, label: str) -> str:
@@ -169,10 +172,10 @@ def _annotate(task_id: int, text: str, label: str) -> str:
     return jobs.ingest_annotation(UID, {"id": task_id, "data": {"text": text}}, annotation)
 
 
-def _run_train_queue(ctx: jobs.Context) -> None:
+def _run_train_queue(ctx: Context) -> None:
     """What ``autoannotator worker --queues train`` does with the queued job (in this process)."""
-    worker_class = jobs.worker_class(["train"], "none")
-    worker = worker_class([ctx.state.queue("train")], connection=ctx.state.redis)
+    cls = worker_class(["train"], "none")
+    worker = cls([ctx.state.queue("train")], connection=ctx.state.redis)
     assert worker.work(burst=True)
     assert ctx.state.queue("train").failed_job_registry.count == 0
 

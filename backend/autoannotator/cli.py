@@ -298,27 +298,21 @@ def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelS
         accuracy = float(args.review.split(":", 1)[1])
         return ReviewSetup(NoisyOracleReviewer(gold, labels, accuracy=accuracy, seed=args.seed))
     if args.review == "llm":
-        from autoannotator.review.llm import LLMReviewer, PriceTable, ReviewCache, make_openai_client
+        from autoannotator.review.llm import ReviewCache, build_reviewer
+        from autoannotator.settings import parse_llm_price
 
         if not args.llm_base_url:
             raise SystemExit("--review llm needs --llm-base-url (any OpenAI-compatible endpoint)")
-        prices = PriceTable.default()
-        if args.llm_price:
-            try:
-                price_in, price_out = (float(x) for x in args.llm_price.split(","))
-            except ValueError:
-                raise SystemExit(
-                    f"--llm-price takes IN,OUT in USD per million tokens, got {args.llm_price!r}"
-                ) from None
-            prices = prices.with_price(args.llm_model, price_in, price_out)
-        client = make_openai_client(
-            args.llm_base_url, os.environ.get(args.llm_api_key_env), timeout=args.llm_timeout
-        )
-        llm = LLMReviewer(
-            client,
-            model=args.llm_model,
-            labels=labels,
-            prices=prices,
+        try:
+            price = parse_llm_price(args.llm_price, "--llm-price") if args.llm_price else None
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        llm = build_reviewer(
+            args.llm_base_url,
+            os.environ.get(args.llm_api_key_env),
+            args.llm_model,
+            labels,
+            price=price,
             timeout_s=args.llm_timeout,
             max_concurrency=args.llm_concurrency,
             cache=ReviewCache(Path(args.out) / "llm-cache.jsonl"),
@@ -551,29 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from autoannotator.service import jobs
+    from autoannotator.service.worker import run_worker
     from autoannotator.settings import Settings
-    from autoannotator.storage.redis_state import QUEUES
 
     _quiet_libraries()
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = [q for q in queues if q not in QUEUES]
-    if unknown or not queues:
-        raise AutoAnnotatorError(f"unknown queues {unknown}; choose from {list(QUEUES)}")
-    ctx = jobs.Context.from_settings(Settings.from_env())
-    jobs.use_context(ctx)
-    if not ctx.state.ping():
-        raise AutoAnnotatorError("Redis does not answer at AUTOANNOTATOR_REDIS_URL; start it or fix the URL")
-    worker_class = jobs.worker_class(queues, args.isolate)
-    worker = worker_class([ctx.state.queue(q) for q in queues], connection=ctx.state.redis, name=args.name)
-    logger.info(
-        "worker %s on queues %s (%s), models in %s",
-        worker.name,
-        queues,
-        "a forked child per job" if worker_class is not jobs.SimpleWorker else "jobs in this process",
-        ctx.settings.model_dir,
-    )
-    worker.work(burst=args.burst, with_scheduler=False)
+    run_worker(Settings.from_env(), queues, args.isolate, name=args.name, burst=args.burst)
     return 0
 
 

@@ -8,10 +8,12 @@ Secrets (LLM key, Label Studio key, basic-auth password) are kept out of ``repr`
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from autoannotator.core.limits import MAX_TEXT_CHARS
 
 REVIEW_MODES = ("llm", "human", "off")
 # AUTOANNOTATOR_SPECIALISTS=catalog or catalog:K: the K best catalog models for the project (Eq. 1).
@@ -35,7 +37,9 @@ class Settings:
     policy: str = _setting(
         "AUTOANNOTATOR_POLICY", "mean:0.75", "routing policy spec (epsilon:0.34, mean:0.75, margin:0.2, ...)"
     )
-    max_text_chars: int = _setting("AUTOANNOTATOR_MAX_TEXT_CHARS", 20_000, "longer task texts are clipped")
+    max_text_chars: int = _setting(
+        "AUTOANNOTATOR_MAX_TEXT_CHARS", MAX_TEXT_CHARS, "longer task texts are clipped"
+    )
     basic_auth_user: str = _setting(
         "BASIC_AUTH_USER", "", "user Label Studio must send (basic auth); empty: off"
     )
@@ -111,6 +115,23 @@ class Settings:
         (),
         "USD per 1M input,output tokens (e.g. 0.15,0.60); empty: the built-in table",
     )
+    # How long each kind of rq job may run before rq kills it (and the pool lock's wait): a job past
+    # its limit is failed and kept in rq's failed registry, and the next event or sync retries it.
+    ingest_timeout_s: int = _setting(
+        "AUTOANNOTATOR_INGEST_TIMEOUT", 300, "seconds one annotation's ingest job may run"
+    )
+    review_timeout_s: int = _setting(
+        "AUTOANNOTATOR_REVIEW_TIMEOUT", 1800, "seconds one /predict batch's review job may run"
+    )
+    sync_timeout_s: int = _setting(
+        "AUTOANNOTATOR_SYNC_TIMEOUT", 3600, "seconds a rebuild of the pool from Label Studio may run"
+    )
+    train_timeout_s: int = _setting(
+        "AUTOANNOTATOR_TRAIN_TIMEOUT", 4 * 3600, "seconds one training (fine-tune, judge, publish) may run"
+    )
+    pool_lock_timeout_s: float = _setting(
+        "AUTOANNOTATOR_POOL_LOCK_TIMEOUT", 120.0, "seconds a job waits for a project's pool lock"
+    )
 
     def __post_init__(self) -> None:
         if self.max_text_chars < 1:
@@ -127,6 +148,11 @@ class Settings:
             )
         if self.min_holdout < 0:
             raise ValueError(f"AUTOANNOTATOR_MIN_HOLDOUT must be >= 0, got {self.min_holdout}")
+        for name in ("ingest_timeout_s", "review_timeout_s", "sync_timeout_s", "train_timeout_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_env(name)} must be >= 1, got {getattr(self, name)}")
+        if self.pool_lock_timeout_s <= 0:
+            raise ValueError(f"AUTOANNOTATOR_POOL_LOCK_TIMEOUT must be > 0, got {self.pool_lock_timeout_s}")
         for name in ("retrain_every", "seed_labels", "llm_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env(name)} must be >= 1, got {getattr(self, name)}")
@@ -159,18 +185,7 @@ class Settings:
 
     def llm_prices(self) -> tuple[float, float] | None:
         """The configured (input, output) price per million tokens, or None for the built-in table."""
-        if not self.llm_price:
-            return None
-        try:
-            price_in, price_out = (float(x) for x in self.llm_price)
-        except ValueError:
-            raise ValueError(
-                "AUTOANNOTATOR_LLM_PRICE must be two numbers 'input,output', "
-                f"got {','.join(self.llm_price)!r}"
-            ) from None
-        if price_in < 0 or price_out < 0:
-            raise ValueError("AUTOANNOTATOR_LLM_PRICE must not be negative")
-        return price_in, price_out
+        return parse_llm_price(self.llm_price, "AUTOANNOTATOR_LLM_PRICE") if self.llm_price else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -218,3 +233,18 @@ def settings_table() -> str:
         cell = f"`{shown}`" if shown else "(empty)"
         rows.append(f"| `{f.metadata['env']}` | {cell} | {f.metadata['help']} |")
     return "\n".join(rows)
+
+
+def parse_llm_price(parts: Sequence[str] | str, name: str) -> tuple[float, float]:
+    """``"IN,OUT"`` (USD per million input and output tokens) as two numbers; ``name`` is what the
+    message calls the setting (an environment variable or a command-line flag)."""
+    given = parts.split(",") if isinstance(parts, str) else list(parts)
+    try:
+        price_in, price_out = (float(x) for x in given)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be two numbers 'input,output' in USD per million tokens, got {','.join(given)!r}"
+        ) from None
+    if price_in < 0 or price_out < 0:
+        raise ValueError(f"{name} must not be negative")
+    return price_in, price_out

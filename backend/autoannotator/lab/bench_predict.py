@@ -12,10 +12,13 @@ drifting load hits every side alike:
   handler's own time (parse, extract, route, build and validate the predictions, Redis counters,
   enqueue the review job, JSON out) is the request's time minus the forward pass inside it;
 - ``http``: the request over HTTP to gunicorn, client-side JSON encoding and decoding included.
-  The served app (:func:`served_app`) is ``create_app()`` plus one response header carrying the
-  seconds that request spent in ``predict_proba``, so HTTP time can also be *paired* with the
-  forward pass of the same request in the same process: on a shared machine the two processes'
-  forward passes differ by more than the protocol costs, and the pairing cancels that out.
+  gunicorn serves the product's ``create_app()`` as deployed; its ``Server-Timing`` header says
+  how long that request spent in the members' forward passes, so HTTP time can also be *paired*
+  with the forward pass of the same request in the same process: on a shared machine the two
+  processes' forward passes differ by more than the protocol costs, and the pairing cancels that.
+
+The per-step breakdown (``components_ms``) times :meth:`Annotator.predict`, the very function the
+route calls, by its own clock, plus the Redis work after the answer and the JSON on either side.
 
 Every call gets texts nobody has seen (a short suffix, as in ``autoannotator benchmark``): the
 embedding member caches vectors by text, and a repeated text would make its forward pass a lookup.
@@ -29,7 +32,6 @@ worker runs, so they just sit in the queue until the flush); with ``off`` only t
 from __future__ import annotations
 
 import http.client
-import itertools
 import json
 import logging
 import os
@@ -50,18 +52,13 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 import redis
-from flask import Flask, Response
 
-from autoannotator.core.policies import policy_from_spec
 from autoannotator.errors import AutoAnnotatorError
 from autoannotator.lab.benchmark import machine, process_memory_mb
-from autoannotator.labelstudio.config import (
-    PredictionValidator,
-    extract_texts,
-    parse_label_config,
-    prediction,
-)
+from autoannotator.labelstudio.config import parse_label_config
 from autoannotator.models.ensemble import Ensemble, read_manifest
+from autoannotator.service.annotator import Annotator
+from autoannotator.service.queueing import dispatch_review
 from autoannotator.settings import REVIEW_MODES, Settings
 from autoannotator.storage.model_store import ProjectModels
 from autoannotator.storage.redis_state import State
@@ -73,9 +70,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
 DEFAULT_UID = "1.1700000000"  # Label Studio's "<project id>.<created_at unix seconds>"
 SERVER_START_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 600.0
-# The one thing the served app adds to the product's answers: the seconds the request spent in
-# Ensemble.predict_proba, so that HTTP time can be paired with that very request's forward pass.
-FORWARD_HEADER = "X-Bench-Forward-Seconds"
+# /predict's answer names the time of each of its steps in this header (``forward;dur=12.3``, ms).
+TIMING_HEADER = "Server-Timing"
 
 
 def label_config_xml(labels: Sequence[str]) -> str:
@@ -199,7 +195,7 @@ def server_env(model_dir: Path, redis_url: str, review_mode: str) -> dict[str, s
 @contextmanager
 def gunicorn_server(env: dict[str, str], log_path: Path, threads: int = 1) -> Iterator[Server]:
     """gunicorn with one worker (``gthread`` with ``threads`` > 1, else ``sync``, as in the README)
-    serving :func:`served_app`; stopped on exit."""
+    serving the product's app; stopped on exit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -223,7 +219,7 @@ def gunicorn_server(env: dict[str, str], log_path: Path, threads: int = 1) -> It
         "10",
         "--log-level",
         "warning",
-        "autoannotator.lab.bench_predict:served_app()",
+        "autoannotator.service.app:create_app()",
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -281,37 +277,18 @@ def _request(
         headers = {"Content-Type": "application/json"} if body is not None else {}
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
-        return response.status, response.read(), float(response.getheader(FORWARD_HEADER) or 0.0)
+        return response.status, response.read(), forward_seconds(response.getheader(TIMING_HEADER))
     finally:
         conn.close()
 
 
-def served_app() -> Flask:
-    """What gunicorn serves here: the product's ``create_app()`` as configured by the environment,
-    plus :data:`FORWARD_HEADER` on every answer (a timer around ``Ensemble.predict_proba``)."""
-    from flask import g, has_app_context
-
-    from autoannotator.service.app import create_app
-
-    forward = Ensemble.predict_proba
-
-    def timed(self: Ensemble, texts: Sequence[str]) -> np.ndarray:
-        started = time.perf_counter()
-        try:
-            return forward(self, texts)
-        finally:
-            if has_app_context():
-                g.bench_forward_s = g.get("bench_forward_s", 0.0) + time.perf_counter() - started
-
-    setattr(Ensemble, "predict_proba", timed)  # noqa: B010 - this process only serves the benchmark
-    app = create_app()
-
-    @app.after_request
-    def forward_header(response: Response) -> Response:
-        response.headers[FORWARD_HEADER] = f"{g.get('bench_forward_s', 0.0):.6f}"
-        return response
-
-    return app
+def forward_seconds(server_timing: str | None) -> float:
+    """The ``forward`` step's seconds from a ``Server-Timing`` header (0.0 when it has none)."""
+    for part in (server_timing or "").split(","):
+        name, _, params = part.strip().partition(";")
+        if name == "forward" and params.startswith("dur="):
+            return float(params.removeprefix("dur=")) / 1000
+    return 0.0
 
 
 # --------------------------------------------------------------------------- measurement
@@ -375,11 +352,10 @@ class _Probe:
         it, so this time includes the counting and queueing that /predict does after its answer:
         it is the worker's busy time, where the HTTP time is what the client waits for."""
         body = predict_body(self.uid, self.xml, self.texts.take(n), self._ids(n))
-        before = sum(self.ensemble.timings.values())
         started = time.perf_counter()
         response = self.client.post("/predict", data=body, content_type="application/json", buffered=True)
         seconds = time.perf_counter() - started
-        forward = sum(self.ensemble.timings.values()) - before
+        forward = forward_seconds(response.headers.get(TIMING_HEADER))
         self._check(response.status_code, response.get_json(), n)
         return seconds, forward
 
@@ -395,7 +371,7 @@ class _Probe:
         seconds = time.perf_counter() - started
         self._check(status, answer, n)
         if forward <= 0:
-            raise AutoAnnotatorError(f"the server's answer lacks {FORWARD_HEADER}")
+            raise AutoAnnotatorError(f"the server's answer has no forward step in {TIMING_HEADER}")
         return seconds, forward
 
     def _check(self, status: int, answer: Any, n: int) -> None:
@@ -410,59 +386,30 @@ class _Probe:
             )
 
 
-def _components(probe: _Probe, state: State, mode: str, n: int, repeats: int) -> dict[str, float]:
-    """The handler's steps, each timed alone on a batch of ``n`` (median ms): where the overhead goes.
-
-    A replica of the handler's sequence built from the same library calls, not the handler itself;
-    ``redis`` is the counters with the mode lookup (one round trip) and (in mode human) the review
-    job's enqueue.
-    """
-    from autoannotator.service import jobs
-
-    config = parse_label_config(probe.xml)
-    validator = PredictionValidator(config)
-    policy = policy_from_spec(Settings().policy)
-    steps = ("json_parse", "extract_texts", "forward_pass", "policy", "build_predictions", "validate")
-    times: dict[str, list[float]] = {k: [] for k in (*steps, "redis", "json_out")}
+def _components(
+    probe: _Probe, annotator: Annotator, state: State, settings: Settings, n: int, repeats: int
+) -> dict[str, float]:
+    """Where one request's time goes, for a batch of ``n`` (median ms per step): the steps of
+    :meth:`Annotator.predict` by its own clock (the code that serves), the counting and review
+    queueing done after the answer (``redis``), and the JSON parsed and written on either side."""
+    times: dict[str, list[float]] = {}
     for _ in range(repeats):
         probe.texts.advance(n)
         body = predict_body(probe.uid, probe.xml, probe.texts.take(n), probe._ids(n))
         t0 = time.perf_counter()
         tasks = json.loads(body)["tasks"]
         t1 = time.perf_counter()
-        texts = extract_texts(tasks, config)
+        batch = annotator.predict(probe.uid, tasks, probe.xml)
         t2 = time.perf_counter()
-        probs = probe.ensemble.predict_proba([t.text or "" for t in texts])
+        dispatch_review(
+            state, settings, batch.uid, batch.version, batch.routed, batch.cleared, predictions=batch.n
+        )
         t3 = time.perf_counter()
-        decision = policy.decide(probs)
+        json.dumps({"results": batch.results})
         t4 = time.perf_counter()
-        items = [
-            prediction(
-                config,
-                config.labels.names[int(decision.labels[j])],
-                float(decision.confidence[j]),
-                probe.version,
-            )
-            for j in range(n)
-        ]
-        t5 = time.perf_counter()
-        for item in items:
-            validator.check(item)
-        t6 = time.perf_counter()
-        routed = [
-            {"task_id": tasks[j]["id"], "data": tasks[j]["data"], "text": texts[j].text}
-            for j in range(n)
-            if bool(decision.review[j])
-        ]
-        mode = state.count_predictions(probe.uid, n, len(routed))
-        if routed and mode != "off":
-            state.queue("review").enqueue(jobs.review_routed, probe.uid, probe.version, mode, routed, [])
-        t7 = time.perf_counter()
-        json.dumps({"results": items})
-        t8 = time.perf_counter()
-        marks = (t0, t1, t2, t3, t4, t5, t6, t7, t8)
-        for key, (a, b) in zip(times, itertools.pairwise(marks), strict=True):
-            times[key].append(b - a)
+        steps = {"json_parse": t1 - t0, **batch.timings, "redis": t3 - t2, "json_out": t4 - t3}
+        for key, seconds in steps.items():
+            times.setdefault(key, []).append(seconds)
     return {k: round(1000 * statistics.median(v), 3) for k, v in times.items()}
 
 
@@ -679,9 +626,10 @@ def run_bench_predict(
                 state.queue("review").empty()
             comp_mode = "human" if "human" in modes else modes[0]
             state.set_mode(uid, comp_mode)
+            annotator = app.extensions["autoannotator"].annotator
             # Batch 1 gets as many repeats as the latency figures: its steps take microseconds.
             components = {
-                str(n): _components(probe, state, comp_mode, n, single_n if n == 1 else repeats)
+                str(n): _components(probe, annotator, state, settings, n, single_n if n == 1 else repeats)
                 for n in (1, *batch_sizes)
             }
             worker_memory = _worker_memory(server)

@@ -28,17 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autoannotator.errors import AutoAnnotatorError
+from autoannotator.errors import EncoderInstallError
 from autoannotator.models.specialists.base import staged_dir
 
 logger = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "installed-from.json"
 _CHUNK = 1 << 20
-
-
-class EncoderInstallError(AutoAnnotatorError):
-    """An encoder could not be installed; nothing was left at the destination."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any
 from label_studio_sdk.label_interface import LabelInterface
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.limits import MAX_TEXT_CHARS
 from autoannotator.errors import BadInputError, LabelMappingError, UnsupportedConfigError
 
 WHAT_WORKS = (
@@ -153,7 +154,7 @@ def _task_text(task: object, field: str, max_chars: int) -> TaskText:
 
 
 def extract_texts(
-    tasks: Sequence[Mapping[str, Any]], config: ProjectConfig, max_chars: int = 20_000
+    tasks: Sequence[Mapping[str, Any]], config: ProjectConfig, max_chars: int = MAX_TEXT_CHARS
 ) -> list[TaskText]:
     """The text of every LS task at ``data[config.text_field]``, one entry per task, in order.
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from autoannotator.core.labels import LabelSet
-from autoannotator.errors import BadInputError, LabelMappingError
+from autoannotator.errors import BadInputError, CorruptStoreError, LabelMappingError
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class VerifiedPool:
                     event = json.loads(line)
                 except ValueError as exc:
                     if number < len(lines):
-                        raise BadInputError(
+                        raise CorruptStoreError(
                             f"{path}:{number}{where} is not JSON ({exc}); the log is damaged before its "
                             "end: restore it from a backup or move it aside"
                         ) from exc
@@ -352,7 +352,7 @@ class VerifiedPool:
             added_at, seq = float(event["added_at"]), int(event["seq"])
             key, text, label = event["key"], event["text"], event["label"]
         except (KeyError, TypeError, ValueError) as exc:
-            raise BadInputError(f"{where} is not a pool event: {exc!r}") from exc
+            raise CorruptStoreError(f"{where} is not a pool event: {exc!r}") from exc
         try:
             self._check(key, text, label)
         except LabelMappingError as exc:
@@ -361,7 +361,7 @@ class VerifiedPool:
                 "open it with the labels it was written with"
             ) from exc
         except BadInputError as exc:
-            raise BadInputError(f"{where}: {exc}") from exc
+            raise CorruptStoreError(f"{where}: {exc}") from exc
         self._apply(VerifiedItem(key, text, label, source, added_at, seq))
 
 

@@ -472,3 +472,31 @@ class LLMReviewer:
         self._add(failures=1)
         logger.warning("%s: item %s goes to a human: %s", self.name, item.key, detail)
         return ReviewOutcome(item.key, None, ReviewStatus.FAILED, self.name, detail=detail)
+
+
+def build_reviewer(
+    base_url: str,
+    api_key: str | None,
+    model: str,
+    labels: LabelSet,
+    *,
+    price: tuple[float, float] | None = None,
+    timeout_s: float = 30.0,
+    max_concurrency: int = 4,
+    cache: ReviewCache | None = None,
+) -> LLMReviewer:
+    """The LLM reviewer as the workers and ``autoannotator simulate --review llm`` build it: the
+    built-in price table, with ``model`` repriced when ``price`` (input, output per million tokens)
+    is given."""
+    prices = PriceTable.default()
+    if price is not None:
+        prices = prices.with_price(model, *price)
+    return LLMReviewer(
+        make_openai_client(base_url, api_key or None, timeout_s),
+        model,
+        labels,
+        prices=prices,
+        max_concurrency=max_concurrency,
+        timeout_s=timeout_s,
+        cache=cache,
+    )

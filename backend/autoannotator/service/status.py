@@ -7,16 +7,22 @@ model store. Nothing here writes anything; a status request costs a few Redis re
 from __future__ import annotations
 
 import html
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from autoannotator.errors import StateUnavailableError
 from autoannotator.review.llm import PriceTable
-from autoannotator.storage.redis_state import COUNTERS, QUEUES, StateUnavailableError
+from autoannotator.storage.redis_state import COUNTERS, QUEUES
 
 if TYPE_CHECKING:
-    from autoannotator.service.jobs import Context
+    from autoannotator.service.context import Context
 
 _HELP = {
     "predictions": "tasks predicted by /predict",
+    "invalid_predictions": "our predictions that failed validation and went out empty (see the log)",
     "routed": "predicted tasks the routing policy sent to review",
     "reviewed_llm": "routed tasks the LLM labelled",
     "reviewed_human_queue": "routed tasks put in the Needs review tab (human mode or LLM fallback)",
@@ -81,53 +87,77 @@ def project_status(ctx: Context, uid: str) -> dict[str, Any]:
     return out
 
 
-def metrics_text(ctx: Context) -> str:
-    """Prometheus exposition format (text 0.0.4), counters per project plus queue depths."""
-    lines: list[str] = []
-    try:
-        uids = ctx.state.projects()
-        per_project = {uid: ctx.state.counters(uid) for uid in uids}
-        depths = ctx.state.queue_depths()
-        up = 1
-    except StateUnavailableError:
-        uids, per_project, depths, up = [], {}, {}, 0
-    lines += ["# HELP autoannotator_redis_up whether Redis answered", "# TYPE autoannotator_redis_up gauge"]
-    lines.append(f"autoannotator_redis_up {up}")
-    for name in COUNTERS:
-        metric = f"autoannotator_{name}_total"
-        lines += [f"# HELP {metric} {_HELP[name]}", f"# TYPE {metric} counter"]
-        lines += [f'{metric}{{project="{uid}"}} {_num(per_project[uid][name])}' for uid in uids]
-    lines += [
-        "# HELP autoannotator_queue_depth jobs waiting per rq queue",
-        "# TYPE autoannotator_queue_depth gauge",
-    ]
-    lines += [f'autoannotator_queue_depth{{queue="{q}"}} {depths[q]}' for q in QUEUES if q in depths]
-    lines += [
-        "# HELP autoannotator_pool_size verified labels per project",
-        "# TYPE autoannotator_pool_size gauge",
-    ]
-    for uid in uids:
+class _Collector:
+    """The Redis counters and the model store as Prometheus metrics, read afresh at each scrape:
+    every web and rq worker adds to the same counters, so no process holds them in memory."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.ctx.state
         try:
-            lines.append(
-                f'autoannotator_pool_size{{project="{uid}"}} {int(ctx.state.get(uid, "pool_size") or 0)}'
-            )
+            uids = state.projects()
+            per_project = {uid: state.counters(uid) for uid in uids}
+            depths = state.queue_depths()
+            pools = {uid: int(state.get(uid, "pool_size") or 0) for uid in uids}
+            up = 1
         except StateUnavailableError:
-            break
-    lines += [
-        "# HELP autoannotator_model_info the version each project serves",
-        "# TYPE autoannotator_model_info gauge",
-    ]
-    for uid in sorted(
-        set(uids) | {d.name.removeprefix("project-") for d in ctx.models.root.glob("project-*")}
-    ):
-        version = ctx.models.registry(uid).current()
-        if version:
-            lines.append(f'autoannotator_model_info{{project="{uid}",version="{version}"}} 1')
-    return "\n".join(lines) + "\n"
+            uids, per_project, depths, pools, up = [], {}, {}, {}, 0
+        yield GaugeMetricFamily("autoannotator_redis_up", "whether Redis answered", value=up)
+        for name in COUNTERS:
+            counter = CounterMetricFamily(f"autoannotator_{name}", _HELP[name], labels=["project"])
+            for uid in uids:
+                counter.add_metric([uid], per_project[uid][name])
+            yield counter
+        queue = GaugeMetricFamily("autoannotator_queue_depth", "jobs waiting per rq queue", labels=["queue"])
+        for q in QUEUES:
+            if q in depths:
+                queue.add_metric([q], depths[q])
+        yield queue
+        pool = GaugeMetricFamily("autoannotator_pool_size", "verified labels per project", labels=["project"])
+        for uid in uids:
+            pool.add_metric([uid], pools[uid])
+        yield pool
+        info = GaugeMetricFamily(
+            "autoannotator_model_info", "the version each project serves", labels=["project", "version"]
+        )
+        stored = {d.name.removeprefix("project-") for d in self.ctx.models.root.glob("project-*")}
+        for uid in sorted(set(uids) | stored):
+            version = self.ctx.models.registry(uid).current()
+            if version:
+                info.add_metric([uid, version], 1)
+        yield info
 
 
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:.6f}"
+def metrics_response(ctx: Context) -> tuple[bytes, str]:
+    """``/metrics``: the body in Prometheus' text exposition format, and its content type."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(ctx))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def service_status(ctx: Context) -> dict[str, Any]:
+    """``/status.json``: every project (without Redis the model store still says what each serves;
+    the rest says why not), the queues and the settings that shape the routing."""
+    stored = {d.name.removeprefix("project-") for d in ctx.models.root.glob("project-*")}
+    problem: dict[str, str] = {}
+    try:
+        known, queues = set(ctx.state.projects()), ctx.state.queue_depths()
+    except StateUnavailableError as exc:
+        known, queues, problem = set(), {}, {"error": str(exc)}
+    s = ctx.settings
+    return {
+        **problem,
+        "queues": queues,
+        "projects": [project_status(ctx, uid) for uid in sorted(known | stored)],
+        "settings": {
+            "policy": s.policy,
+            "retrain_every": s.retrain_every,
+            "seed_labels": s.seed_labels,
+            "default_mode": s.review_mode,
+        },
+    }
 
 
 _STYLE = """

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +39,7 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from autoannotator.errors import AutoAnnotatorError
+from autoannotator.errors import StateUnavailableError
 from autoannotator.settings import REVIEW_MODES
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ QUEUES = ("ingest", "review", "train")
 
 COUNTERS = (
     "predictions",
+    "invalid_predictions",
     "routed",
     "reviewed_llm",
     "reviewed_human_queue",
@@ -78,10 +79,6 @@ TRAIN_PENDING_TTL_S = 6 * 3600
 def _text(raw: bytes | str) -> str:
     """rq needs a bytes client (no ``decode_responses``), so answers are decoded here."""
     return raw.decode() if isinstance(raw, bytes) else raw
-
-
-class StateUnavailableError(AutoAnnotatorError):
-    """Redis cannot be reached; the message says which URL, never its password."""
 
 
 def connect(url: str) -> redis.Redis:
@@ -136,8 +133,9 @@ class State:
             raise ValueError(f"unknown queue {name!r}; the queues are {QUEUES}")
         return Queue(name, connection=self.redis)
 
-    def enqueue(self, name: str, func: Callable[..., Any], *args: Any, **options: Any) -> Job:
-        """``Queue(name).enqueue(func, *args, **options)``; a Redis error is a :class:`StateUnavailableError`
+    def enqueue(self, name: str, func: str, *args: Any, **options: Any) -> Job:
+        """``Queue(name).enqueue(func, *args, **options)``, ``func`` named by its dotted path (the web
+        process need not import the job's code to queue it); a Redis error is a :class:`StateUnavailableError`
         like everywhere else (a raw one would reach the web client as a 500)."""
         with self._guard():
             return self.queue(name).enqueue(func, *args, **options)
@@ -233,7 +231,7 @@ class State:
                         pipe.hincrbyfloat(self._k(uid, "m"), name, value)
             pipe.execute()
 
-    def count_predictions(self, uid: str, predictions: int, routed: int) -> str:
+    def count_predictions(self, uid: str, predictions: int, routed: int, invalid: int = 0) -> str:
         """Count a /predict's predictions and routed tasks and read the project's review mode, in one
         round trip: this is on the path of every prediction, and a single task's forward pass takes
         only tens of milliseconds."""
@@ -244,6 +242,8 @@ class State:
                 pipe.hincrby(self._k(uid, "m"), "predictions", predictions)
             if routed:
                 pipe.hincrby(self._k(uid, "m"), "routed", routed)
+            if invalid:
+                pipe.hincrby(self._k(uid, "m"), "invalid_predictions", invalid)
             raw = pipe.execute()[0]
         mode = _text(raw) if raw else self.default_mode
         return mode if mode in REVIEW_MODES else self.default_mode

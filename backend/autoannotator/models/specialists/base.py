@@ -22,13 +22,10 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.limits import MAX_TEXT_CHARS
 from autoannotator.errors import BadInputError, SpecialistLoadError, TrainingError
 
 META_FILE = "specialist.json"
-
-# Texts longer than this are cut before featurisation. Transformers truncate to max_length tokens
-# anyway; the cap bounds the cost of tokenising (or n-gramming) a pasted book.
-MAX_TEXT_CHARS = 20_000
 
 
 def clip_text(text: str) -> str:

@@ -1,0 +1,62 @@
+"""What the backend writes into Label Studio tasks, and what ``/predict`` hands to the review job.
+
+The ``aa_*`` keys are task data fields: Label Studio shows each as a Data Manager column, the
+"Needs review" tab filters on :data:`NEEDS_REVIEW`, and after a Redis flush the pool is rebuilt
+from :data:`REVIEWED_BY` and :data:`LLM_LABEL`. They live here, free of torch, so that the web
+process, the workers and the demo read one definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+NEEDS_REVIEW = "aa_needs_review"  # True while the task waits for a person in the review tab
+VOTES = "aa_votes"  # the specialists' votes and confidence, e.g. "Positive 2 · Negative 1 (0.61)"
+REVIEWED_BY = "aa_review"  # "llm", "human", or "human (LLM timeout)" when the LLM could not label it
+LLM_LABEL = "aa_llm_label"  # the LLM's label, kept in the task so a Redis flush loses nothing
+
+
+@dataclass(frozen=True)
+class RoutedTask:
+    """A task the routing policy was unsure of, as ``/predict`` saw it: the review job's input.
+
+    ``data`` is the task's data as Label Studio sent it; the job writes it back with the ``aa_*``
+    fields added (Label Studio replaces a task's data whole, so every other key must go back too).
+    """
+
+    task_id: int | str
+    text: str
+    label: str  # the ensemble's label, which the prediction already carries
+    confidence: float
+    votes: Mapping[str, int]  # member votes per label, labels without a vote left out
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def votes_text(self) -> str:
+        return votes_text(self.votes, self.confidence)
+
+    def key(self) -> str:
+        """The task's key in the verified pool."""
+        return f"task:{self.task_id}"
+
+
+@dataclass(frozen=True)
+class ClearedTask:
+    """A task flagged for review earlier that the served version is now sure of: unflag it."""
+
+    task_id: int | str
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+def votes_text(votes: Mapping[str, int], confidence: float) -> str:
+    """What the reviewer sees in the ``aa_votes`` column, e.g. ``bullish 2 · bearish 1 (0.58)``: most
+    votes first, then the ensemble's confidence."""
+    ranked = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
+    return " · ".join(f"{label} {n}" for label, n in ranked) + f" ({confidence:.2f})"
+
+
+def with_fields(data: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
+    """The task's data with the ``aa_*`` fields set (keyword names are the constants' values)."""
+    return {**data, **fields}

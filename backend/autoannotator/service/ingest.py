@@ -1,0 +1,117 @@
+"""Verified labels in: a human annotation from the webhook, or the whole project from Label Studio.
+
+Both end by asking whether the pool now warrants a training (:func:`maybe_train`): the first
+version once the seed is complete, a refinement whenever the pool grew by β.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from autoannotator.labelstudio.client import basic_auth, read_labels, secure_webhooks
+from autoannotator.labelstudio.config import annotation_label, extract_texts
+from autoannotator.learning.coldstart import ColdStartConfig
+from autoannotator.learning.pool import Source, VerifiedPool
+from autoannotator.service.context import Context
+from autoannotator.service.queueing import request_training
+
+logger = logging.getLogger(__name__)
+
+MIN_SEED_PER_LABEL = ColdStartConfig.min_per_label
+
+
+def ingest_annotation(ctx: Context, uid: str, task: dict[str, Any], annotation: dict[str, Any]) -> str:
+    """A human annotation from the webhook joins the pool (a human label overrides an LLM label)."""
+    info = ctx.info(uid)
+    config = ctx.config(info)
+    text = extract_texts([task], config, max_chars=ctx.settings.max_text_chars)[0]
+    if not text.ok:
+        logger.warning("project %s: annotation of a task without usable text ignored: %s", uid, text.problem)
+        return f"ignored: {text.problem}"
+    if text.task_id is None:
+        return "ignored: the task has no id"  # every id-less task would share the pool key task:None
+    label = annotation_label(annotation, config)
+    if label is None:
+        return "ignored: cancelled or no choice for our control"
+    with ctx.pool(uid, config.labels) as pool:
+        changed = pool.add(f"task:{text.task_id}", text.text or "", label, Source.HUMAN)
+        if changed:
+            ctx.state.count(uid, human_labels=1)
+        maybe_train(ctx, uid, pool)
+    return f"task {text.task_id}: {label} ({'new' if changed else 'unchanged'})"
+
+
+def sync_project(ctx: Context, uid: str) -> str:
+    """Rebuild the pool from Label Studio: every task's latest human annotation, and LLM labels
+    recorded in task data. Idempotent: labels already in the pool change nothing. A human label
+    whose annotation is gone from LS (deleted) leaves the pool, and the task's LLM label, if any,
+    takes its place."""
+    info = ctx.info(uid)
+    config = ctx.config(info)
+    ls = ctx.label_studio(info)
+    s = ctx.settings
+    if s.basic_auth_user:
+        secure_webhooks(ls, info.project_id, basic_auth(s.basic_auth_user, s.basic_auth_password))
+    human, llm = read_labels(ls, info.project_id, config, s.max_text_chars)
+    rebuilt = not ctx.pool_path(uid).exists()
+    annotated = {x.key for x in human}
+    with ctx.pool(uid, config.labels) as pool:
+        deleted = pool.remove(
+            it.key for it in pool.items() if it.source is Source.HUMAN and it.key not in annotated
+        )
+        added = pool.add_many([(x.key, x.text, x.label) for x in llm], Source.LLM)
+        added += pool.add_many([(x.key, x.text, x.label) for x in human], Source.HUMAN)
+        if rebuilt and ctx.models.registry(uid).current() is not None:
+            # The log held the "trained up to" mark; without it every label would look new and
+            # start a retraining on old data. Growth counts from the rebuild instead.
+            pool.mark_trained()
+        maybe_train(ctx, uid, pool)
+        size = len(pool)
+    ctx.state.put(uid, "synced", "done")
+    logger.info(
+        "project %s: synced from Label Studio: %d human, %d LLM labels, %d changed, %d deleted",
+        uid,
+        len(human),
+        len(llm),
+        added,
+        deleted,
+    )
+    return (
+        f"{len(human)} human and {len(llm)} LLM labels read, {added} changed the pool, "
+        f"{deleted} deleted annotations left it ({size} in all)"
+    )
+
+
+def maybe_train(ctx: Context, uid: str, pool: VerifiedPool) -> None:
+    """Queue the first version once the seed is complete, then a refinement every β new labels."""
+    registry = ctx.models.registry(uid)
+    if registry.current() is None:
+        waiting = None if ctx.settings.specialists else seed_shortfall(ctx, pool)
+        if waiting is None:
+            request_training(ctx, uid, reason=f"first version: {len(pool)} verified labels")
+        else:
+            ctx.state.put(uid, "last_training", f"waiting for seed labels: {waiting}")
+        return
+    growth = pool.growth_since_training()
+    if growth >= ctx.settings.retrain_every:
+        request_training(ctx, uid, reason=f"pool grew by {growth} >= beta={ctx.settings.retrain_every}")
+
+
+def seed_shortfall(ctx: Context, pool: VerifiedPool) -> str | None:
+    """What the cold start still waits for, or None when the pool is a usable seed set.
+
+    ``AUTOANNOTATOR_SEED_LABELS`` counts every verified label; about a fifth is held out to judge
+    later versions, and the rest must hold a couple of examples of every label.
+    """
+    need = ctx.settings.seed_labels
+    if len(pool) < need:
+        return f"{len(pool)} of {need} labels (AUTOANNOTATOR_SEED_LABELS)"
+    items = pool.train_items()
+    counts = {name: 0 for name in pool.labels.names}
+    for it in items:
+        counts[it.label] += 1
+    short = sorted(name for name, n in counts.items() if n < MIN_SEED_PER_LABEL)
+    if short:
+        return f"at least {MIN_SEED_PER_LABEL} labels of each of {short}"
+    return None

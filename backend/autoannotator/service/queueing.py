@@ -1,0 +1,170 @@
+"""What the backend puts on its rq queues, with each job's timeout: the one place jobs are queued.
+
+Jobs are named by the dotted path of their entry point in :mod:`autoannotator.service.jobs`
+(``JOBS + "train_project"``): a worker imports that module when it runs the job, so queueing a job
+never imports the training code into the web process. Job arguments are ids and plain values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from autoannotator.errors import StateUnavailableError
+from autoannotator.labelstudio.fields import ClearedTask, RoutedTask
+
+if TYPE_CHECKING:
+    from autoannotator.service.context import Context
+    from autoannotator.settings import Settings
+    from autoannotator.storage.redis_state import State
+
+logger = logging.getLogger(__name__)
+
+JOBS = "autoannotator.service.jobs."
+# A failed training stays in rq's failed registry this long, for /status and for a person to read.
+TRAIN_FAILURE_TTL_S = 7 * 24 * 3600
+
+
+def request_training(ctx: Context, uid: str, *, force: bool = False, reason: str = "") -> bool:
+    """Queue one training for ``uid`` unless one is already queued or running; True if queued."""
+    if not ctx.state.claim_training(uid):
+        logger.info("project %s: training already queued or running (%s)", uid, reason or "requested")
+        return False
+    try:
+        ctx.state.enqueue(
+            "train",
+            JOBS + "train_project",
+            uid,
+            force,
+            job_timeout=ctx.settings.train_timeout_s,
+            description=f"train {uid}: {reason or 'requested'}",
+            failure_ttl=TRAIN_FAILURE_TTL_S,
+        )
+    except Exception:
+        # No job carries the claim: give it back, or no training could be queued until its TTL.
+        with contextlib.suppress(Exception):
+            ctx.state.release_training(uid)
+        raise
+    logger.info("project %s: training queued (%s)", uid, reason or "requested")
+    return True
+
+
+def request_sync(ctx: Context, uid: str, *, why: str = "from LS", force: bool = False) -> bool:
+    """Queue a rebuild of the pool from Label Studio, once per Redis lifetime (``force``: again);
+    True if queued."""
+    if not force and not ctx.state.claim_sync(uid):
+        return False
+    try:
+        ctx.state.enqueue(
+            "ingest",
+            JOBS + "sync_project",
+            uid,
+            job_timeout=ctx.settings.sync_timeout_s,
+            description=f"sync {uid} {why}",
+        )
+    except Exception:
+        if not force:
+            with contextlib.suppress(Exception):
+                ctx.state.forget_sync(uid)  # the next request tries again
+        raise
+    return True
+
+
+def enqueue_annotation(
+    ctx: Context, uid: str, action: str, task: dict[str, Any], annotation: dict[str, Any]
+) -> None:
+    """A created or updated annotation, for the pool."""
+    ctx.state.enqueue(
+        "ingest",
+        JOBS + "ingest_annotation",
+        uid,
+        task,
+        annotation,
+        job_timeout=ctx.settings.ingest_timeout_s,
+        description=f"{action} {uid}",
+    )
+
+
+def dispatch_review(
+    state: State,
+    settings: Settings,
+    uid: str,
+    version: str,
+    routed: Sequence[RoutedTask],
+    cleared: Sequence[ClearedTask],
+    *,
+    predictions: int,
+    invalid: int = 0,
+) -> str:
+    """Count one ``/predict``, read the project's review mode (one Redis round trip) and queue its
+    review job if there is anything to do (a second); returns the mode.
+
+    Without Redis: the default mode, nothing queued, and the log says how many routed tasks missed
+    their review (the next ``/predict`` of those tasks routes them again).
+    """
+    try:
+        mode = state.count_predictions(uid, predictions, len(routed), invalid)
+        if (routed and mode != "off") or cleared:
+            state.enqueue(
+                "review",
+                JOBS + "review_routed",
+                uid,
+                version,
+                mode,
+                list(routed) if mode != "off" else [],
+                list(cleared),
+                job_timeout=settings.review_timeout_s,
+                description=f"review {len(routed)} tasks of {uid} ({mode})",
+            )
+        return mode
+    except StateUnavailableError as exc:
+        logger.warning(
+            "project %s: %s; review mode falls back to %s, %d routed tasks not queued for review",
+            uid,
+            exc,
+            settings.review_mode,
+            len(routed),
+        )
+        return settings.review_mode
+
+
+# ---------------------------------------------------------------- the first version's back-off
+# /setup asks for a project's first version on every poll (Label Studio polls while a page is
+# open). A first training that failed (say, every catalog model unusable) must not be queued again
+# at once each time: it waits FIRST_RETRY_S, doubling with each failure, FIRST_RETRY_MAX_S at most.
+# An annotation, Start Training or a deploy with a fixed setting ask again regardless.
+FIRST_RETRY_S = 60.0
+FIRST_RETRY_MAX_S = 3600.0
+
+
+def first_version_failed(state: State, uid: str, now: float | None = None) -> None:
+    failures = int(state.get(uid, "first_failures") or 0) + 1
+    state.put(uid, "first_failures", str(failures))
+    state.put(uid, "first_failed_at", f"{time.time() if now is None else now:.3f}")
+
+
+def first_version_succeeded(state: State, uid: str) -> None:
+    if state.get(uid, "first_failures"):
+        state.put(uid, "first_failures", "0")
+
+
+def first_version_retry_in(state: State, uid: str, now: float | None = None) -> float:
+    """Seconds until /setup may queue the first training again (0: now)."""
+    failures = int(state.get(uid, "first_failures") or 0)
+    if failures == 0:
+        return 0.0
+    wait = min(FIRST_RETRY_MAX_S, FIRST_RETRY_S * 2 ** (failures - 1))
+    since = (time.time() if now is None else now) - float(state.get(uid, "first_failed_at") or 0)
+    return max(0.0, wait - since)
+
+
+def request_first_version(ctx: Context, uid: str, reason: str) -> bool:
+    """Queue the project's first training unless it failed recently (see above); True if queued."""
+    wait = first_version_retry_in(ctx.state, uid)
+    if wait > 0:
+        logger.info("project %s: first training failed recently; next try in %.0f s", uid, wait)
+        return False
+    return request_training(ctx, uid, reason=reason)
