@@ -28,7 +28,9 @@ from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
 from autoannotator.demo import poll_until
+from autoannotator.labelconfig import parse_label_config, prediction
 from autoannotator.state import QUEUES, State
+from tests.e2e_data import CONFIG
 
 WORKER = Path(sys.executable).with_name("autoannotator")
 
@@ -202,3 +204,24 @@ def backend_env(model_dir: Path, label_studio: Any, redis_url: str, **extra: str
         "BASIC_AUTH_PASS": PASSWORD,
         **extra,
     }
+
+
+def connect(ls: Any, project_id: int, url: str, **fields: Any) -> str:
+    """Connect our backend at ``url`` to the LS project, with basic auth; returns the project's uid."""
+    ls.ml.create(
+        project=project_id,
+        url=url,
+        title="AutoAnnotator",
+        auth_method="BASIC_AUTH",
+        basic_auth_user=USER,
+        basic_auth_pass=PASSWORD,
+        **fields,
+    )
+    project = ls.projects.get(id=project_id)
+    return f"{project.id}.{int(project.created_at.timestamp())}"
+
+
+def annotate(ls: Any, task_id: int, label: str) -> None:
+    """A human annotation of the task with ``label``, through LS's API (LS fires its webhook)."""
+    config = parse_label_config(CONFIG)
+    ls.annotations.create(id=task_id, result=prediction(config, label, 1.0, "human")["result"])

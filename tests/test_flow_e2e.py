@@ -33,7 +33,6 @@ import pytest
 from rq import Worker
 
 from autoannotator.api import create_app
-from autoannotator.labelconfig import parse_label_config, prediction
 from autoannotator.pool import Source, VerifiedPool
 from autoannotator.serving import ProjectModels
 from autoannotator.settings import Settings
@@ -48,6 +47,8 @@ from tests.flow import (
     failed_jobs,
     wait_for,
 )
+from tests.flow import annotate as _annotate
+from tests.flow import connect as _connect
 from tests.openai_server import OpenAIServer, Reply
 
 pytestmark = pytest.mark.e2e
@@ -59,25 +60,6 @@ def _env(tmp_path: Path, label_studio: Any, redis_url: str, **extra: str) -> dic
     return backend_env(
         tmp_path / "models", label_studio, redis_url, **{"AUTOANNOTATOR_POLICY": "mean:0.8", **extra}
     )
-
-
-def _connect(ls: Any, project_id: int, url: str, **fields: Any) -> str:
-    ls.ml.create(
-        project=project_id,
-        url=url,
-        title="AutoAnnotator",
-        auth_method="BASIC_AUTH",
-        basic_auth_user=USER,
-        basic_auth_pass=PASSWORD,
-        **fields,
-    )
-    project = ls.projects.get(id=project_id)
-    return f"{project.id}.{int(project.created_at.timestamp())}"
-
-
-def _annotate(ls: Any, task_id: int, label: str) -> None:
-    config = parse_label_config(CONFIG)
-    ls.annotations.create(id=task_id, result=prediction(config, label, 1.0, "human")["result"])
 
 
 def _retrieve(ls: Any, project_id: int) -> None:
