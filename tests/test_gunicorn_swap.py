@@ -29,8 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from autoannotator.api import create_app
 from autoannotator.bench_predict import server_env
 from autoannotator.settings import Settings
@@ -133,7 +131,9 @@ def _worker_pids(master: int) -> set[int]:
         return {int(p) for p in fh.read().split()}
 
 
-def test_every_gunicorn_worker_swaps_to_a_version_published_by_another_process(tmp_path: Path, redis_url: str) -> None:
+def test_every_gunicorn_worker_swaps_to_a_version_published_by_another_process(
+    tmp_path: Path, redis_url: str
+) -> None:
     model_dir = tmp_path / "models"
     v1 = _published(_publish_in_another_process(model_dir, "plain"))
     env = server_env(model_dir, redis_url, "off")
