@@ -12,13 +12,15 @@ test), so nothing from another test, another run or a developer's own backend le
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,9 +106,10 @@ class Workers:
     the worker's own process, which keeps each project's pool between jobs) and one on train (a
     forked child per training); each logs to ``log_dir/worker-<i>.log``."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, n: int = 1):
+    def __init__(self, env: dict[str, str], log_dir: Path, n: int = 1, *, debug: bool = False):
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_dir = log_dir
+        self.debug = debug  # ``autoannotator -v worker``: every logger at DEBUG
         self.queues = [*(["ingest,review"] * n), "train"]
         self.n = len(self.queues)
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -117,7 +120,15 @@ class Workers:
             log = open(self.log_dir / f"worker-{i}.log", "wb")
             self.processes.append(
                 subprocess.Popen(
-                    [str(WORKER), "worker", "--queues", queues, "--name", f"test-{os.getpid()}-{i}"],
+                    [
+                        str(WORKER),
+                        *(["-v"] if self.debug else []),
+                        "worker",
+                        "--queues",
+                        queues,
+                        "--name",
+                        f"test-{os.getpid()}-{i}",
+                    ],
                     env=self.env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -142,8 +153,30 @@ class Workers:
             for i in range(self.n)
         )
 
+    def log_paths(self) -> list[Path]:
+        return [self.log_dir / f"worker-{i}.log" for i in range(self.n)]
+
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.processes)
+
+
+@contextlib.contextmanager
+def debug_log(path: Path) -> Iterator[Path]:
+    """Everything this process logs (the app served by :class:`AppServer` included), at DEBUG, into
+    ``path`` while the block runs; the root logger's level is put back after it."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield path
+    finally:
+        root.setLevel(level)
+        root.removeHandler(handler)
+        handler.close()
 
 
 def drain(client: redis.Redis, workers: Workers, timeout_s: float = 240.0) -> None:

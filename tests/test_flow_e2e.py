@@ -5,6 +5,8 @@ retrieve predictions, find the routed tasks in the "Needs review" tab with the s
 answer them, watch a retraining publish v0002 and LS re-predict with it.
 LLM mode (chosen in LS's own "extra params"): routed tasks are labelled by a local server speaking
 the OpenAI API; an off-label answer and a server answering 500 send tasks to the human queue.
+With the app and the workers logging at DEBUG, none of the LLM API key, the LS token, the basic-auth
+password (or its header) and the tasks' text is in any of their logs.
 A webhook storm starts one training and loses no label; after a Redis flush *and* the loss of the
 pool log, the pool is rebuilt from Label Studio alone.
 
@@ -23,9 +25,11 @@ What LS 1.23.2 did, measured while writing these tests:
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ from tests.flow import (
     AppServer,
     Workers,
     backend_env,
+    debug_log,
     drain,
     failed_jobs,
     wait_for,
@@ -187,12 +192,13 @@ def test_human_mode_cold_start_review_tab_and_retraining(
 
 
 def _auth() -> dict[str, str]:
-    import base64
-
     return {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
 
 
 OFF_LABEL_TEXT = NEUTRAL[0]
+# A task text found nowhere else: if it shows up in a log, the log holds task text.
+SENTINEL_TEXT = f"Sentinel {uuid.uuid4().hex} says the quarterly report is out"
+LLM_KEY = "sk-e2e-secret-key"
 
 
 def _llm_answer(text: str) -> str:
@@ -201,7 +207,7 @@ def _llm_answer(text: str) -> str:
     return GOLD.get(text, "Neutral")
 
 
-def test_llm_mode_from_label_studio_extra_params_with_fallback_to_humans(
+def test_llm_mode_from_label_studio_extra_params_with_fallback_to_humans_and_no_secret_in_any_log(
     tmp_path: Path, label_studio: Any, ls_project: Any, redis_client: Any, redis_url: str
 ) -> None:
     client = redis_client
@@ -214,13 +220,19 @@ def test_llm_mode_from_label_studio_extra_params_with_fallback_to_humans(
             AUTOANNOTATOR_POLICY="mean:0.95",
             AUTOANNOTATOR_LLM_BASE_URL=llm.base_url,
             AUTOANNOTATOR_LLM_MODEL="gpt-4o-mini",
-            AUTOANNOTATOR_LLM_API_KEY="sk-e2e-secret-key",
+            AUTOANNOTATOR_LLM_API_KEY=LLM_KEY,
             AUTOANNOTATOR_LLM_TIMEOUT="5",
         )
         settings = Settings.from_env(env)
         ls = label_studio.client()
-        stream = [t for texts in SEED.values() for t in texts[15:]] + NEUTRAL
-        with AppServer(create_app(settings)) as app, Workers(env, tmp_path / "logs") as workers:
+        stream = [t for texts in SEED.values() for t in texts[15:]] + NEUTRAL + [SENTINEL_TEXT]
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        with (
+            debug_log(logs / "backend.log"),
+            AppServer(create_app(settings)) as app,
+            Workers(env, logs, debug=True) as workers,
+        ):
             project = ls_project(CONFIG)
             uid = _connect(ls, project.id, app.url, extra_params={"review_mode": "llm"})
             publish(settings.model_dir, uid, c=0.05, note="weak on purpose: most tasks are routed")
@@ -248,7 +260,8 @@ def test_llm_mode_from_label_studio_extra_params_with_fallback_to_humans(
             pool = _pool(settings.model_dir, uid)
             assert {pool.get(f"task:{task.id}").source for task in reviewed.values()} == {Source.LLM}
             requests_so_far = len(llm.completions)
-            assert all(r.authorization == "Bearer sk-e2e-secret-key" for r in llm.completions)
+            assert all(r.authorization == f"Bearer {LLM_KEY}" for r in llm.completions)
+            assert any(SENTINEL_TEXT in r.user_text for r in llm.completions)  # the LLM did read it
 
             # A human label overrides the LLM's in the pool.
             text = next(iter(reviewed))
@@ -284,11 +297,29 @@ def test_llm_mode_from_label_studio_extra_params_with_fallback_to_humans(
             counters = next(p for p in status["projects"] if p["project"] == uid)["counters"]
             assert counters["llm_calls"] == len(llm.completions)
             assert counters["reviewed_llm"] == len(reviewed) and counters["llm_cost_usd"] > 0
-            logs = workers.logs() + "\n".join(str(c.body) for c in app.calls)
-            assert "sk-e2e-secret-key" not in workers.logs()
-            assert label_studio.token not in workers.logs()
-            assert OFF_LABEL_TEXT not in workers.logs()  # task text is not logged at INFO
-            del logs
+
+    # Secrets and task text in no log, even at DEBUG: the whole of the backend's log and of every
+    # worker's, read after they stopped.
+    written = {p.name: p.read_text(errors="replace") for p in sorted(logs.glob("*.log"))}
+    assert sorted(written) == ["backend.log", *(p.name for p in workers.log_paths())]
+    for name, text in written.items():
+        assert " DEBUG " in text, f"{name} was not written at DEBUG"
+    basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    secrets = {
+        "LLM API key": LLM_KEY,
+        "Label Studio token": label_studio.token,
+        "basic-auth password": PASSWORD,
+        "basic-auth header": basic,
+        "the sentinel task text": SENTINEL_TEXT,
+        **{
+            f"task text {t!r}": t
+            for t in [*stream, "Shares were flat in quiet trading", "Markets will open at nine"]
+        },
+    }
+    leaks = [
+        (name, what) for name, text in written.items() for what, value in secrets.items() if value in text
+    ]
+    assert leaks == [], leaks
 
 
 def test_webhook_storm_starts_one_training_and_loses_no_label_then_redis_flush_rebuilds_pool(
