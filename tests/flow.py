@@ -47,7 +47,6 @@ class Call:
     authorization: str | None
     status: int
     answer: Any  # the JSON answered, None without one
-    seconds: float
 
 
 @dataclass
@@ -61,13 +60,8 @@ class AppServer:
     model_dir: Path | None = None  # the app's model store, for tests that publish into it
 
     def __post_init__(self) -> None:
-        @self.app.before_request
-        def started() -> None:
-            request.environ["aa.t0"] = time.perf_counter()
-
         @self.app.after_request
         def record(response: Response) -> Response:
-            t0 = request.environ.get("aa.t0", time.perf_counter())
             self.calls.append(
                 Call(
                     method=request.method,
@@ -76,7 +70,6 @@ class AppServer:
                     authorization=request.headers.get("Authorization"),
                     status=response.status_code,
                     answer=response.get_json(silent=True) if response.is_json else None,
-                    seconds=time.perf_counter() - t0,
                 )
             )
             return response

@@ -7,7 +7,6 @@ Uses the session's private Redis (emptied before each test), and a model store u
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -292,9 +291,7 @@ def _seed_and_publish(ctx: jobs.Context, n: int = 45) -> None:
 
 
 def test_training_cold_starts_the_first_version_and_marks_the_pool(ctx):
-    t0 = time.perf_counter()
     _seed_and_publish(ctx)
-    assert time.perf_counter() - t0 < 60
     registry = ctx.models.registry(UID)
     assert registry.current() == "v0001" and registry.versions() == ["v0001"]
     assert registry.manifest("v0001")["members"] == ["m0-ngram-linear"]
