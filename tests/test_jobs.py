@@ -434,6 +434,7 @@ def _catalog(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # ranks the catalog with the packaged MiniLM
 def test_catalog_specialists_are_chosen_by_task_and_need_no_seed(make_ctx, tmp_path):
     ctx = make_ctx(
         AUTOANNOTATOR_SPECIALISTS="catalog:2",
@@ -463,6 +464,7 @@ def test_catalog_specialists_are_chosen_by_task_and_need_no_seed(make_ctx, tmp_p
     assert ensemble.predict_proba(["shares surge"]).shape == (2, 1, 3)
 
 
+@pytest.mark.slow  # ranks the catalog with the packaged MiniLM
 def test_a_catalog_with_nothing_usable_fails_the_training_with_every_reason(make_ctx, tmp_path):
     catalog = tmp_path / "only-toxic.json"
     tiny.build_classifier(tmp_path / "toxic", ["toxic", "not toxic"])
@@ -503,6 +505,7 @@ def test_a_malformed_catalog_setting_is_refused_at_startup(value):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # ranks the catalog with the packaged MiniLM
 def test_the_catalog_is_ranked_against_the_label_studio_projects_own_words(
     make_ctx, tmp_path, label_studio, ls_project
 ):
