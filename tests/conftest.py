@@ -29,6 +29,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
+# Fixtures whose users must carry a marker: a real Label Studio is e2e, the shared datasets are slow.
+MARKED_FIXTURES = {"label_studio": "e2e", "ls_project": "e2e", "shared_dataset": "slow"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers say the truth: a test that starts Label Studio (through its fixtures) is marked e2e,
+    one that reads ../shared/datasets is marked slow, or the run stops before any test."""
+    wrong = [
+        f"{item.nodeid} uses {name} but is not marked {marker}"
+        for item in items
+        for name, marker in MARKED_FIXTURES.items()
+        if name in getattr(item, "fixturenames", ()) and item.get_closest_marker(marker) is None
+    ]
+    if wrong:
+        raise pytest.UsageError("\n".join(wrong))
+
+
 class ServerLikeClient(FlaskClient):
     """Flask's test client, closing every response as a WSGI server does once it has sent it.
 
@@ -47,6 +64,25 @@ def _server_like_test_client() -> Iterator[None]:
     Flask.test_client_class = ServerLikeClient
     yield
     Flask.test_client_class = previous
+
+
+@pytest.fixture(autouse=True)
+def _packaged_minilm_only_in_slow_tests(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test that loads the packaged MiniLM (autoannotator's default encoder: seconds to load, and
+    a real model's inference) must be marked ``slow``, so that ``make test-fast`` loads none. In
+    this process every load goes through ``packaged_minilm_path``; a test not marked slow that
+    reaches it fails saying so. (Worker and CLI subprocesses are not watched: the e2e tests give
+    their workers the tiny encoder or publish n-gram models.)"""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    from autoannotator.models.specialists import encoder
+
+    def refuse() -> str:
+        raise AssertionError(f"{request.node.nodeid} loads the packaged MiniLM: mark it @pytest.mark.slow")
+
+    monkeypatch.setattr(encoder, "packaged_minilm_path", refuse)
 
 
 @pytest.fixture(scope="session")

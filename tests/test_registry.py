@@ -109,7 +109,10 @@ def test_later_publishes_and_rollbacks_never_touch_a_published_directory(tmp_pat
     registry = Registry(tmp_path)
     first = save_ngrams(registry, seed=1)
     before = tree_hash(registry.path(first))
-    assert len(before) >= 7  # manifest plus three files per member
+    assert sorted(before) == [  # the manifest and three files per member
+        "ensemble.json",
+        *(f"{m}/{f}" for m in ("ngram-a", "ngram-b") for f in ("head.npz", "ngrams.json", "specialist.json")),
+    ]
     second = save_ngrams(registry, seed=2)
     registry.publish(first)  # roll back
     assert registry.current() == first

@@ -231,7 +231,7 @@ def test_every_method_says_redis_is_unavailable_naming_where_but_not_the_passwor
         message = str(info.value)
         assert "127.0.0.1:1" in message, name
         assert "hunter2" not in message and "hunter2" not in repr(info.value.__cause__), name
-        assert time.perf_counter() - t0 < 5, f"{name} hung on a dead Redis"
+        assert time.perf_counter() - t0 < 30, f"{name} hung on a dead Redis"  # refused at once
 
 
 def test_the_method_list_above_covers_every_public_method():
@@ -257,11 +257,12 @@ def test_jobs_in_flight_counts_the_jobs_queued_on_every_queue(state):
 
 def test_a_kept_alive_lock_outlives_its_timeout_and_refreshes_named_keys(state: State) -> None:
     state.claim_training(UID)
-    with state.lock("train", UID, timeout_s=1.5, wait_s=0, keep_alive=("train_pending",)) as got:
+    # A heartbeat every 2 s; the lock is lost only if one comes over 4 s late.
+    with state.lock("train", UID, timeout_s=6, wait_s=0, keep_alive=("train_pending",)) as got:
         assert got
-        time.sleep(2.5)  # past the timeout: only the heartbeat keeps it
-        with state.lock("train", UID, timeout_s=1.5, wait_s=0) as second:
+        time.sleep(8)  # past the timeout: only the heartbeat keeps it
+        with state.lock("train", UID, timeout_s=6, wait_s=0) as second:
             assert not second
-        assert 0 < state.redis.ttl(f"aa:p:{UID}:train_pending") <= 2
-    with state.lock("train", UID, timeout_s=1.5, wait_s=0) as after:
+        assert 0 < state.redis.ttl(f"aa:p:{UID}:train_pending") <= 6
+    with state.lock("train", UID, timeout_s=6, wait_s=0) as after:
         assert after

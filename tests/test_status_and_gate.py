@@ -98,10 +98,10 @@ def test_status_derives_routed_share_and_llm_savings_from_the_counters(tmp_path,
     state.count(UID, llm_calls=3, llm_cost_usd=0.0006, llm_prompt_tokens=120, llm_completion_tokens=3)
     p = _project(client)
     assert (p["counters"]["predictions"], p["counters"]["routed"], p["counters"]["llm_calls"]) == (12, 4, 3)
-    assert p["routed_share"] == round(4 / 12, 4) == 0.3333
-    assert p["llm_calls_saved"] == 12 - 3 == 9
-    # $0.0002 a call, observed; LLM-only would have paid 12 calls, AutoAnnotator paid 3.
-    assert p["llm_cost_saved_usd"] == round(0.0006 / 3 * 9, 6) == 0.0018
+    assert p["routed_share"] == 0.3333  # 4 routed of 12 predicted, to four places
+    assert p["llm_calls_saved"] == 9  # LLM-only would have made 12 calls, AutoAnnotator made 3
+    # $0.0002 a call, observed ($0.0006 for 3), times the 9 calls saved.
+    assert p["llm_cost_saved_usd"] == 0.0018
     page = client.get("/status").get_data(as_text=True)
     assert "12 / 4 (33.3% routed)" in page
     assert _saved_row(page) == "9 calls, $0.0018"
@@ -195,7 +195,7 @@ def test_a_candidate_trained_on_permuted_labels_is_rejected_and_the_old_version_
     pool = VerifiedPool(LABELS, path=ctx.pool_path(UID))
     holdout = pool.holdout_items()
     train = pool.train_items()
-    assert len(holdout) >= 5 and len(train) >= 20
+    assert (len(holdout), len(train)) == (6, 54)  # fixed by a hash of each task key
     # Every training label is relabelled wrongly by a human; the held-out labels stay right.
     for item in train:
         task_id = int(item.key.removeprefix("task:"))

@@ -245,7 +245,7 @@ def test_incremental_members_get_new_items_plus_replay_and_the_configured_hyperp
 
     assert result.promoted and result.n_new == n_new and result.n_replay == round(0.5 * n_new)
     ngram, bert = registry.load("v0002", LABELS).members
-    assert isinstance(bert, TransformerSpecialist) and isinstance(ngram, Specialist)
+    assert isinstance(bert, TransformerSpecialist) and isinstance(ngram, NgramSpecialist)
     assert bert.meta.n_train == result.n_new + result.n_replay
     assert bert.meta.train_config == asdict(train)
     assert bert.meta.parent == str(registry.path("v0001") / "bert")
