@@ -27,7 +27,7 @@ import redis
 from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
-from autoannotator.demo.run import poll_until
+from autoannotator.demo.processes import poll_until
 from autoannotator.storage.redis_state import QUEUES, State
 
 WORKER = Path(sys.executable).with_name("autoannotator")

@@ -579,7 +579,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from autoannotator.core.policies import policy_from_spec
-    from autoannotator.demo.run import DEFAULT_DATA_DIR, DemoConfig, run
+    from autoannotator.demo.config import DEFAULT_DATA_DIR, DemoConfig
+    from autoannotator.demo.run import run
 
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     unknown = [k for k in kinds if k not in KINDS]
