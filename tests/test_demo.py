@@ -26,7 +26,9 @@ from typing import Any
 
 import pytest
 
-from autoannotator.demo.config import LS_EXECUTABLE, DemoError
+from autoannotator import cli
+from autoannotator.demo import run as demo_run
+from autoannotator.demo.config import LS_EXECUTABLE, DemoConfig, DemoError
 from autoannotator.demo.label_studio import PortTakenError, ls_argv, ls_probe
 from autoannotator.demo.processes import Processes, alive, family, start_ticks
 from autoannotator.demo.project import PROJECT_TITLE
@@ -209,6 +211,18 @@ def test_ls_probe_trusts_health_only_once_its_log_says_it_serves_our_url() -> No
         server.server_close()
     assert (ls_probe(serving, url, port) or "").startswith("/health/: ")  # refused now
     assert ls_argv(Path("/x/label-studio"), port)[-2:] == ["--port", str(port)]
+
+
+def test_the_demo_command_states_its_defaults_once_in_demo_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every option of ``autoannotator demo`` is the DemoConfig field of the same name: no option
+    given, the demo runs with DemoConfig's defaults; options given, with exactly those changed."""
+    configs: list[DemoConfig] = []
+    monkeypatch.setattr(demo_run, "run", lambda config: configs.append(config) or 0)
+    assert cli.main(["demo"]) == 0
+    assert cli.main(["demo", "--tasks", "90", "--kinds", "ngram-linear", "--review-mode", "off"]) == 0
+    assert configs == [DemoConfig(), DemoConfig(tasks=90, kinds=("ngram-linear",), review_mode="off")]
+    assert cli.main(["demo", "--kinds", "ngram-linear,no-such-kind"]) == 2
+    assert len(configs) == 2
 
 
 def test_the_packaged_dataset_maps_onto_the_project_labels() -> None:

@@ -9,11 +9,12 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.demo.config import DemoConfig
 from autoannotator.errors import AutoAnnotatorError, BadInputError
 from autoannotator.learning.coldstart import KINDS, ColdStartConfig
 from autoannotator.models.specialists import TrainConfig
@@ -592,6 +593,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:
+    """Each option is the :class:`DemoConfig` field of the same name, and defaults to it."""
     p = sub.add_parser(
         "demo",
         help="everything on loopback: Label Studio, Redis, the backend, workers and a demo project",
@@ -604,47 +606,55 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
             "--data-dir, so a second run reuses the project."
         ),
     )
+    d = DemoConfig()
     p.add_argument(
         "--data-dir",
         type=Path,
-        default=None,
+        default=d.data_dir,
         help="LS database, models, logs (default: runs/demo in the repo)",
     )
     p.add_argument("--fresh", action="store_true", help="wipe the data dir first: new LS, project, models")
-    p.add_argument("--tasks", type=int, default=600, help="tweets in the project, seed included")
-    p.add_argument("--seed", type=int, default=60, help="seed tasks annotated with the dataset's labels")
-    p.add_argument("--random-seed", type=int, default=0, help="which tweets are drawn")
+    p.add_argument("--tasks", type=int, default=d.tasks, help="tweets in the project, seed included")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed tasks annotated with the dataset's labels")
+    p.add_argument("--random-seed", type=int, default=d.random_seed, help="which tweets are drawn")
     p.add_argument(
         "--min-confidence",
         type=float,
-        default=0.7,
+        default=d.min_confidence,
         help="draw only tweets whose dataset label has at least this confidence (0: all)",
     )
-    p.add_argument("--ls-port", type=int, default=8080)
-    p.add_argument("--backend-port", type=int, default=9090)
-    p.add_argument("--redis-port", type=int, default=6379, help="Redis to use, or to start if none listens")
-    p.add_argument("--redis-db", type=int, default=11, help="the demo's own Redis database, emptied at start")
+    p.add_argument("--ls-port", type=int, default=d.ls_port)
+    p.add_argument("--backend-port", type=int, default=d.backend_port)
+    p.add_argument(
+        "--redis-port", type=int, default=d.redis_port, help="Redis to use, or to start if none listens"
+    )
+    p.add_argument(
+        "--redis-db", type=int, default=d.redis_db, help="the demo's own Redis database, emptied at start"
+    )
     p.add_argument(
         "--kinds",
-        default="embedding-linear,ngram-linear",
+        default=",".join(d.kinds),
         help=f"cold-start specialist kinds from {KINDS} (default: the two that train in seconds on a CPU)",
     )
     p.add_argument(
         "--policy",
-        default="budget:0.3:mean",
+        default=d.policy,
         help="routing policy (default: the least sure 30%% of each batch go to review)",
     )
-    p.add_argument("--review-mode", choices=("human", "llm", "off"), default="human")
-    p.add_argument("--llm-base-url", default="", help="OpenAI-compatible endpoint for --review-mode llm")
-    p.add_argument("--llm-model", default="", help="chat model for --review-mode llm")
-    p.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
+    p.add_argument("--review-mode", choices=("human", "llm", "off"), default=d.review_mode)
+    p.add_argument(
+        "--llm-base-url", default=d.llm_base_url, help="OpenAI-compatible endpoint for --review-mode llm"
+    )
+    p.add_argument("--llm-model", default=d.llm_model, help="chat model for --review-mode llm")
+    p.add_argument(
+        "--llm-api-key-env", default=d.llm_api_key_env, help="name of the variable holding the key"
+    )
     p.add_argument("--exit-when-ready", action="store_true", help="stop everything after the summary")
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from autoannotator.core.policies import policy_from_spec
-    from autoannotator.demo.config import DEFAULT_DATA_DIR, DemoConfig
     from autoannotator.demo.run import run
 
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
@@ -655,26 +665,8 @@ def _demo(args: argparse.Namespace) -> int:
         policy_from_spec(args.policy)
     except ValueError as exc:
         raise AutoAnnotatorError(str(exc)) from None
-    config = DemoConfig(
-        data_dir=args.data_dir or DEFAULT_DATA_DIR,
-        fresh=args.fresh,
-        tasks=args.tasks,
-        seed=args.seed,
-        random_seed=args.random_seed,
-        min_confidence=args.min_confidence,
-        ls_port=args.ls_port,
-        backend_port=args.backend_port,
-        redis_port=args.redis_port,
-        redis_db=args.redis_db,
-        kinds=kinds,
-        policy=args.policy,
-        review_mode=args.review_mode,
-        llm_base_url=args.llm_base_url,
-        llm_model=args.llm_model,
-        llm_api_key_env=args.llm_api_key_env,
-        exit_when_ready=args.exit_when_ready,
-    )
-    return run(config)
+    options = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if hasattr(args, f.name)}
+    return run(DemoConfig(**{**options, "kinds": kinds}))
 
 
 if __name__ == "__main__":
