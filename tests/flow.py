@@ -29,7 +29,7 @@ import redis
 from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
-from autoannotator.demo.run import poll_until
+from autoannotator.demo.processes import poll_until
 from autoannotator.labelstudio.config import parse_label_config, prediction
 from autoannotator.storage.redis_state import QUEUES, State
 from tests.e2e_data import CONFIG

