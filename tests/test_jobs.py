@@ -258,6 +258,19 @@ def test_configured_specialists_do_not_wait_for_a_seed(make_ctx):
     assert len(train_jobs(ctx)) == 1
 
 
+def test_a_configured_model_in_a_directory_with_an_odd_name_gets_a_plain_member_name(make_ctx, tmp_path):
+    """The member's directory is named after the model's, reduced to what the registry accepts."""
+    source = tiny.build_classifier(tmp_path / "fin sent (v2) ü", ["negative", "neutral", "positive"])
+    ctx = make_ctx(AUTOANNOTATOR_SPECIALISTS=str(source))
+    annotate(1, "one label", "Positive")
+    assert jobs.train_project(UID) == "first version v0001 published"
+    registry = ctx.models.registry(UID)
+    assert registry.manifest("v0001")["members"] == ["m0-fin-sent-v2"]
+    assert [p.name for p in registry.path("v0001").iterdir() if p.is_dir()] == ["m0-fin-sent-v2"]
+    assert registry.history()[-1]["given_models"] == [str(source)]
+    assert ctx.models.ensemble(UID, LABELS).predict_proba(["shares surge"]).shape == (1, 1, 3)
+
+
 def test_a_served_project_retrains_every_beta_labels(make_ctx, tmp_path):
     ctx = make_ctx(AUTOANNOTATOR_RETRAIN_EVERY="5")
     _seed_and_publish(ctx)

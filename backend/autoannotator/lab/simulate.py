@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -39,7 +38,7 @@ from autoannotator.learning.refine import RefineConfig, refine
 from autoannotator.models.ensemble import Ensemble, write_manifest
 from autoannotator.models.specialists import TrainConfig, import_member
 from autoannotator.review.base import Reviewer, ReviewItem, ReviewStatus
-from autoannotator.storage.registry import Registry
+from autoannotator.storage.registry import Registry, member_name
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +112,7 @@ def _initial_members(
     if config.models:
         names = []
         for i, source in enumerate(config.models):
-            stem = re.sub(r"^m\d+-", "", Path(source).name)  # a member of an earlier run keeps its kind name
-            names.append(f"m{i}-{re.sub(r'[^A-Za-z0-9._-]+', '-', stem).strip('-.') or 'model'}")
+            names.append(member_name(i, source))
             import_member(source, labels, stage_dir / names[-1])
         return names, {"given_models": list(config.models)}
     cold = config.cold_start

@@ -64,6 +64,7 @@ from autoannotator.service.status_plot import write_holdout_tradeoff
 from autoannotator.settings import Settings
 from autoannotator.storage.model_store import ProjectModels
 from autoannotator.storage.redis_state import ProjectInfo, State
+from autoannotator.storage.registry import member_name
 
 logger = logging.getLogger(__name__)
 
@@ -629,7 +630,7 @@ def _first_version(ctx: Context, uid: str, registry: Any, pool: VerifiedPool, la
         elif s.specialists:
             names = []
             for i, source in enumerate(s.specialists):
-                names.append(f"m{i}-{Path(source).name or 'model'}")
+                names.append(member_name(i, source))
                 import_member(source, labels, staged / names[-1])
             report = {"given_models": list(s.specialists)}
         else:
@@ -696,7 +697,7 @@ def _from_catalog(
         if len(names) == top_k:
             break
         entry = candidate.entry
-        name = f"m{len(names)}-{Path(entry.id).name or 'model'}"
+        name = member_name(len(names), entry.id)
         try:
             import_member(entry.id, labels, staged / name)
         except Exception as exc:  # an outside model: any failure skips it, with the reason
