@@ -250,7 +250,7 @@ def test_a_contrastive_encoder_is_built_from_the_seed_labels_only_and_used_by_th
     assert made["n_examples"] == 60  # the run's seed labels, nothing from the stream
     assert made["n_pairs"] == 60 * 2 * 2  # per seed: 2 same-label and 2 other-label pairs
     assert made["base"] == str(tiny_encoder)
-    encoder = (out / "encoder-contrastive").resolve()
+    encoder = (out / "models" / "encoders" / "v0001-contrastive").resolve()  # as the backend keeps it
     assert json.loads((encoder / "adaptation.json").read_text()) == made
     assert report["config"]["cold_start"]["contrastive_pairs"] == 2
     version = out / "models" / "versions" / "v0001"
