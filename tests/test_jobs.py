@@ -373,6 +373,19 @@ def test_a_refinement_that_crashes_leaves_the_served_version_and_can_be_retried(
     assert pool_of(ctx).growth_since_training() == 0
 
 
+def test_the_refinement_is_judged_with_the_routing_policy_the_project_serves(make_ctx):
+    ctx = make_ctx(AUTOANNOTATOR_POLICY="budget:2:epsilon")
+    _seed_and_publish(ctx)
+    for i, (text, label) in enumerate(corpus(30, seed=7), start=500):
+        annotate(i, text, label)
+    Queue("train", connection=ctx.state.redis).empty()
+    outcome = jobs.train_project(UID, True)
+    assert outcome.startswith("v0002 ")
+    judged = ctx.models.registry(UID).history()[-1]
+    assert judged["policy"] == "budget:2:epsilon:0.34"
+    assert project_status(ctx, UID)["trainings"][-1]["policy"] == "budget:2:epsilon:0.34"
+
+
 def test_a_cold_start_that_crashes_publishes_nothing(ctx, monkeypatch):
     for i, (text, label) in enumerate(corpus(45)):
         annotate(i, text, label)

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from autoannotator.core.policies import policy_from_spec
+from autoannotator.learning.gate import Gate
 from autoannotator.learning.pool import VerifiedPool
-from autoannotator.learning.refine import evaluate, mean_argmax
 from autoannotator.models.ensemble import Ensemble
 from autoannotator.models.specialists.base import TrainConfig
 from autoannotator.service import jobs
@@ -210,12 +211,14 @@ def test_a_candidate_trained_on_permuted_labels_is_rejected_and_the_old_version_
 
     # The held-out figures: the served version on the held-out labels, and what the candidate (a
     # refit of the same n-gram member on the now wrong training labels) scored there.
+    # The gate judges with the policy /predict serves (the default, mean:0.75, here).
+    gate = Gate(policy_from_spec(ctx.settings.policy))
     served = registry.load("v0001", LABELS)
-    expected_old = evaluate(served, holdout, LABELS)
+    expected_old = gate.evaluate(served, holdout, LABELS)
     relabelled = VerifiedPool(LABELS, path=ctx.pool_path(UID)).train_items()
     texts, ys = [it.text for it in relabelled], [it.label for it in relabelled]
     refit = served.members[0].fit(texts, ys, tmp_path / "replica", TrainConfig())
-    expected_new = evaluate(Ensemble([refit], LABELS, version="replica"), holdout, LABELS)
+    expected_new = gate.evaluate(Ensemble([refit], LABELS, version="replica"), holdout, LABELS)
     assert expected_new["accuracy"] < expected_old["accuracy"]
     reason = (
         f"rejected: held-out accuracy fell from {expected_old['accuracy']:.4f} to "
@@ -226,6 +229,7 @@ def test_a_candidate_trained_on_permuted_labels_is_rejected_and_the_old_version_
     assert rejected["reason"] == reason
     assert rejected["metrics_old"] == expected_old and rejected["metrics_new"] == expected_new
     assert rejected["n_holdout"] == len(holdout) and rejected["n_new"] == len(train)
+    assert rejected["policy"] == "mean:0.75" == ctx.settings.policy
     assert ctx.state.get(UID, "last_training") == f"v0002 rejected: {reason}"
 
     # /predict still answers with v0001, and with v0001's labels; /status says why.
@@ -233,7 +237,7 @@ def test_a_candidate_trained_on_permuted_labels_is_rejected_and_the_old_version_
     texts = [it.text for it in holdout]
     results = _predict(client, texts, 5000)
     assert {r["model_version"] for r in results} == {"v0001"}
-    served_labels = [LABELS.names[i] for i in mean_argmax(served.predict_proba(texts))]
+    served_labels = [LABELS.names[i] for i in gate.policy.decide(served.predict_proba(texts)).labels]
     assert [r["result"][0]["value"]["choices"][0] for r in results] == served_labels
     status = _project(client)
     assert status["version"] == "v0001" and status["versions"] == ["v0001"]
@@ -247,5 +251,6 @@ def test_a_candidate_trained_on_permuted_labels_is_rejected_and_the_old_version_
         "metrics_new": expected_new,
         "metrics_old": expected_old,
         "n_new": len(train),
+        "policy": "mean:0.75",
     }
     assert "1 published, 1 rejected, 0 failed" in client.get("/status").get_data(as_text=True)

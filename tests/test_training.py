@@ -14,16 +14,20 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.policies import Decision, EpsilonRule, MeanProbability, policy_from_spec
 from autoannotator.errors import TrainingError
+from autoannotator.learning.gate import Gate, classification_metrics
 from autoannotator.learning.pool import Source, VerifiedPool
-from autoannotator.learning.refine import RefineConfig, classification_metrics, refine, should_train
+from autoannotator.learning.refine import RefineConfig, refine, should_train
 from autoannotator.models.ensemble import Ensemble
 from autoannotator.models.specialists import NgramSpecialist, TrainConfig, TransformerSpecialist
 from autoannotator.models.specialists.base import Specialist
+from autoannotator.settings import Settings
 from autoannotator.storage.registry import Registry
 from tests import tiny
 
 LABELS = LabelSet(tiny.LABELS)
+SERVED = policy_from_spec(Settings().policy)  # what the backend serves unless told otherwise
 ROTATE = {"bearish": "bullish", "bullish": "neutral", "neutral": "bearish"}
 
 
@@ -73,7 +77,9 @@ def test_metrics_match_scikit_learn() -> None:
 
 def test_refining_needs_a_served_version(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="cold-start"):
-        refine(Registry(tmp_path), VerifiedPool(LABELS), RefineConfig(), labels=LABELS, force=True)
+        refine(
+            Registry(tmp_path), VerifiedPool(LABELS), RefineConfig(), labels=LABELS, policy=SERVED, force=True
+        )
 
 
 def test_nothing_happens_before_beta_or_without_new_training_items(tmp_path: Path) -> None:
@@ -82,11 +88,11 @@ def test_nothing_happens_before_beta_or_without_new_training_items(tmp_path: Pat
     config = RefineConfig(beta=50)
     pool.add_many(rows(20, 1, "h"))
     assert not should_train(pool, config)
-    result = refine(registry, pool, config, labels=LABELS)
+    result = refine(registry, pool, config, labels=LABELS, policy=SERVED)
     assert not result.promoted and result.version == "" and result.serving == "v0001"
     assert result.reason == "the pool grew by 20 of beta=50 items since the last training"
     pool.mark_trained()
-    forced = refine(registry, pool, config, labels=LABELS, force=True)
+    forced = refine(registry, pool, config, labels=LABELS, policy=SERVED, force=True)
     assert forced.reason.startswith("no new verified training items") and not forced.promoted
     assert registry.versions() == ["v0001"] and len(registry.history()) == 1
 
@@ -94,7 +100,9 @@ def test_nothing_happens_before_beta_or_without_new_training_items(tmp_path: Pat
 def test_an_empty_pool_is_a_no_op_with_a_reason(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     cold_start(registry, VerifiedPool(LABELS), rows(30, 0, "s"))
-    result = refine(registry, VerifiedPool(LABELS), RefineConfig(beta=1), labels=LABELS, force=True)
+    result = refine(
+        registry, VerifiedPool(LABELS), RefineConfig(beta=1), labels=LABELS, policy=SERVED, force=True
+    )
     assert (result.promoted, result.version, result.n_new) == (False, "", 0)
     assert "no new verified training items" in result.reason and registry.current() == "v0001"
 
@@ -108,7 +116,7 @@ def test_a_better_version_is_promoted_and_the_old_one_stays_untouched(tmp_path: 
     assert should_train(pool, config)
     n_new, n_holdout = len(pool.new_train_items()), len(pool.holdout_items())
 
-    result = refine(registry, pool, config, labels=LABELS)
+    result = refine(registry, pool, config, labels=LABELS, policy=SERVED)
 
     assert result.promoted and (result.version, result.previous) == ("v0002", "v0001")
     assert result.reason.startswith("promoted: held-out accuracy")
@@ -135,7 +143,7 @@ def test_a_worse_version_is_rejected_deleted_and_recorded(tmp_path: Path) -> Non
     new = [(k, t, y if pool.is_holdout(k) else ROTATE[y]) for k, t, y in rows(300, 1, "h")]
     pool.add_many(new, Source.HUMAN)
 
-    result = refine(registry, pool, RefineConfig(beta=100), labels=LABELS)
+    result = refine(registry, pool, RefineConfig(beta=100), labels=LABELS, policy=SERVED)
 
     assert not result.promoted and result.version == "v0002" and result.serving == "v0001"
     assert result.reason.startswith("rejected: held-out accuracy fell from")
@@ -149,7 +157,7 @@ def test_a_worse_version_is_rejected_deleted_and_recorded(tmp_path: Path) -> Non
     assert LABELS.names[int(probs.mean(axis=0).argmax())] == "bullish"
     # The attempt counts as training: the same items do not trigger another one at once.
     assert pool.growth_since_training() == 0
-    assert refine(registry, pool, RefineConfig(beta=100), labels=LABELS).version == ""
+    assert refine(registry, pool, RefineConfig(beta=100), labels=LABELS, policy=SERVED).version == ""
 
 
 def test_too_few_held_out_items_promote_without_evaluation(tmp_path: Path) -> None:
@@ -157,24 +165,45 @@ def test_too_few_held_out_items_promote_without_evaluation(tmp_path: Path) -> No
     cold_start(registry, pool, rows(60, 0, "s"))
     pool.add_many(rows(20, 1, "h"), Source.LLM)
     n_holdout = len(pool.holdout_items())
-    result = refine(registry, pool, RefineConfig(beta=10, min_holdout=1000), labels=LABELS)
+    result = refine(registry, pool, RefineConfig(beta=10, min_holdout=1000), labels=LABELS, policy=SERVED)
     assert result.promoted and registry.current() == "v0002"
     assert result.reason == f"promoted without evaluation: only {n_holdout} held-out items (min_holdout=1000)"
 
 
-def test_the_callers_decision_rule_is_what_gets_evaluated(tmp_path: Path) -> None:
+class AlwaysNeutral:
+    """A routing policy that labels everything neutral, whatever the members say."""
+
+    name = "always-neutral"
+
+    def decide(self, probs: np.ndarray, weights: np.ndarray | None = None) -> Decision:
+        n = probs.shape[1]
+        return Decision(np.full(n, LABELS.index("neutral")), np.ones(n), np.zeros(n, dtype=bool))
+
+
+def test_the_served_policy_is_what_gets_evaluated(tmp_path: Path) -> None:
     registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
     cold_start(registry, pool, rows(60, 0, "s"))
     pool.add_many(rows(200, 1, "h"))
     holdout = pool.holdout_items()
     share = sum(it.label == "neutral" for it in holdout) / len(holdout)
 
-    def always_neutral(probs: np.ndarray) -> np.ndarray:
-        return np.array(["neutral"] * probs.shape[1])
-
-    result = refine(registry, pool, RefineConfig(beta=1), labels=LABELS, decide=always_neutral)
+    result = refine(registry, pool, RefineConfig(beta=1), labels=LABELS, policy=AlwaysNeutral())
     assert result.metrics_old["accuracy"] == result.metrics_new["accuracy"] == pytest.approx(share)
     assert result.promoted  # equal is not worse
+    assert registry.history()[-1]["policy"] == "always-neutral"
+
+
+def test_the_gate_scores_the_labels_the_policy_serves_not_a_fixed_rule() -> None:
+    """Two members say label 1 without conviction, one is sure of label 0: the paper's ε rule serves
+    the majority (1), ``mean:T`` the mean probability's argmax (0)."""
+    probs = np.array([[[0.4, 0.6, 0.0]], [[0.45, 0.55, 0.0]], [[1.0, 0.0, 0.0]]])
+    gold = np.array([0])
+    assert Gate(EpsilonRule()).score(probs, gold)["accuracy"] == 0.0
+    assert Gate(MeanProbability(0.75)).score(probs, gold)["accuracy"] == 1.0
+    assert Gate(policy_from_spec("budget:1:epsilon")).score(probs, gold)["accuracy"] == 0.0
+    for bad in ({"metric": "auc"}, {"tolerance": 2.0}, {"min_holdout": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Gate(SERVED, **bad)  # type: ignore[arg-type]
 
 
 class ExplodingNgram(NgramSpecialist):
@@ -209,7 +238,7 @@ def test_a_crash_halfway_leaves_the_old_version_serving_and_nothing_half_written
 
     monkeypatch.setattr(registry, "load", load_with_double)
     with pytest.raises(TrainingError, match=r"member 'b' \(ngram-b\) of v0001 failed.*No space left"):
-        refine(registry, pool, RefineConfig(beta=10), labels=LABELS)
+        refine(registry, pool, RefineConfig(beta=10), labels=LABELS, policy=SERVED)
 
     assert ExplodingNgram.seen_siblings == ["ngram-a"]  # the first member had finished
     assert registry.current() == "v0001" and registry.versions() == ["v0001"]
@@ -241,7 +270,7 @@ def test_incremental_members_get_new_items_plus_replay_and_the_configured_hyperp
     train = TrainConfig(learning_rate=5e-4, weight_decay=0.05, epochs=2, batch_size=8, max_length=24, seed=11)
     config = RefineConfig(beta=10, replay_ratio=0.5, tolerance=1.0, train=train)
 
-    result = refine(registry, pool, config, labels=LABELS)
+    result = refine(registry, pool, config, labels=LABELS, policy=SERVED)
 
     assert result.promoted and result.n_new == n_new and result.n_replay == round(0.5 * n_new)
     ngram, bert = registry.load("v0002", LABELS).members

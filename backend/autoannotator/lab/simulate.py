@@ -213,16 +213,13 @@ def run_simulation(
 
         if config.retrain and pool.growth_since_training() >= config.beta:
             t = time.perf_counter()
-
-            def decide(p: np.ndarray, w: np.ndarray | None = weights) -> np.ndarray:
-                return policy.decide(p, w).labels
-
             result = refine(
                 registry,
                 pool,
                 RefineConfig(beta=config.beta, train=config.refine_train),
                 labels=labels,
-                decide=decide,
+                policy=policy,
+                weights=weights,
             )
             timer.add("retrain", t)
             cycles.append({"after_items": int(idx[-1] + 1), **_result_summary(result)})

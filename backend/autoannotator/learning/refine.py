@@ -2,19 +2,20 @@
 
 The paper fine-tunes each SLM on the hard pool once it holds β items and swaps it in unconditionally.
 A product cannot trust that blindly (one careless annotator, one bad LLM prompt), so each attempt is
-gated: the new ensemble and the served one are scored on held-out verified items that no version
-ever trained on, with the same decision rule the router serves, and the new one is published only if
-it is not worse. Incremental members (transformers, which continue from their weights) see the new
-items plus a replay sample of older ones, so they do not forget; linear members refit from scratch on
-every verified training item, which costs seconds. Whatever happens, the served version is untouched
-until the new one is complete and has passed: see :class:`~autoannotator.storage.registry.Registry`.
+gated (:class:`~autoannotator.learning.gate.Gate`): the new ensemble and the served one are scored
+on held-out verified items that no version ever trained on, with the routing policy the project
+serves, and the new one is published only if it is not worse. Incremental members (transformers,
+which continue from their weights) see the new items plus a replay sample of older ones, so they do
+not forget; linear members refit from scratch on every verified training item, which costs seconds.
+Whatever happens, the served version is untouched until the new one is complete and has passed: see
+:class:`~autoannotator.storage.registry.Registry`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,17 +23,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.policies import Policy
 from autoannotator.errors import TrainingError
+from autoannotator.learning.gate import METRICS, Gate
 from autoannotator.learning.pool import VerifiedItem, VerifiedPool
 from autoannotator.models.ensemble import Ensemble, write_manifest
 from autoannotator.models.specialists.base import TrainConfig
 from autoannotator.storage.registry import Registry
 
 logger = logging.getLogger(__name__)
-
-METRICS = ("accuracy", "macro_f1")
-
-Decide = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,10 @@ class RefineConfig:
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {list(METRICS)}, got {self.metric!r}")
 
+    def gate(self, policy: Policy) -> Gate:
+        """The promotion gate these settings describe, judging with the routing policy ``policy``."""
+        return Gate(policy, metric=self.metric, tolerance=self.tolerance, min_holdout=self.min_holdout)
+
 
 @dataclass(frozen=True)
 class RefinementResult:
@@ -98,60 +101,6 @@ def should_train(pool: VerifiedPool, config: RefineConfig) -> bool:
     return pool.growth_since_training() >= config.beta
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict[str, float]:
-    """Accuracy and macro-F1 over the labels that occur in either array (as scikit-learn averages)."""
-    t = np.asarray(y_true, dtype=np.int64)
-    p = np.asarray(y_pred, dtype=np.int64)
-    if t.shape != p.shape or t.ndim != 1:
-        raise ValueError(f"labels and predictions must be equal-length vectors, got {t.shape} and {p.shape}")
-    if t.size == 0:
-        return {"accuracy": 0.0, "macro_f1": 0.0, "n": 0.0}
-    f1s = []
-    for c in range(n_labels):
-        tp = int(np.sum((p == c) & (t == c)))
-        wrong = int(np.sum((p == c) != (t == c)))  # false positives + false negatives
-        if tp + wrong:
-            f1s.append(2 * tp / (2 * tp + wrong))
-    return {"accuracy": float(np.mean(t == p)), "macro_f1": float(np.mean(f1s)), "n": float(t.size)}
-
-
-def mean_argmax(probs: np.ndarray) -> np.ndarray:
-    """The default decision: the label with the highest probability averaged over members."""
-    return np.asarray(np.asarray(probs).mean(axis=0).argmax(axis=1))
-
-
-def evaluate(
-    ensemble: Ensemble, items: Sequence[VerifiedItem], labels: LabelSet, decide: Decide | None = None
-) -> dict[str, float]:
-    """Score ``ensemble`` on verified items with the decision rule the caller serves.
-
-    ``decide`` maps ``[k, n, L]`` probabilities to ``n`` label indices (or label names).
-    """
-    probs = ensemble.predict_proba([it.text for it in items])
-    pred = np.asarray((decide or mean_argmax)(probs))
-    if pred.dtype.kind in "UO":
-        pred = np.asarray(labels.indices([str(x) for x in pred]))
-    if pred.shape != (len(items),):
-        raise ValueError(f"decide must return {len(items)} labels, one per item, got shape {pred.shape}")
-    return classification_metrics(np.asarray(labels.indices([it.label for it in items])), pred, len(labels))
-
-
-def _verdict(
-    config: RefineConfig, n_holdout: int, old: dict[str, float], new: dict[str, float]
-) -> tuple[bool, str]:
-    if n_holdout < config.min_holdout:
-        return True, (
-            f"promoted without evaluation: only {n_holdout} held-out items (min_holdout={config.min_holdout})"
-        )
-    m, before, after = config.metric, old[config.metric], new[config.metric]
-    if after >= before - config.tolerance - 1e-12:
-        return True, f"promoted: held-out {m} {after:.4f} vs {before:.4f} (tolerance {config.tolerance})"
-    return (
-        False,
-        f"rejected: held-out {m} fell from {before:.4f} to {after:.4f} (tolerance {config.tolerance})",
-    )
-
-
 def _texts_labels(items: Sequence[VerifiedItem]) -> tuple[list[str], list[str]]:
     return [it.text for it in items], [it.label for it in items]
 
@@ -162,16 +111,21 @@ def refine(
     config: RefineConfig,
     *,
     labels: LabelSet,
-    decide: Decide | None = None,
+    policy: Policy,
+    weights: np.ndarray | None = None,
     force: bool = False,
 ) -> RefinementResult:
     """One refinement attempt: train every member into a staged version, evaluate, publish or reject.
 
-    Without ``force`` nothing happens until the pool grew by β. A rejected version is deleted and
-    the rejection recorded with both scores; a failure (raised as :class:`TrainingError` naming the
-    member) deletes the half-built version. In both cases the served version stays as it was.
+    ``policy`` is the routing policy the project serves (and ``weights`` the member weights it
+    serves with, if any, one per member of the served version): the gate judges both versions by
+    the labels it would give. Without ``force`` nothing happens until the pool grew by β. A rejected
+    version is deleted and the rejection recorded with both scores; a failure (raised as
+    :class:`TrainingError` naming the member) deletes the half-built version. In both cases the
+    served version stays as it was.
     """
     started = time.perf_counter()
+    gate = config.gate(policy)
     previous = registry.current()
     if previous is None:
         raise TrainingError(
@@ -232,7 +186,13 @@ def refine(
         )
 
     def entry(res: RefinementResult, event: str) -> dict[str, Any]:
-        return {**asdict(res), "event": event, "metric": config.metric, "n_train": len(train_all)}
+        return {
+            **asdict(res),
+            "event": event,
+            "metric": config.metric,
+            "policy": policy.name,
+            "n_train": len(train_all),
+        }
 
     try:
         with registry.stage(version) as tmp:
@@ -254,9 +214,9 @@ def refine(
                 member_seconds[sub] = time.perf_counter() - t0
             candidate = Ensemble(fitted, labels, version=version)
             if holdout:
-                metrics_old.update(evaluate(old, holdout, labels, decide))
-                metrics_new.update(evaluate(candidate, holdout, labels, decide))
-            promoted, reason = _verdict(config, len(holdout), metrics_old, metrics_new)
+                metrics_old.update(gate.evaluate(old, holdout, labels, weights))
+                metrics_new.update(gate.evaluate(candidate, holdout, labels, weights))
+            promoted, reason = gate.verdict(len(holdout), metrics_old, metrics_new)
             if not promoted:
                 raise _RejectedError(reason)
             write_manifest(

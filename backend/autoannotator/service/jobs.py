@@ -37,6 +37,7 @@ from rq import SimpleWorker, Worker
 from rq.worker import BaseWorker
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.policies import policy_from_spec
 from autoannotator.errors import AutoAnnotatorError, TrainingError
 from autoannotator.labelstudio.config import (
     ProjectConfig,
@@ -583,6 +584,7 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
                 snapshot,
                 RefineConfig(beta=ctx.settings.retrain_every, min_holdout=ctx.settings.min_holdout),
                 labels=labels,
+                policy=policy_from_spec(ctx.settings.policy),  # the gate judges what /predict serves
                 force=force,
             )
             if not result.version:

@@ -45,6 +45,7 @@ def project_status(ctx: Context, uid: str) -> dict[str, Any]:
             k: entry.get(k)
             for k in (
                 *("event", "version", "previous", "reason", "metrics_new", "metrics_old", "n_new"),
+                "policy",  # the routing policy the gate judged with
                 # how the first version's members were chosen
                 *("given_models", "catalog_models", "catalog_skipped", "task_description"),
             )
