@@ -26,10 +26,12 @@ from autoannotator.core.policies import policy_from_spec
 from autoannotator.learning.gate import Gate
 from autoannotator.learning.pool import VerifiedPool
 from autoannotator.models.ensemble import Ensemble
+from autoannotator.models.specialists import NgramSpecialist
 from autoannotator.models.specialists.base import TrainConfig
 from autoannotator.service import jobs
 from autoannotator.service.app import create_app
 from autoannotator.settings import Settings
+from autoannotator.storage.model_store import ProjectModels
 from autoannotator.storage.redis_state import ProjectInfo, State
 from tests.e2e_data import CONFIG, LABELS, publish
 
@@ -135,6 +137,42 @@ def test_no_known_price_means_no_cost_saving_is_claimed(
     p = _project(client)
     assert (p["routed_share"], p["llm_calls_saved"], p["llm_cost_saved_usd"]) == (0.3, 7, saved_usd)
     assert _saved_row(client.get("/status").get_data(as_text=True)) == shown
+
+
+def test_a_member_a_refinement_dropped_is_on_the_status_with_its_figures(tmp_path, redis_url, redis_client):
+    """What a refinement that pruned a member writes to the history (see tests/test_training.py),
+    as /status.json and /status show it."""
+    settings = Settings.from_env(_env(tmp_path, redis_url))
+    publish(settings.model_dir, UID, c=1.0, note="cold start")
+    registry = ProjectModels(settings.model_dir).registry(UID)
+    texts = [f"shares rally {i}" for i in range(6)] + [f"stock plunges {i}" for i in range(6)]
+    ys = ["Positive"] * 6 + ["Negative"] * 6
+    second = registry.save_ensemble(
+        LABELS,
+        {"m0-ngram-linear": lambda d: NgramSpecialist.untrained(LABELS).fit(texts, ys, d)},
+        publish=False,
+    )
+    pruning = {
+        "dropped": ["m1-ngram-linear"],
+        "kept": ["m0-ngram-linear"],
+        "metric": "accuracy",
+        "with": 0.71,
+        "without": 0.74,
+        "n_holdout": 100,
+    }
+    registry.publish(second, {"reason": "promoted; dropped m1-ngram-linear", "pruning": pruning})
+    State(redis_client, "off").remember(ProjectInfo(UID, 7, "http://ls.invalid", CONFIG))
+    client = create_app(settings).test_client()
+
+    p = _project(client)
+    assert p["members_dropped"] == [{"version": second, **pruning}]
+    assert p["trainings"][-1]["pruning"] == pruning
+    assert "pruning" not in p["trainings"][0]  # the cold start dropped nothing
+    page = client.get("/status").get_data(as_text=True)
+    assert (
+        f"<th>members dropped</th><td>{second}: m1-ngram-linear (held-out accuracy 74.0% without, "
+        "71.0% with, 100 items)</td>"
+    ) in page
 
 
 # ---------------------------------------------------------------------------- the evaluation gate

@@ -280,3 +280,112 @@ def test_incremental_members_get_new_items_plus_replay_and_the_configured_hyperp
     assert bert.meta.parent == str(registry.path("v0001") / "bert")
     assert len(bert.meta.metrics["train_loss"]) == train.epochs
     assert ngram.meta.n_train == len(pool.train_items()) == 60 + n_new
+
+
+# ---------------------------------------------------------------------------- pruning
+
+
+def _votes(*rows: list[int], n_labels: int = 3) -> np.ndarray:
+    """``[k, n, L]`` probabilities from each member's label per item (0.8 on it, the rest spread)."""
+    out = np.full((len(rows), len(rows[0]), n_labels), 0.2 / (n_labels - 1))
+    for m, row in enumerate(rows):
+        out[m, np.arange(len(row)), row] = 0.8
+    return out
+
+
+def test_a_member_that_pulls_the_vote_down_is_dropped_and_the_figures_say_so() -> None:
+    gold = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    good = gold.tolist()
+    other = [0, 1, 2, 0, 1, 2, 0, 1, 2, 1]  # wrong once
+    # Always wrong and always certain: where the other two disagree (the last item), it decides.
+    careless = np.eye(3)[(gold + 1) % 3]
+    probs = np.concatenate([_votes(good, other), careless[None]])
+    pruning = Gate(MeanProbability(0.75)).prune(probs, gold, ["m0-a", "m1-b", "m2-c"])
+    assert pruning is not None
+    assert (pruning.dropped, pruning.kept, pruning.metric) == (("m2-c",), ("m0-a", "m1-b"), "accuracy")
+    assert pruning.with_all == Gate(MeanProbability(0.75)).score(probs, gold)["accuracy"]
+    assert pruning.without == 1.0 > pruning.with_all and pruning.n_holdout == 10
+    assert pruning.as_dict() == {
+        "dropped": ["m2-c"],
+        "kept": ["m0-a", "m1-b"],
+        "metric": "accuracy",
+        "with": round(pruning.with_all, 6),
+        "without": 1.0,
+        "n_holdout": 10,
+    }
+    assert pruning.summary().startswith("dropped m2-c: held-out accuracy 1.0000 without")
+
+
+def test_pruning_needs_a_strict_gain_enough_items_and_never_leaves_fewer_than_two_members() -> None:
+    gold = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    right = gold.tolist()
+    gate = Gate(EpsilonRule())
+    # Three members that agree: no removal raises the vote's accuracy, so nobody goes.
+    assert gate.prune(_votes(right, right, right), gold, ["a", "b", "c"]) is None
+    # Two members are the floor, however bad one of them is.
+    assert gate.prune(_votes(right, [(y + 1) % 3 for y in gold]), gold, ["a", "b"]) is None
+    # Too few held-out items to judge on: nothing is dropped.
+    wrong = [(y + 1) % 3 for y in gold]
+    probs = _votes(right, wrong, wrong, right)
+    assert Gate(EpsilonRule(), min_holdout=11).prune(probs, gold, ["a", "b", "c", "d"]) is None
+    # Four members, two of them always wrong: a 2-2 tie goes to the first label, and dropping c (the
+    # later of two equally weak members) gives a 2-1 majority for the right label. b then stays: with
+    # c gone it never flips a vote, so removing it would gain nothing.
+    pruning = gate.prune(probs, gold, ["a", "b", "c", "d"])
+    assert pruning is not None and pruning.dropped == ("c",) and pruning.kept == ("a", "b", "d")
+    assert (pruning.with_all, pruning.without) == (gate.score(probs, gold)["accuracy"], 1.0)
+    with pytest.raises(ValueError, match="2 names for 4 members"):
+        gate.prune(probs, gold, ["a", "b"])
+
+
+def test_refinement_drops_a_member_whose_removal_raises_held_out_accuracy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
+    seed_rows = rows(90, 0, "s")
+    pool.add_many(seed_rows, Source.SEED)
+    pool.mark_trained()
+    texts, ys = [t for _, t, _ in seed_rows], [y for _, _, y in seed_rows]
+    registry.save_ensemble(
+        LABELS,
+        {
+            # Two cautious members (strong regularisation) and one that is always sure of itself.
+            "ngram-a": lambda d: NgramSpecialist.untrained(LABELS, "a", c=0.1).fit(texts, ys, d),
+            "ngram-b": lambda d: NgramSpecialist.untrained(LABELS, "b", c=0.2).fit(texts, ys, d),
+            "ngram-c": lambda d: NgramSpecialist.untrained(LABELS, "c", c=50.0).fit(texts, ys, d),
+        },
+    )
+    # Member c learns from a careless reviewer from now on: every label it is taught is rotated.
+    real_fit = NgramSpecialist.fit
+
+    def careless(self, texts, labels, out_dir, config=None):  # type: ignore[no-untyped-def]
+        if self.name == "c":
+            labels = [ROTATE[y] for y in labels]
+        return real_fit(self, texts, labels, out_dir, config)
+
+    monkeypatch.setattr(NgramSpecialist, "fit", careless)
+    pool.add_many(rows(300, 1, "h"), Source.HUMAN)
+
+    result = refine(registry, pool, RefineConfig(beta=100), labels=LABELS, policy=SERVED)
+
+    assert result.promoted and result.version == "v0002"
+    pruning = result.pruning
+    assert (
+        pruning is not None
+        and pruning["dropped"] == ["ngram-c"]
+        and pruning["kept"] == ["ngram-a", "ngram-b"]
+    )
+    assert pruning["without"] > pruning["with"] and pruning["n_holdout"] == result.n_holdout >= 10
+    assert result.metrics_new["accuracy"] == pytest.approx(pruning["without"])
+    assert result.reason.endswith(f"; dropped ngram-c: held-out accuracy {pruning['without']:.4f} without, "
+                                  f"{pruning['with']:.4f} with")  # fmt: skip
+    manifest = registry.manifest("v0002")
+    assert manifest["members"] == ["ngram-a", "ngram-b"] and manifest["metrics"]["pruning"] == pruning
+    assert sorted(p.name for p in registry.path("v0002").iterdir() if p.is_dir()) == ["ngram-a", "ngram-b"]
+    assert registry.load("v0002", LABELS).k == 2
+    published = registry.history()[-1]
+    assert (published["event"], published["pruning"]) == ("publish", pruning)
+    # The next refinement starts from two members and never goes below them.
+    pool.add_many(rows(300, 2, "i"), Source.HUMAN)
+    again = refine(registry, pool, RefineConfig(beta=100), labels=LABELS, policy=SERVED)
+    assert again.pruning is None and registry.load(again.serving or "", LABELS).k == 2

@@ -297,6 +297,7 @@ def _result_summary(result: Any) -> dict[str, Any]:
             "n_replay",
             "n_holdout",
             "seconds",
+            "pruning",
         )
     }
 

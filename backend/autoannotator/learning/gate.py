@@ -8,12 +8,19 @@ mean probability's argmax under ``mean:T``, the weighted vote under ``weighted:T
 candidate is promoted if it is not worse on ``metric`` by more than ``tolerance``; with fewer than
 ``min_holdout`` held-out items a comparison means nothing, and the candidate is promoted unjudged
 (the reason says so).
+
+Before the comparison, :meth:`Gate.prune` drops the candidate's members that pull the vote down
+(the paper's Table 13: one weak member can make the vote worse than the best single model) on the
+same held-out items, never below :data:`MIN_MEMBERS`. Choosing the members and judging the result
+on one set flatters the pruned candidate a little; the served version keeps its members, so a
+pruned candidate is only promoted if it is still not worse than the version that serves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +30,8 @@ from autoannotator.learning.pool import VerifiedItem
 from autoannotator.models.ensemble import Ensemble
 
 METRICS = ("accuracy", "macro_f1")
+# Pruning never leaves fewer members than this: one member is no vote.
+MIN_MEMBERS = 2
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict[str, float]:
@@ -40,6 +49,37 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int
         if tp + wrong:
             f1s.append(2 * tp / (2 * tp + wrong))
     return {"accuracy": float(np.mean(t == p)), "macro_f1": float(np.mean(f1s)), "n": float(t.size)}
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Members dropped from a candidate because the vote was better without them on held-out items.
+
+    ``with_all`` is the gate's metric of all the candidate's members, ``without`` that of ``kept``.
+    """
+
+    dropped: tuple[str, ...]
+    kept: tuple[str, ...]
+    metric: str
+    with_all: float
+    without: float
+    n_holdout: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dropped": list(self.dropped),
+            "kept": list(self.kept),
+            "metric": self.metric,
+            "with": round(self.with_all, 6),
+            "without": round(self.without, 6),
+            "n_holdout": self.n_holdout,
+        }
+
+    def summary(self) -> str:
+        return (
+            f"dropped {', '.join(self.dropped)}: held-out {self.metric} {self.without:.4f} without, "
+            f"{self.with_all:.4f} with"
+        )
 
 
 @dataclass(frozen=True)
@@ -79,6 +119,52 @@ class Gate:
         """Score ``ensemble`` on verified items as the project serves it."""
         probs = ensemble.predict_proba([it.text for it in items])
         return self.score(probs, np.asarray(labels.indices([it.label for it in items])), weights)
+
+    def prune(
+        self,
+        probs: np.ndarray,
+        gold: np.ndarray,
+        names: Sequence[str],
+        weights: np.ndarray | None = None,
+    ) -> Pruning | None:
+        """The members to drop from an ensemble whose ``[k, n, L]`` held-out probabilities are ``probs``.
+
+        Backward elimination: while more than :data:`MIN_MEMBERS` remain, drop the member whose
+        removal raises the metric most (equal gains: the member weakest alone, then the later one),
+        and only if it strictly raises it. None when nothing is dropped, or with fewer than
+        ``min_holdout`` items to judge on.
+        """
+        probs, gold = np.asarray(probs), np.asarray(gold)
+        k = probs.shape[0]
+        if len(names) != k:
+            raise ValueError(f"{len(names)} names for {k} members")
+        if k <= MIN_MEMBERS or gold.shape[0] < max(self.min_holdout, 1):
+            return None
+
+        def metric(subset: list[int]) -> float:
+            w = None if weights is None else np.asarray(weights)[subset]
+            return self.score(probs[subset], gold, w)[self.metric]
+
+        alone = [metric([i]) for i in range(k)]
+        kept = list(range(k))
+        start = current = metric(kept)
+        while len(kept) > MIN_MEMBERS:
+            options = [(metric([j for j in kept if j != i]), -alone[i], i) for i in kept]
+            best, _, drop = max(options)
+            if best <= current + 1e-12:
+                break
+            kept.remove(drop)
+            current = best
+        if len(kept) == k:
+            return None
+        return Pruning(
+            dropped=tuple(names[i] for i in range(k) if i not in kept),
+            kept=tuple(names[i] for i in kept),
+            metric=self.metric,
+            with_all=start,
+            without=current,
+            n_holdout=int(gold.shape[0]),
+        )
 
     def verdict(self, n_holdout: int, old: dict[str, float], new: dict[str, float]) -> tuple[bool, str]:
         """Whether a candidate scoring ``new`` may replace a version scoring ``old``, and why."""

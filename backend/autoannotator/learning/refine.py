@@ -14,6 +14,7 @@ Whatever happens, the served version is untouched until the new one is complete 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from autoannotator.core.labels import LabelSet
 from autoannotator.core.policies import Policy
 from autoannotator.errors import TrainingError
-from autoannotator.learning.gate import METRICS, Gate
+from autoannotator.learning.gate import METRICS, Gate, Pruning
 from autoannotator.learning.pool import VerifiedItem, VerifiedPool
 from autoannotator.models.ensemble import Ensemble, write_manifest
 from autoannotator.models.specialists.base import TrainConfig
@@ -41,7 +42,8 @@ class RefineConfig:
     ``beta``: pool growth that triggers training (the paper's β). ``replay_ratio``: older items per
     new item for incremental members. ``min_holdout``: below this many held-out items a comparison
     means nothing, so the new version is promoted unevaluated (and the reason says so).
-    ``tolerance``: how much of ``metric`` a new version may lose and still be promoted.
+    ``tolerance``: how much of ``metric`` a new version may lose and still be promoted. ``prune``:
+    drop members whose removal raises the held-out ``metric`` (never below two members).
     """
 
     beta: int = 2000
@@ -50,6 +52,7 @@ class RefineConfig:
     tolerance: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
     metric: str = "accuracy"
+    prune: bool = True
 
     def __post_init__(self) -> None:
         if self.beta < 1:
@@ -85,6 +88,8 @@ class RefinementResult:
     n_holdout: int
     seconds: float
     member_seconds: dict[str, float]
+    # Members dropped from the candidate because the vote was better without them (see Gate.prune).
+    pruning: dict[str, Any] | None = None
 
     @property
     def serving(self) -> str | None:
@@ -169,6 +174,7 @@ def refine(
     member_seconds: dict[str, float] = {}
     metrics_old: dict[str, float] = {}
     metrics_new: dict[str, float] = {}
+    pruned: list[Pruning] = []
 
     def result(promoted: bool, reason: str) -> RefinementResult:
         return RefinementResult(
@@ -183,6 +189,7 @@ def refine(
             len(holdout),
             time.perf_counter() - started,
             member_seconds,
+            pruned[0].as_dict() if pruned else None,
         )
 
     def entry(res: RefinementResult, event: str) -> dict[str, Any]:
@@ -212,20 +219,40 @@ def refine(
                         f"member {member.name!r} ({sub}) of {previous} failed to train into {version}: {exc}"
                     ) from exc
                 member_seconds[sub] = time.perf_counter() - t0
-            candidate = Ensemble(fitted, labels, version=version)
+            members = list(subdirs)
             if holdout:
                 metrics_old.update(gate.evaluate(old, holdout, labels, weights))
-                metrics_new.update(gate.evaluate(candidate, holdout, labels, weights))
+                probs = Ensemble(fitted, labels, version=version).predict_proba([it.text for it in holdout])
+                gold = np.asarray(labels.indices([it.label for it in holdout]))
+                kept = list(range(len(members)))
+                if config.prune:
+                    pruning = gate.prune(probs, gold, members, weights)
+                    if pruning is not None:
+                        pruned.append(pruning)
+                        kept = [members.index(m) for m in pruning.kept]
+                        for dropped in pruning.dropped:
+                            shutil.rmtree(tmp / dropped)
+                        members = list(pruning.kept)
+                        logger.info("%s: %s", version, pruning.summary())
+                metrics_new.update(
+                    gate.score(probs[kept], gold, None if weights is None else np.asarray(weights)[kept])
+                )
             promoted, reason = gate.verdict(len(holdout), metrics_old, metrics_new)
+            if pruned:
+                reason = f"{reason}; {pruned[0].summary()}"
             if not promoted:
                 raise _RejectedError(reason)
             write_manifest(
                 tmp,
                 version=version,
                 labels=labels,
-                members=subdirs,
+                members=members,
                 parent=previous,
-                metrics={"holdout": metrics_new, "previous_holdout": metrics_old},
+                metrics={
+                    "holdout": metrics_new,
+                    "previous_holdout": metrics_old,
+                    **({"pruning": pruned[0].as_dict()} if pruned else {}),
+                },
                 note=reason,
             )
     except _RejectedError as rejected:
