@@ -15,7 +15,9 @@ from rq import Queue, SimpleWorker, Worker
 
 from autoannotator.errors import AutoAnnotatorError, LabelMappingError, TrainingError
 from autoannotator.labelstudio.config import parse_label_config
+from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.pool import Source, VerifiedPool
+from autoannotator.learning.refine import RefineConfig
 from autoannotator.models.specialists import NgramSpecialist
 from autoannotator.service import jobs
 from autoannotator.service.status import project_status
@@ -574,3 +576,52 @@ def test_the_cold_start_can_reshape_its_encoder_on_the_seed_labels_first(make_ct
     member = json.loads((registry.path("v0001") / "m0-embedding-linear" / "specialist.json").read_text())
     assert member["base_model"] == str(encoder)
     assert ctx.models.ensemble(UID, LABELS).predict_proba(["shares surge"]).shape == (1, 1, 3)
+
+
+# ---------------------------------------------------------------------------- training settings
+
+
+def test_the_trainers_defaults_are_the_settings_defaults():
+    """One default for each: what a trainer does unconfigured is what the backend does."""
+    assert jobs._refine_config(Settings()) == RefineConfig()
+    assert jobs._first_version_plan(Settings()).cold_start == ColdStartConfig()
+    assert RefineConfig().beta == Settings().retrain_every
+
+
+def test_training_hyperparameters_come_from_the_settings(make_ctx, tiny_encoder):
+    ctx = make_ctx(
+        AUTOANNOTATOR_COLD_START_KINDS="transformer",
+        AUTOANNOTATOR_ENCODER=str(tiny_encoder),
+        AUTOANNOTATOR_COLD_START_LR="1e-3",
+        AUTOANNOTATOR_COLD_START_EPOCHS="2",
+        AUTOANNOTATOR_REFINE_LR="5e-4",
+        AUTOANNOTATOR_REFINE_EPOCHS="1",
+        AUTOANNOTATOR_MIN_HOLDOUT="1000",  # promoted unjudged: the test reads the version it built
+    )
+    _seed_and_publish(ctx)
+    registry = ctx.models.registry(UID)
+
+    def trained_with(version: str) -> dict:
+        meta = json.loads((registry.path(version) / "m0-transformer" / "specialist.json").read_text())
+        return meta["train_config"]
+
+    assert (trained_with("v0001")["learning_rate"], trained_with("v0001")["epochs"]) == (1e-3, 2)
+    for i, (text, label) in enumerate(corpus(12, seed=7), start=500):
+        annotate(i, text, label)
+    Queue("train", connection=ctx.state.redis).empty()
+    assert jobs.train_project(UID, True).startswith("v0002 published")
+    assert (trained_with("v0002")["learning_rate"], trained_with("v0002")["epochs"]) == (5e-4, 1)
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("AUTOANNOTATOR_REFINE_LR", "0"),
+        ("AUTOANNOTATOR_REFINE_EPOCHS", "0"),
+        ("AUTOANNOTATOR_COLD_START_LR", "-1e-5"),
+        ("AUTOANNOTATOR_COLD_START_EPOCHS", "0"),
+    ],
+)
+def test_bad_training_hyperparameters_are_refused_at_startup(env, value):
+    with pytest.raises(ValueError, match=env):
+        Settings.from_env({env: value})

@@ -62,7 +62,8 @@ def test_config_is_validated() -> None:
     for bad in ({"beta": 0}, {"replay_ratio": -1}, {"min_holdout": -1}, {"tolerance": 2}, {"metric": "auc"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             RefineConfig(**bad)
-    assert RefineConfig().train == TrainConfig() and RefineConfig().beta == 2000
+    # The defaults are the backend's: beta is AUTOANNOTATOR_RETRAIN_EVERY (see tests/test_jobs.py).
+    assert RefineConfig().train == TrainConfig() and RefineConfig().beta == Settings().retrain_every == 100
 
 
 def test_metrics_match_scikit_learn() -> None:

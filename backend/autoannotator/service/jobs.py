@@ -55,6 +55,7 @@ from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.first_version import FirstVersionPlan, TaskDescription, build_first_version
 from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.learning.refine import RefineConfig, refine
+from autoannotator.models.specialists.base import TrainConfig
 from autoannotator.review.base import ReviewItem, ReviewStatus
 from autoannotator.review.llm import LLMReviewer, PriceTable, ReviewCache, make_openai_client
 from autoannotator.service.status_plot import write_holdout_tradeoff
@@ -582,7 +583,7 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
             result = refine(
                 registry,
                 snapshot,
-                RefineConfig(beta=ctx.settings.retrain_every, min_holdout=ctx.settings.min_holdout),
+                _refine_config(ctx.settings),
                 labels=labels,
                 policy=policy_from_spec(ctx.settings.policy),  # the gate judges what /predict serves
                 force=force,
@@ -644,8 +645,21 @@ def _first_version_plan(s: Settings) -> FirstVersionPlan:
         models=() if top_k is not None else s.specialists,
         catalog_top_k=top_k,
         catalog=Path(s.catalog) if s.catalog else None,
-        cold_start=ColdStartConfig(encoder=s.encoder, kinds=s.cold_start_kinds),
+        cold_start=ColdStartConfig(
+            encoder=s.encoder,
+            kinds=s.cold_start_kinds,
+            transformer_train=TrainConfig(learning_rate=s.cold_start_lr, epochs=s.cold_start_epochs),
+        ),
         contrastive_pairs=s.cold_start_contrastive,
+    )
+
+
+def _refine_config(s: Settings) -> RefineConfig:
+    """How the settings say a served version is retrained and judged."""
+    return RefineConfig(
+        beta=s.retrain_every,
+        min_holdout=s.min_holdout,
+        train=TrainConfig(learning_rate=s.refine_lr, epochs=s.refine_epochs),
     )
 
 
