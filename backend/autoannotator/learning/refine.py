@@ -40,9 +40,9 @@ class RefineConfig:
     """When to retrain, on what, and how a new version must compare to be served.
 
     ``beta``: pool growth that triggers training (the paper's β; the default is the backend's
-    ``AUTOANNOTATOR_RETRAIN_EVERY``). ``replay_ratio``: older items per
-    new item for incremental members. ``min_holdout``: below this many held-out items a comparison
-    means nothing, so the new version is promoted unevaluated (and the reason says so).
+    ``AUTOANNOTATOR_RETRAIN_EVERY``). ``replay_ratio``: older items per new item for incremental
+    members. ``min_holdout``: below this many held-out items a comparison means nothing, so the new
+    version is promoted unevaluated (and the reason says so).
     ``tolerance``: how much of ``metric`` a new version may lose and still be promoted. ``prune``:
     drop members whose removal raises the held-out ``metric`` (never below two members).
     """
