@@ -21,9 +21,11 @@ from autoannotator.errors import (
 )
 from autoannotator.labelstudio.config import parse_label_config
 from autoannotator.labelstudio.fields import votes_text
+from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.pool import Source, VerifiedPool
+from autoannotator.learning.refine import RefineConfig
 from autoannotator.models.specialists import NgramSpecialist
-from autoannotator.service import jobs
+from autoannotator.service import jobs, training
 from autoannotator.service.context import Context
 from autoannotator.service.ingest import seed_shortfall
 from autoannotator.service.queueing import JOBS, request_sync, request_training
@@ -268,6 +270,19 @@ def test_configured_specialists_do_not_wait_for_a_seed(make_ctx):
     assert len(train_jobs(ctx)) == 1
 
 
+def test_a_configured_model_in_a_directory_with_an_odd_name_gets_a_plain_member_name(make_ctx, tmp_path):
+    """The member's directory is named after the model's, reduced to what the registry accepts."""
+    source = tiny.build_classifier(tmp_path / "fin sent (v2) ü", ["negative", "neutral", "positive"])
+    ctx = make_ctx(AUTOANNOTATOR_SPECIALISTS=str(source))
+    annotate(1, "one label", "Positive")
+    assert jobs.train_project(UID) == "first version v0001 published"
+    registry = ctx.models.registry(UID)
+    assert registry.manifest("v0001")["members"] == ["m0-fin-sent-v2"]
+    assert [p.name for p in registry.path("v0001").iterdir() if p.is_dir()] == ["m0-fin-sent-v2"]
+    assert registry.history()[-1]["given_models"] == [str(source)]
+    assert ctx.models.ensemble(UID, LABELS).predict_proba(["shares surge"]).shape == (1, 1, 3)
+
+
 def test_a_served_project_retrains_every_beta_labels(make_ctx, tmp_path):
     ctx = make_ctx(AUTOANNOTATOR_RETRAIN_EVERY="5")
     _seed_and_publish(ctx)
@@ -366,6 +381,19 @@ def test_a_refinement_that_crashes_leaves_the_served_version_and_can_be_retried(
     outcome = jobs.train_project(UID, True)
     assert outcome.startswith("v000") and ("published" in outcome or "rejected" in outcome)
     assert pool_of(ctx).growth_since_training() == 0
+
+
+def test_the_refinement_is_judged_with_the_routing_policy_the_project_serves(make_ctx):
+    ctx = make_ctx(AUTOANNOTATOR_POLICY="budget:2:epsilon")
+    _seed_and_publish(ctx)
+    for i, (text, label) in enumerate(corpus(30, seed=7), start=500):
+        annotate(i, text, label)
+    Queue("train", connection=ctx.state.redis).empty()
+    outcome = jobs.train_project(UID, True)
+    assert outcome.startswith("v0002 ")
+    judged = ctx.models.registry(UID).history()[-1]
+    assert judged["policy"] == "budget:2:epsilon:0.34"
+    assert project_status(ctx, UID)["trainings"][-1]["policy"] == "budget:2:epsilon:0.34"
 
 
 def test_a_cold_start_that_crashes_publishes_nothing(ctx, monkeypatch):
@@ -559,3 +587,52 @@ def test_the_cold_start_can_reshape_its_encoder_on_the_seed_labels_first(make_ct
     member = json.loads((registry.path("v0001") / "m0-embedding-linear" / "specialist.json").read_text())
     assert member["base_model"] == str(encoder)
     assert ctx.models.ensemble(UID, LABELS).predict_proba(["shares surge"]).shape == (1, 1, 3)
+
+
+# ---------------------------------------------------------------------------- training settings
+
+
+def test_the_trainers_defaults_are_the_settings_defaults():
+    """One default for each: what a trainer does unconfigured is what the backend does."""
+    assert training._refine_config(Settings()) == RefineConfig()
+    assert training._first_version_plan(Settings()).cold_start == ColdStartConfig()
+    assert RefineConfig().beta == Settings().retrain_every
+
+
+def test_training_hyperparameters_come_from_the_settings(make_ctx, tiny_encoder):
+    ctx = make_ctx(
+        AUTOANNOTATOR_COLD_START_KINDS="transformer",
+        AUTOANNOTATOR_ENCODER=str(tiny_encoder),
+        AUTOANNOTATOR_COLD_START_LR="1e-3",
+        AUTOANNOTATOR_COLD_START_EPOCHS="2",
+        AUTOANNOTATOR_REFINE_LR="5e-4",
+        AUTOANNOTATOR_REFINE_EPOCHS="1",
+        AUTOANNOTATOR_MIN_HOLDOUT="1000",  # promoted unjudged: the test reads the version it built
+    )
+    _seed_and_publish(ctx)
+    registry = ctx.models.registry(UID)
+
+    def trained_with(version: str) -> dict:
+        meta = json.loads((registry.path(version) / "m0-transformer" / "specialist.json").read_text())
+        return meta["train_config"]
+
+    assert (trained_with("v0001")["learning_rate"], trained_with("v0001")["epochs"]) == (1e-3, 2)
+    for i, (text, label) in enumerate(corpus(12, seed=7), start=500):
+        annotate(i, text, label)
+    Queue("train", connection=ctx.state.redis).empty()
+    assert jobs.train_project(UID, True).startswith("v0002 published")
+    assert (trained_with("v0002")["learning_rate"], trained_with("v0002")["epochs"]) == (5e-4, 1)
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("AUTOANNOTATOR_REFINE_LR", "0"),
+        ("AUTOANNOTATOR_REFINE_EPOCHS", "0"),
+        ("AUTOANNOTATOR_COLD_START_LR", "-1e-5"),
+        ("AUTOANNOTATOR_COLD_START_EPOCHS", "0"),
+    ],
+)
+def test_bad_training_hyperparameters_are_refused_at_startup(env, value):
+    with pytest.raises(ValueError, match=env):
+        Settings.from_env({env: value})

@@ -15,8 +15,9 @@ import pytest
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.errors import LabelMappingError, SpecialistLoadError
+from autoannotator.models.ensemble import write_manifest
 from autoannotator.models.specialists import NgramSpecialist
-from autoannotator.storage.registry import Registry
+from autoannotator.storage.registry import MEMBER_PATTERN, Registry, member_name
 from tests import tiny
 
 LABELS = LabelSet(tiny.LABELS)
@@ -103,6 +104,40 @@ def test_versions_are_never_overwritten_and_names_are_checked(tmp_path: Path) ->
     assert registry.current() == "v0001"
     with pytest.raises(ValueError, match="plain names"):
         registry.save_ensemble(LABELS, {"../x": lambda d: NgramSpecialist.untrained(LABELS)})
+
+
+def test_a_version_built_by_hand_is_refused_at_publish_when_a_member_name_is_not_plain(
+    tmp_path: Path,
+) -> None:
+    """Every way of building a version ends in publish, so that is where member names are checked."""
+    registry = Registry(tmp_path)
+    first = save_ngrams(registry)
+    texts, ys = zip(*tiny.make_corpus(30, 1), strict=True)
+    version = registry.next_version()
+    with registry.stage(version) as staged:
+        NgramSpecialist.untrained(LABELS).fit(texts, ys, staged / "m0-fin sent (v2)")
+        write_manifest(staged, version=version, labels=LABELS, members=["m0-fin sent (v2)"])
+    with pytest.raises(ValueError, match=r"'m0-fin sent \(v2\)'.*plain names"):
+        registry.publish(version)
+    assert registry.current() == first
+    assert [e["version"] for e in registry.history()] == [first]
+
+
+@pytest.mark.parametrize(
+    ("index", "source", "name"),
+    [
+        (0, "ProsusAI/finbert", "m0-finbert"),
+        (1, "/models/fin sent (v2)", "m1-fin-sent-v2"),
+        (2, "runs/x/models/versions/v0001/m2-ngram-linear", "m2-ngram-linear"),
+        (0, "/", "m0-model"),
+        (3, "..", "m3-model"),
+        (0, "/data/ünïcode…", "m0-n-code"),
+        (4, "/" + "a" * 300, "m4-" + "a" * 100),
+    ],
+)
+def test_member_names_from_sources_are_plain_path_components(index: int, source: str, name: str) -> None:
+    assert member_name(index, source) == name
+    assert MEMBER_PATTERN.fullmatch(name)
 
 
 def test_later_publishes_and_rollbacks_never_touch_a_published_directory(tmp_path: Path) -> None:

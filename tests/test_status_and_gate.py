@@ -22,15 +22,18 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from autoannotator.core.policies import policy_from_spec
+from autoannotator.learning.gate import Gate
 from autoannotator.learning.pool import VerifiedPool
-from autoannotator.learning.refine import evaluate, mean_argmax
 from autoannotator.models.ensemble import Ensemble
+from autoannotator.models.specialists import NgramSpecialist
 from autoannotator.models.specialists.base import TrainConfig
 from autoannotator.service import jobs
 from autoannotator.service.app import create_app
 from autoannotator.service.context import Context
 from autoannotator.service.worker import worker_class
 from autoannotator.settings import Settings
+from autoannotator.storage.model_store import ProjectModels
 from autoannotator.storage.redis_state import ProjectInfo, State
 from tests import scrape
 from tests.e2e_data import CONFIG, LABELS, publish
@@ -139,6 +142,42 @@ def test_no_known_price_means_no_cost_saving_is_claimed(
     assert _saved_row(client.get("/status").get_data(as_text=True)) == shown
 
 
+def test_a_member_a_refinement_dropped_is_on_the_status_with_its_figures(tmp_path, redis_url, redis_client):
+    """What a refinement that pruned a member writes to the history (see tests/test_training.py),
+    as /status.json and /status show it."""
+    settings = Settings.from_env(_env(tmp_path, redis_url))
+    publish(settings.model_dir, UID, c=1.0, note="cold start")
+    registry = ProjectModels(settings.model_dir).registry(UID)
+    texts = [f"shares rally {i}" for i in range(6)] + [f"stock plunges {i}" for i in range(6)]
+    ys = ["Positive"] * 6 + ["Negative"] * 6
+    second = registry.save_ensemble(
+        LABELS,
+        {"m0-ngram-linear": lambda d: NgramSpecialist.untrained(LABELS).fit(texts, ys, d)},
+        publish=False,
+    )
+    pruning = {
+        "dropped": ["m1-ngram-linear"],
+        "kept": ["m0-ngram-linear"],
+        "metric": "accuracy",
+        "with": 0.71,
+        "without": 0.74,
+        "n_holdout": 100,
+    }
+    registry.publish(second, {"reason": "promoted; dropped m1-ngram-linear", "pruning": pruning})
+    State(redis_client, "off").remember(ProjectInfo(UID, 7, "http://ls.invalid", CONFIG))
+    client = create_app(settings).test_client()
+
+    p = _project(client)
+    assert p["members_dropped"] == [{"version": second, **pruning}]
+    assert p["trainings"][-1]["pruning"] == pruning
+    assert "pruning" not in p["trainings"][0]  # the cold start dropped nothing
+    page = client.get("/status").get_data(as_text=True)
+    assert (
+        f"<th>members dropped</th><td>{second}: m1-ngram-linear (held-out accuracy 74.0% without, "
+        "71.0% with, 100 items)</td>"
+    ) in page
+
+
 # ---------------------------------------------------------------------------- the evaluation gate
 
 
@@ -213,12 +252,14 @@ def test_a_candidate_trained_on_permuted_labels_is_rejected_and_the_old_version_
 
     # The held-out figures: the served version on the held-out labels, and what the candidate (a
     # refit of the same n-gram member on the now wrong training labels) scored there.
+    # The gate judges with the policy /predict serves (the default, mean:0.75, here).
+    gate = Gate(policy_from_spec(ctx.settings.policy))
     served = registry.load("v0001", LABELS)
-    expected_old = evaluate(served, holdout, LABELS)
+    expected_old = gate.evaluate(served, holdout, LABELS)
     relabelled = VerifiedPool(LABELS, path=ctx.pool_path(UID)).train_items()
     texts, ys = [it.text for it in relabelled], [it.label for it in relabelled]
     refit = served.members[0].fit(texts, ys, tmp_path / "replica", TrainConfig())
-    expected_new = evaluate(Ensemble([refit], LABELS, version="replica"), holdout, LABELS)
+    expected_new = gate.evaluate(Ensemble([refit], LABELS, version="replica"), holdout, LABELS)
     assert expected_new["accuracy"] < expected_old["accuracy"]
     reason = (
         f"rejected: held-out accuracy fell from {expected_old['accuracy']:.4f} to "
@@ -229,6 +270,7 @@ def test_a_candidate_trained_on_permuted_labels_is_rejected_and_the_old_version_
     assert rejected["reason"] == reason
     assert rejected["metrics_old"] == expected_old and rejected["metrics_new"] == expected_new
     assert rejected["n_holdout"] == len(holdout) and rejected["n_new"] == len(train)
+    assert rejected["policy"] == "mean:0.75" == ctx.settings.policy
     assert ctx.state.get(UID, "last_training") == f"v0002 rejected: {reason}"
 
     # /predict still answers with v0001, and with v0001's labels; /status says why.
@@ -236,7 +278,7 @@ def test_a_candidate_trained_on_permuted_labels_is_rejected_and_the_old_version_
     texts = [it.text for it in holdout]
     results = _predict(client, texts, 5000)
     assert {r["model_version"] for r in results} == {"v0001"}
-    served_labels = [LABELS.names[i] for i in mean_argmax(served.predict_proba(texts))]
+    served_labels = [LABELS.names[i] for i in gate.policy.decide(served.predict_proba(texts)).labels]
     assert [r["result"][0]["value"]["choices"][0] for r in results] == served_labels
     status = _project(client)
     assert status["version"] == "v0001" and status["versions"] == ["v0001"]
@@ -250,5 +292,6 @@ def test_a_candidate_trained_on_permuted_labels_is_rejected_and_the_old_version_
         "metrics_new": expected_new,
         "metrics_old": expected_old,
         "n_new": len(train),
+        "policy": "mean:0.75",
     }
     assert "1 published, 1 rejected, 0 failed" in client.get("/status").get_data(as_text=True)

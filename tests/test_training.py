@@ -14,16 +14,20 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.policies import Decision, EpsilonRule, MeanProbability, policy_from_spec
 from autoannotator.errors import TrainingError
+from autoannotator.learning.gate import Gate, classification_metrics
 from autoannotator.learning.pool import Source, VerifiedPool
-from autoannotator.learning.refine import RefineConfig, classification_metrics, refine, should_train
+from autoannotator.learning.refine import RefineConfig, refine, should_train
 from autoannotator.models.ensemble import Ensemble
 from autoannotator.models.specialists import NgramSpecialist, TrainConfig, TransformerSpecialist
 from autoannotator.models.specialists.base import Specialist
+from autoannotator.settings import Settings
 from autoannotator.storage.registry import Registry
 from tests import tiny
 
 LABELS = LabelSet(tiny.LABELS)
+SERVED = policy_from_spec(Settings().policy)  # what the backend serves unless told otherwise
 ROTATE = {"bearish": "bullish", "bullish": "neutral", "neutral": "bearish"}
 
 
@@ -58,7 +62,8 @@ def test_config_is_validated() -> None:
     for bad in ({"beta": 0}, {"replay_ratio": -1}, {"min_holdout": -1}, {"tolerance": 2}, {"metric": "auc"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             RefineConfig(**bad)
-    assert RefineConfig().train == TrainConfig() and RefineConfig().beta == 2000
+    # The defaults are the backend's: beta is AUTOANNOTATOR_RETRAIN_EVERY (see tests/test_jobs.py).
+    assert RefineConfig().train == TrainConfig() and RefineConfig().beta == Settings().retrain_every == 100
 
 
 def test_metrics_match_scikit_learn() -> None:
@@ -73,7 +78,9 @@ def test_metrics_match_scikit_learn() -> None:
 
 def test_refining_needs_a_served_version(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="cold-start"):
-        refine(Registry(tmp_path), VerifiedPool(LABELS), RefineConfig(), labels=LABELS, force=True)
+        refine(
+            Registry(tmp_path), VerifiedPool(LABELS), RefineConfig(), labels=LABELS, policy=SERVED, force=True
+        )
 
 
 def test_nothing_happens_before_beta_or_without_new_training_items(tmp_path: Path) -> None:
@@ -82,11 +89,11 @@ def test_nothing_happens_before_beta_or_without_new_training_items(tmp_path: Pat
     config = RefineConfig(beta=50)
     pool.add_many(rows(20, 1, "h"))
     assert not should_train(pool, config)
-    result = refine(registry, pool, config, labels=LABELS)
+    result = refine(registry, pool, config, labels=LABELS, policy=SERVED)
     assert not result.promoted and result.version == "" and result.serving == "v0001"
     assert result.reason == "the pool grew by 20 of beta=50 items since the last training"
     pool.mark_trained()
-    forced = refine(registry, pool, config, labels=LABELS, force=True)
+    forced = refine(registry, pool, config, labels=LABELS, policy=SERVED, force=True)
     assert forced.reason.startswith("no new verified training items") and not forced.promoted
     assert registry.versions() == ["v0001"] and len(registry.history()) == 1
 
@@ -94,7 +101,9 @@ def test_nothing_happens_before_beta_or_without_new_training_items(tmp_path: Pat
 def test_an_empty_pool_is_a_no_op_with_a_reason(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     cold_start(registry, VerifiedPool(LABELS), rows(30, 0, "s"))
-    result = refine(registry, VerifiedPool(LABELS), RefineConfig(beta=1), labels=LABELS, force=True)
+    result = refine(
+        registry, VerifiedPool(LABELS), RefineConfig(beta=1), labels=LABELS, policy=SERVED, force=True
+    )
     assert (result.promoted, result.version, result.n_new) == (False, "", 0)
     assert "no new verified training items" in result.reason and registry.current() == "v0001"
 
@@ -108,7 +117,7 @@ def test_a_better_version_is_promoted_and_the_old_one_stays_untouched(tmp_path: 
     assert should_train(pool, config)
     n_new, n_holdout = len(pool.new_train_items()), len(pool.holdout_items())
 
-    result = refine(registry, pool, config, labels=LABELS)
+    result = refine(registry, pool, config, labels=LABELS, policy=SERVED)
 
     assert result.promoted and (result.version, result.previous) == ("v0002", "v0001")
     assert result.reason.startswith("promoted: held-out accuracy")
@@ -135,7 +144,7 @@ def test_a_worse_version_is_rejected_deleted_and_recorded(tmp_path: Path) -> Non
     new = [(k, t, y if pool.is_holdout(k) else ROTATE[y]) for k, t, y in rows(300, 1, "h")]
     pool.add_many(new, Source.HUMAN)
 
-    result = refine(registry, pool, RefineConfig(beta=100), labels=LABELS)
+    result = refine(registry, pool, RefineConfig(beta=100), labels=LABELS, policy=SERVED)
 
     assert not result.promoted and result.version == "v0002" and result.serving == "v0001"
     assert result.reason.startswith("rejected: held-out accuracy fell from")
@@ -149,7 +158,7 @@ def test_a_worse_version_is_rejected_deleted_and_recorded(tmp_path: Path) -> Non
     assert LABELS.names[int(probs.mean(axis=0).argmax())] == "bullish"
     # The attempt counts as training: the same items do not trigger another one at once.
     assert pool.growth_since_training() == 0
-    assert refine(registry, pool, RefineConfig(beta=100), labels=LABELS).version == ""
+    assert refine(registry, pool, RefineConfig(beta=100), labels=LABELS, policy=SERVED).version == ""
 
 
 def test_too_few_held_out_items_promote_without_evaluation(tmp_path: Path) -> None:
@@ -157,24 +166,45 @@ def test_too_few_held_out_items_promote_without_evaluation(tmp_path: Path) -> No
     cold_start(registry, pool, rows(60, 0, "s"))
     pool.add_many(rows(20, 1, "h"), Source.LLM)
     n_holdout = len(pool.holdout_items())
-    result = refine(registry, pool, RefineConfig(beta=10, min_holdout=1000), labels=LABELS)
+    result = refine(registry, pool, RefineConfig(beta=10, min_holdout=1000), labels=LABELS, policy=SERVED)
     assert result.promoted and registry.current() == "v0002"
     assert result.reason == f"promoted without evaluation: only {n_holdout} held-out items (min_holdout=1000)"
 
 
-def test_the_callers_decision_rule_is_what_gets_evaluated(tmp_path: Path) -> None:
+class AlwaysNeutral:
+    """A routing policy that labels everything neutral, whatever the members say."""
+
+    name = "always-neutral"
+
+    def decide(self, probs: np.ndarray, weights: np.ndarray | None = None) -> Decision:
+        n = probs.shape[1]
+        return Decision(np.full(n, LABELS.index("neutral")), np.ones(n), np.zeros(n, dtype=bool))
+
+
+def test_the_served_policy_is_what_gets_evaluated(tmp_path: Path) -> None:
     registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
     cold_start(registry, pool, rows(60, 0, "s"))
     pool.add_many(rows(200, 1, "h"))
     holdout = pool.holdout_items()
     share = sum(it.label == "neutral" for it in holdout) / len(holdout)
 
-    def always_neutral(probs: np.ndarray) -> np.ndarray:
-        return np.array(["neutral"] * probs.shape[1])
-
-    result = refine(registry, pool, RefineConfig(beta=1), labels=LABELS, decide=always_neutral)
+    result = refine(registry, pool, RefineConfig(beta=1), labels=LABELS, policy=AlwaysNeutral())
     assert result.metrics_old["accuracy"] == result.metrics_new["accuracy"] == pytest.approx(share)
     assert result.promoted  # equal is not worse
+    assert registry.history()[-1]["policy"] == "always-neutral"
+
+
+def test_the_gate_scores_the_labels_the_policy_serves_not_a_fixed_rule() -> None:
+    """Two members say label 1 without conviction, one is sure of label 0: the paper's ε rule serves
+    the majority (1), ``mean:T`` the mean probability's argmax (0)."""
+    probs = np.array([[[0.4, 0.6, 0.0]], [[0.45, 0.55, 0.0]], [[1.0, 0.0, 0.0]]])
+    gold = np.array([0])
+    assert Gate(EpsilonRule()).score(probs, gold)["accuracy"] == 0.0
+    assert Gate(MeanProbability(0.75)).score(probs, gold)["accuracy"] == 1.0
+    assert Gate(policy_from_spec("budget:1:epsilon")).score(probs, gold)["accuracy"] == 0.0
+    for bad in ({"metric": "auc"}, {"tolerance": 2.0}, {"min_holdout": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Gate(SERVED, **bad)  # type: ignore[arg-type]
 
 
 class ExplodingNgram(NgramSpecialist):
@@ -209,7 +239,7 @@ def test_a_crash_halfway_leaves_the_old_version_serving_and_nothing_half_written
 
     monkeypatch.setattr(registry, "load", load_with_double)
     with pytest.raises(TrainingError, match=r"member 'b' \(ngram-b\) of v0001 failed.*No space left"):
-        refine(registry, pool, RefineConfig(beta=10), labels=LABELS)
+        refine(registry, pool, RefineConfig(beta=10), labels=LABELS, policy=SERVED)
 
     assert ExplodingNgram.seen_siblings == ["ngram-a"]  # the first member had finished
     assert registry.current() == "v0001" and registry.versions() == ["v0001"]
@@ -241,7 +271,7 @@ def test_incremental_members_get_new_items_plus_replay_and_the_configured_hyperp
     train = TrainConfig(learning_rate=5e-4, weight_decay=0.05, epochs=2, batch_size=8, max_length=24, seed=11)
     config = RefineConfig(beta=10, replay_ratio=0.5, tolerance=1.0, train=train)
 
-    result = refine(registry, pool, config, labels=LABELS)
+    result = refine(registry, pool, config, labels=LABELS, policy=SERVED)
 
     assert result.promoted and result.n_new == n_new and result.n_replay == round(0.5 * n_new)
     ngram, bert = registry.load("v0002", LABELS).members
@@ -251,3 +281,112 @@ def test_incremental_members_get_new_items_plus_replay_and_the_configured_hyperp
     assert bert.meta.parent == str(registry.path("v0001") / "bert")
     assert len(bert.meta.metrics["train_loss"]) == train.epochs
     assert ngram.meta.n_train == len(pool.train_items()) == 60 + n_new
+
+
+# ---------------------------------------------------------------------------- pruning
+
+
+def _votes(*rows: list[int], n_labels: int = 3) -> np.ndarray:
+    """``[k, n, L]`` probabilities from each member's label per item (0.8 on it, the rest spread)."""
+    out = np.full((len(rows), len(rows[0]), n_labels), 0.2 / (n_labels - 1))
+    for m, row in enumerate(rows):
+        out[m, np.arange(len(row)), row] = 0.8
+    return out
+
+
+def test_a_member_that_pulls_the_vote_down_is_dropped_and_the_figures_say_so() -> None:
+    gold = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    good = gold.tolist()
+    other = [0, 1, 2, 0, 1, 2, 0, 1, 2, 1]  # wrong once
+    # Always wrong and always certain: where the other two disagree (the last item), it decides.
+    careless = np.eye(3)[(gold + 1) % 3]
+    probs = np.concatenate([_votes(good, other), careless[None]])
+    pruning = Gate(MeanProbability(0.75)).prune(probs, gold, ["m0-a", "m1-b", "m2-c"])
+    assert pruning is not None
+    assert (pruning.dropped, pruning.kept, pruning.metric) == (("m2-c",), ("m0-a", "m1-b"), "accuracy")
+    assert pruning.with_all == Gate(MeanProbability(0.75)).score(probs, gold)["accuracy"]
+    assert pruning.without == 1.0 > pruning.with_all and pruning.n_holdout == 10
+    assert pruning.as_dict() == {
+        "dropped": ["m2-c"],
+        "kept": ["m0-a", "m1-b"],
+        "metric": "accuracy",
+        "with": round(pruning.with_all, 6),
+        "without": 1.0,
+        "n_holdout": 10,
+    }
+    assert pruning.summary().startswith("dropped m2-c: held-out accuracy 1.0000 without")
+
+
+def test_pruning_needs_a_strict_gain_enough_items_and_never_leaves_fewer_than_two_members() -> None:
+    gold = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    right = gold.tolist()
+    gate = Gate(EpsilonRule())
+    # Three members that agree: no removal raises the vote's accuracy, so nobody goes.
+    assert gate.prune(_votes(right, right, right), gold, ["a", "b", "c"]) is None
+    # Two members are the floor, however bad one of them is.
+    assert gate.prune(_votes(right, [(y + 1) % 3 for y in gold]), gold, ["a", "b"]) is None
+    # Too few held-out items to judge on: nothing is dropped.
+    wrong = [(y + 1) % 3 for y in gold]
+    probs = _votes(right, wrong, wrong, right)
+    assert Gate(EpsilonRule(), min_holdout=11).prune(probs, gold, ["a", "b", "c", "d"]) is None
+    # Four members, two of them always wrong: a 2-2 tie goes to the first label, and dropping c (the
+    # later of two equally weak members) gives a 2-1 majority for the right label. b then stays: with
+    # c gone it never flips a vote, so removing it would gain nothing.
+    pruning = gate.prune(probs, gold, ["a", "b", "c", "d"])
+    assert pruning is not None and pruning.dropped == ("c",) and pruning.kept == ("a", "b", "d")
+    assert (pruning.with_all, pruning.without) == (gate.score(probs, gold)["accuracy"], 1.0)
+    with pytest.raises(ValueError, match="2 names for 4 members"):
+        gate.prune(probs, gold, ["a", "b"])
+
+
+def test_refinement_drops_a_member_whose_removal_raises_held_out_accuracy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
+    seed_rows = rows(90, 0, "s")
+    pool.add_many(seed_rows, Source.SEED)
+    pool.mark_trained()
+    texts, ys = [t for _, t, _ in seed_rows], [y for _, _, y in seed_rows]
+    registry.save_ensemble(
+        LABELS,
+        {
+            # Two cautious members (strong regularisation) and one that is always sure of itself.
+            "ngram-a": lambda d: NgramSpecialist.untrained(LABELS, "a", c=0.1).fit(texts, ys, d),
+            "ngram-b": lambda d: NgramSpecialist.untrained(LABELS, "b", c=0.2).fit(texts, ys, d),
+            "ngram-c": lambda d: NgramSpecialist.untrained(LABELS, "c", c=50.0).fit(texts, ys, d),
+        },
+    )
+    # Member c learns from a careless reviewer from now on: every label it is taught is rotated.
+    real_fit = NgramSpecialist.fit
+
+    def careless(self, texts, labels, out_dir, config=None):  # type: ignore[no-untyped-def]
+        if self.name == "c":
+            labels = [ROTATE[y] for y in labels]
+        return real_fit(self, texts, labels, out_dir, config)
+
+    monkeypatch.setattr(NgramSpecialist, "fit", careless)
+    pool.add_many(rows(300, 1, "h"), Source.HUMAN)
+
+    result = refine(registry, pool, RefineConfig(beta=100), labels=LABELS, policy=SERVED)
+
+    assert result.promoted and result.version == "v0002"
+    pruning = result.pruning
+    assert (
+        pruning is not None
+        and pruning["dropped"] == ["ngram-c"]
+        and pruning["kept"] == ["ngram-a", "ngram-b"]
+    )
+    assert pruning["without"] > pruning["with"] and pruning["n_holdout"] == result.n_holdout >= 10
+    assert result.metrics_new["accuracy"] == pytest.approx(pruning["without"])
+    assert result.reason.endswith(f"; dropped ngram-c: held-out accuracy {pruning['without']:.4f} without, "
+                                  f"{pruning['with']:.4f} with")  # fmt: skip
+    manifest = registry.manifest("v0002")
+    assert manifest["members"] == ["ngram-a", "ngram-b"] and manifest["metrics"]["pruning"] == pruning
+    assert sorted(p.name for p in registry.path("v0002").iterdir() if p.is_dir()) == ["ngram-a", "ngram-b"]
+    assert registry.load("v0002", LABELS).k == 2
+    published = registry.history()[-1]
+    assert (published["event"], published["pruning"]) == ("publish", pruning)
+    # The next refinement starts from two members and never goes below them.
+    pool.add_many(rows(300, 2, "i"), Source.HUMAN)
+    again = refine(registry, pool, RefineConfig(beta=100), labels=LABELS, policy=SERVED)
+    assert again.pruning is None and registry.load(again.serving or "", LABELS).k == 2

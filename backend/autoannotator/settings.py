@@ -60,6 +60,16 @@ class Settings:
         10,
         "held-out verified labels needed to judge a new version; with fewer it is promoted unjudged",
     )
+    refine_lr: float = _setting(
+        "AUTOANNOTATOR_REFINE_LR",
+        2e-5,
+        "learning rate of the fine-tuned members at each retraining (the paper's 2e-5)",
+    )
+    refine_epochs: int = _setting(
+        "AUTOANNOTATOR_REFINE_EPOCHS",
+        3,
+        "epochs of the fine-tuned members at each retraining (the paper's 3)",
+    )
     seed_labels: int = _setting(
         "AUTOANNOTATOR_SEED_LABELS",
         40,
@@ -88,6 +98,14 @@ class Settings:
         "AUTOANNOTATOR_COLD_START_KINDS",
         ("transformer", "embedding-linear", "ngram-linear"),
         "kinds of the cold-started specialists, one member each",
+    )
+    cold_start_lr: float = _setting(
+        "AUTOANNOTATOR_COLD_START_LR",
+        5e-5,
+        "learning rate of the fine-tuned member at the cold start (its head starts random)",
+    )
+    cold_start_epochs: int = _setting(
+        "AUTOANNOTATOR_COLD_START_EPOCHS", 6, "epochs of the fine-tuned member at the cold start"
     )
     cold_start_contrastive: int = _setting(
         "AUTOANNOTATOR_COLD_START_CONTRASTIVE",
@@ -153,11 +171,12 @@ class Settings:
                 raise ValueError(f"{_env(name)} must be >= 1, got {getattr(self, name)}")
         if self.pool_lock_timeout_s <= 0:
             raise ValueError(f"AUTOANNOTATOR_POOL_LOCK_TIMEOUT must be > 0, got {self.pool_lock_timeout_s}")
-        for name in ("retrain_every", "seed_labels", "llm_concurrency"):
+        for name in ("retrain_every", "seed_labels", "llm_concurrency", "refine_epochs", "cold_start_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env(name)} must be >= 1, got {getattr(self, name)}")
-        if self.llm_timeout_s <= 0:
-            raise ValueError(f"AUTOANNOTATOR_LLM_TIMEOUT must be > 0, got {self.llm_timeout_s}")
+        for name in ("llm_timeout_s", "refine_lr", "cold_start_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{_env(name)} must be > 0, got {getattr(self, name)}")
         if self.llm_price:
             self.llm_prices()  # refuses a malformed price now, not at the first review
         self.catalog_top_k()  # refuses a malformed catalog:K now, not at the first training

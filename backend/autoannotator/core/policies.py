@@ -232,7 +232,12 @@ def threshold_for_share(confidence: np.ndarray, share: float) -> float:
     if m >= c.size:
         return 1.0
     below = c[c < c[m]]
-    return float((below[-1] + c[m]) / 2) if below.size else 0.0
+    if not below.size:
+        return 0.0
+    middle = float((below[-1] + c[m]) / 2)
+    # Between two adjacent tiny floats the midpoint rounds onto the lower one, which would route
+    # nothing: the first kept confidence itself is then the threshold (``<`` still keeps it).
+    return middle if below[-1] < middle else float(c[m])
 
 
 _THRESHOLD_POLICIES: dict[str, Callable[[float], Policy]] = {

@@ -4,8 +4,10 @@
 2. Stream another file through the engine in chunks: every member labels every item, a routing
    policy accepts the vote or sends the item to review (oracle = simulated human, a noisy oracle,
    or a real LLM through any OpenAI-compatible API; items the LLM cannot label go to a human).
-3. Verified labels join the pool; when it has grown by β, the members are fine-tuned, evaluated on
-   held-out verified items and promoted only if not worse.
+3. Verified labels join the pool; when it has grown by β, the members are fine-tuned, a member that
+   pulls the vote down is dropped, and the new version is promoted only if not worse on held-out
+   verified items: the backend's first-version builder and promotion gate, judging with the run's
+   routing policy.
 4. Report: final-label accuracy and macro-F1, share reviewed, human labels, LLM usage and cost,
    time per stage, accuracy per retraining cycle, and baselines from the same run (each cold-start
    specialist alone, their plain majority vote, the LLM alone when one is configured).
@@ -16,10 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,13 @@ from autoannotator.core.labels import LabelSet
 from autoannotator.core.metrics import accuracy, macro_f1, tradeoff
 from autoannotator.core.policies import Policy
 from autoannotator.errors import BadInputError
-from autoannotator.learning.adapt import ContrastiveConfig, contrastive_adapt
-from autoannotator.learning.coldstart import ColdStartConfig, cold_start
+from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.datasets import Example, read_jsonl
+from autoannotator.learning.first_version import FirstVersionPlan, build_first_version
 from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.learning.refine import RefineConfig, refine
-from autoannotator.models.ensemble import Ensemble, write_manifest
-from autoannotator.models.specialists import TrainConfig, import_member
+from autoannotator.models.ensemble import Ensemble
+from autoannotator.models.specialists import TrainConfig
 from autoannotator.review.base import Reviewer, ReviewItem, ReviewStatus
 from autoannotator.storage.registry import Registry
 
@@ -102,47 +103,6 @@ def _sample_seed(examples: Sequence[Example], n: int, seed: int) -> list[Example
     return random.Random(seed).sample(list(examples), n)
 
 
-def _initial_members(
-    config: SimulationConfig,
-    seed: Sequence[Example],
-    labels: LabelSet,
-    stage_dir: Path,
-    probe: Sequence[str],
-) -> tuple[list[str], dict[str, Any]]:
-    """Write the first members into ``stage_dir``; return their sub-directory names in vote order."""
-    if config.models:
-        names = []
-        for i, source in enumerate(config.models):
-            stem = re.sub(r"^m\d+-", "", Path(source).name)  # a member of an earlier run keeps its kind name
-            names.append(f"m{i}-{re.sub(r'[^A-Za-z0-9._-]+', '-', stem).strip('-.') or 'model'}")
-            import_member(source, labels, stage_dir / names[-1])
-        return names, {"given_models": list(config.models)}
-    cold = config.cold_start
-    contrastive: dict[str, Any] | None = None
-    if config.contrastive_pairs > 0:
-        encoder_dir = Path(config.out_dir) / "encoder-contrastive"
-        contrastive = contrastive_adapt(
-            [e.text for e in seed],
-            [e.label for e in seed],
-            encoder_dir,
-            base=cold.encoder,
-            config=ContrastiveConfig(pairs_per_example=config.contrastive_pairs, seed=cold.seed),
-        )
-        cold = replace(cold, encoder=str(encoder_dir.resolve()))
-    result = cold_start(
-        [e.text for e in seed],
-        [e.label for e in seed],
-        labels,
-        stage_dir,
-        cold,
-        probe_texts=probe,
-    )
-    report = result.report()
-    if contrastive is not None:
-        report["contrastive_encoder"] = contrastive
-    return [m.name for m in result.members], report
-
-
 @dataclass
 class ReviewSetup:
     """Who reviews. ``reviewer`` reviews routed items; items it leaves unlabelled (an LLM's off-label
@@ -184,14 +144,19 @@ def run_simulation(
     pool = VerifiedPool(labels, holdout_fraction=config.holdout_fraction, seed=config.seed)
 
     t = time.perf_counter()
-    version = registry.next_version()
-    with registry.stage(version) as staged:
-        member_dirs, start_report = _initial_members(
-            config, seed, labels, staged, [e.text for e in stream[: config.chunk_size * 3]]
-        )
-        write_manifest(staged, version=version, labels=labels, members=member_dirs, note="initial members")
-    registry.publish(version, {"reason": "initial members"})
-    ensemble = registry.load(version, labels)
+    plan = FirstVersionPlan(
+        models=config.models, cold_start=config.cold_start, contrastive_pairs=config.contrastive_pairs
+    )
+    first = build_first_version(
+        registry,
+        labels,
+        plan,
+        seed_texts=[e.text for e in seed],
+        seed_labels=[e.label for e in seed],
+        probe_texts=[e.text for e in stream[: config.chunk_size * 3]],
+    )
+    start_report = first.report
+    ensemble = registry.load(first.version, labels)
     timer.add("cold_start", t)
     pool.add_many([(f"seed:{i}", e.text, e.label) for i, e in enumerate(seed)], Source.SEED)
     pool.mark_trained()
@@ -250,16 +215,13 @@ def run_simulation(
 
         if config.retrain and pool.growth_since_training() >= config.beta:
             t = time.perf_counter()
-
-            def decide(p: np.ndarray, w: np.ndarray | None = weights) -> np.ndarray:
-                return policy.decide(p, w).labels
-
             result = refine(
                 registry,
                 pool,
                 RefineConfig(beta=config.beta, train=config.refine_train),
                 labels=labels,
-                decide=decide,
+                policy=policy,
+                weights=weights,
             )
             timer.add("retrain", t)
             cycles.append({"after_items": int(idx[-1] + 1), **_result_summary(result)})
@@ -337,6 +299,7 @@ def _result_summary(result: Any) -> dict[str, Any]:
             "n_replay",
             "n_holdout",
             "seconds",
+            "pruning",
         )
     }
 

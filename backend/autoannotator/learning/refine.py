@@ -2,19 +2,21 @@
 
 The paper fine-tunes each SLM on the hard pool once it holds β items and swaps it in unconditionally.
 A product cannot trust that blindly (one careless annotator, one bad LLM prompt), so each attempt is
-gated: the new ensemble and the served one are scored on held-out verified items that no version
-ever trained on, with the same decision rule the router serves, and the new one is published only if
-it is not worse. Incremental members (transformers, which continue from their weights) see the new
-items plus a replay sample of older ones, so they do not forget; linear members refit from scratch on
-every verified training item, which costs seconds. Whatever happens, the served version is untouched
-until the new one is complete and has passed: see :class:`~autoannotator.storage.registry.Registry`.
+gated (:class:`~autoannotator.learning.gate.Gate`): the new ensemble and the served one are scored
+on held-out verified items that no version ever trained on, with the routing policy the project
+serves, and the new one is published only if it is not worse. Incremental members (transformers,
+which continue from their weights) see the new items plus a replay sample of older ones, so they do
+not forget; linear members refit from scratch on every verified training item, which costs seconds.
+Whatever happens, the served version is untouched until the new one is complete and has passed: see
+:class:`~autoannotator.storage.registry.Registry`.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +24,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.policies import Policy
 from autoannotator.errors import TrainingError
+from autoannotator.learning.gate import METRICS, Gate, Pruning
 from autoannotator.learning.pool import VerifiedItem, VerifiedPool
 from autoannotator.models.ensemble import Ensemble, write_manifest
 from autoannotator.models.specialists.base import TrainConfig
@@ -30,27 +34,26 @@ from autoannotator.storage.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("accuracy", "macro_f1")
-
-Decide = Callable[[np.ndarray], np.ndarray]
-
 
 @dataclass(frozen=True)
 class RefineConfig:
     """When to retrain, on what, and how a new version must compare to be served.
 
-    ``beta``: pool growth that triggers training (the paper's β). ``replay_ratio``: older items per
-    new item for incremental members. ``min_holdout``: below this many held-out items a comparison
-    means nothing, so the new version is promoted unevaluated (and the reason says so).
-    ``tolerance``: how much of ``metric`` a new version may lose and still be promoted.
+    ``beta``: pool growth that triggers training (the paper's β; the default is the backend's
+    ``AUTOANNOTATOR_RETRAIN_EVERY``). ``replay_ratio``: older items per new item for incremental
+    members. ``min_holdout``: below this many held-out items a comparison means nothing, so the new
+    version is promoted unevaluated (and the reason says so).
+    ``tolerance``: how much of ``metric`` a new version may lose and still be promoted. ``prune``:
+    drop members whose removal raises the held-out ``metric`` (never below two members).
     """
 
-    beta: int = 2000
+    beta: int = 100
     replay_ratio: float = 1.0
     min_holdout: int = 10
     tolerance: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
     metric: str = "accuracy"
+    prune: bool = True
 
     def __post_init__(self) -> None:
         if self.beta < 1:
@@ -65,6 +68,10 @@ class RefineConfig:
             raise ValueError(f"train must be a TrainConfig, got {type(self.train).__name__}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {list(METRICS)}, got {self.metric!r}")
+
+    def gate(self, policy: Policy) -> Gate:
+        """The promotion gate these settings describe, judging with the routing policy ``policy``."""
+        return Gate(policy, metric=self.metric, tolerance=self.tolerance, min_holdout=self.min_holdout)
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,8 @@ class RefinementResult:
     n_holdout: int
     seconds: float
     member_seconds: dict[str, float]
+    # Members dropped from the candidate because the vote was better without them (see Gate.prune).
+    pruning: dict[str, Any] | None = None
 
     @property
     def serving(self) -> str | None:
@@ -98,60 +107,6 @@ def should_train(pool: VerifiedPool, config: RefineConfig) -> bool:
     return pool.growth_since_training() >= config.beta
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict[str, float]:
-    """Accuracy and macro-F1 over the labels that occur in either array (as scikit-learn averages)."""
-    t = np.asarray(y_true, dtype=np.int64)
-    p = np.asarray(y_pred, dtype=np.int64)
-    if t.shape != p.shape or t.ndim != 1:
-        raise ValueError(f"labels and predictions must be equal-length vectors, got {t.shape} and {p.shape}")
-    if t.size == 0:
-        return {"accuracy": 0.0, "macro_f1": 0.0, "n": 0.0}
-    f1s = []
-    for c in range(n_labels):
-        tp = int(np.sum((p == c) & (t == c)))
-        wrong = int(np.sum((p == c) != (t == c)))  # false positives + false negatives
-        if tp + wrong:
-            f1s.append(2 * tp / (2 * tp + wrong))
-    return {"accuracy": float(np.mean(t == p)), "macro_f1": float(np.mean(f1s)), "n": float(t.size)}
-
-
-def mean_argmax(probs: np.ndarray) -> np.ndarray:
-    """The default decision: the label with the highest probability averaged over members."""
-    return np.asarray(np.asarray(probs).mean(axis=0).argmax(axis=1))
-
-
-def evaluate(
-    ensemble: Ensemble, items: Sequence[VerifiedItem], labels: LabelSet, decide: Decide | None = None
-) -> dict[str, float]:
-    """Score ``ensemble`` on verified items with the decision rule the caller serves.
-
-    ``decide`` maps ``[k, n, L]`` probabilities to ``n`` label indices (or label names).
-    """
-    probs = ensemble.predict_proba([it.text for it in items])
-    pred = np.asarray((decide or mean_argmax)(probs))
-    if pred.dtype.kind in "UO":
-        pred = np.asarray(labels.indices([str(x) for x in pred]))
-    if pred.shape != (len(items),):
-        raise ValueError(f"decide must return {len(items)} labels, one per item, got shape {pred.shape}")
-    return classification_metrics(np.asarray(labels.indices([it.label for it in items])), pred, len(labels))
-
-
-def _verdict(
-    config: RefineConfig, n_holdout: int, old: dict[str, float], new: dict[str, float]
-) -> tuple[bool, str]:
-    if n_holdout < config.min_holdout:
-        return True, (
-            f"promoted without evaluation: only {n_holdout} held-out items (min_holdout={config.min_holdout})"
-        )
-    m, before, after = config.metric, old[config.metric], new[config.metric]
-    if after >= before - config.tolerance - 1e-12:
-        return True, f"promoted: held-out {m} {after:.4f} vs {before:.4f} (tolerance {config.tolerance})"
-    return (
-        False,
-        f"rejected: held-out {m} fell from {before:.4f} to {after:.4f} (tolerance {config.tolerance})",
-    )
-
-
 def _texts_labels(items: Sequence[VerifiedItem]) -> tuple[list[str], list[str]]:
     return [it.text for it in items], [it.label for it in items]
 
@@ -162,16 +117,21 @@ def refine(
     config: RefineConfig,
     *,
     labels: LabelSet,
-    decide: Decide | None = None,
+    policy: Policy,
+    weights: np.ndarray | None = None,
     force: bool = False,
 ) -> RefinementResult:
     """One refinement attempt: train every member into a staged version, evaluate, publish or reject.
 
-    Without ``force`` nothing happens until the pool grew by β. A rejected version is deleted and
-    the rejection recorded with both scores; a failure (raised as :class:`TrainingError` naming the
-    member) deletes the half-built version. In both cases the served version stays as it was.
+    ``policy`` is the routing policy the project serves (and ``weights`` the member weights it
+    serves with, if any, one per member of the served version): the gate judges both versions by
+    the labels it would give. Without ``force`` nothing happens until the pool grew by β. A rejected
+    version is deleted and the rejection recorded with both scores; a failure (raised as
+    :class:`TrainingError` naming the member) deletes the half-built version. In both cases the
+    served version stays as it was.
     """
     started = time.perf_counter()
+    gate = config.gate(policy)
     previous = registry.current()
     if previous is None:
         raise TrainingError(
@@ -215,6 +175,7 @@ def refine(
     member_seconds: dict[str, float] = {}
     metrics_old: dict[str, float] = {}
     metrics_new: dict[str, float] = {}
+    pruned: list[Pruning] = []
 
     def result(promoted: bool, reason: str) -> RefinementResult:
         return RefinementResult(
@@ -229,10 +190,17 @@ def refine(
             len(holdout),
             time.perf_counter() - started,
             member_seconds,
+            pruned[0].as_dict() if pruned else None,
         )
 
     def entry(res: RefinementResult, event: str) -> dict[str, Any]:
-        return {**asdict(res), "event": event, "metric": config.metric, "n_train": len(train_all)}
+        return {
+            **asdict(res),
+            "event": event,
+            "metric": config.metric,
+            "policy": policy.name,
+            "n_train": len(train_all),
+        }
 
     try:
         with registry.stage(version) as tmp:
@@ -252,20 +220,40 @@ def refine(
                         f"member {member.name!r} ({sub}) of {previous} failed to train into {version}: {exc}"
                     ) from exc
                 member_seconds[sub] = time.perf_counter() - t0
-            candidate = Ensemble(fitted, labels, version=version)
+            members = list(subdirs)
             if holdout:
-                metrics_old.update(evaluate(old, holdout, labels, decide))
-                metrics_new.update(evaluate(candidate, holdout, labels, decide))
-            promoted, reason = _verdict(config, len(holdout), metrics_old, metrics_new)
+                metrics_old.update(gate.evaluate(old, holdout, labels, weights))
+                probs = Ensemble(fitted, labels, version=version).predict_proba([it.text for it in holdout])
+                gold = np.asarray(labels.indices([it.label for it in holdout]))
+                kept = list(range(len(members)))
+                if config.prune:
+                    pruning = gate.prune(probs, gold, members, weights)
+                    if pruning is not None:
+                        pruned.append(pruning)
+                        kept = [members.index(m) for m in pruning.kept]
+                        for dropped in pruning.dropped:
+                            shutil.rmtree(tmp / dropped)
+                        members = list(pruning.kept)
+                        logger.info("%s: %s", version, pruning.summary())
+                metrics_new.update(
+                    gate.score(probs[kept], gold, None if weights is None else np.asarray(weights)[kept])
+                )
+            promoted, reason = gate.verdict(len(holdout), metrics_old, metrics_new)
+            if pruned:
+                reason = f"{reason}; {pruned[0].summary()}"
             if not promoted:
                 raise _RejectedError(reason)
             write_manifest(
                 tmp,
                 version=version,
                 labels=labels,
-                members=subdirs,
+                members=members,
                 parent=previous,
-                metrics={"holdout": metrics_new, "previous_holdout": metrics_old},
+                metrics={
+                    "holdout": metrics_new,
+                    "previous_holdout": metrics_old,
+                    **({"pruning": pruned[0].as_dict()} if pruned else {}),
+                },
                 note=reason,
             )
     except _RejectedError as rejected:

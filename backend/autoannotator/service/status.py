@@ -51,12 +51,20 @@ def project_status(ctx: Context, uid: str) -> dict[str, Any]:
             k: entry.get(k)
             for k in (
                 *("event", "version", "previous", "reason", "metrics_new", "metrics_old", "n_new"),
+                "policy",  # the routing policy the gate judged with
                 # how the first version's members were chosen
                 *("given_models", "catalog_models", "catalog_skipped", "task_description"),
             )
             if k in entry
         }
+        | ({"pruning": entry["pruning"]} if entry.get("pruning") else {})
         for entry in history[-10:]
+    ]
+    # Members a published refinement dropped because the vote was better without them.
+    out["members_dropped"] = [
+        {"version": entry.get("version"), **entry["pruning"]}
+        for entry in history
+        if entry.get("event") == "publish" and entry.get("pruning")
     ]
     try:
         state = ctx.state
@@ -220,6 +228,8 @@ def status_page(status: dict[str, Any]) -> str:
             ),
             ("last training", p.get("last_training") or "—"),
         ]
+        if p.get("members_dropped"):
+            rows.append(("members dropped", "; ".join(_dropped(d) for d in p["members_dropped"])))
         for name, value in rows:
             shown = value if name == "review mode" else e(str(value))
             parts.append(f"<tr><th>{e(name)}</th><td>{shown}</td></tr>")
@@ -237,6 +247,15 @@ def status_page(status: dict[str, Any]) -> str:
         "<a href='/status.json'>JSON</a> · <a href='/metrics'>metrics</a></p></body></html>"
     )
     return "".join(parts)
+
+
+def _dropped(d: dict[str, Any]) -> str:
+    """One pruning for the status page: which members, and the held-out figures that justified it."""
+    return (
+        f"{d.get('version')}: {', '.join(map(str, d.get('dropped', [])))} "
+        f"(held-out {d.get('metric')} {float(d.get('without', 0)):.1%} without, "
+        f"{float(d.get('with', 0)):.1%} with, {d.get('n_holdout')} items)"
+    )
 
 
 def settings_page(uid: str, mode: str, modes: tuple[str, ...], saved: bool = False) -> str:

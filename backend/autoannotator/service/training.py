@@ -8,24 +8,23 @@ version serves until a better one is published; a crash or a worse candidate lea
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.policies import policy_from_spec
 from autoannotator.errors import TrainingError
 from autoannotator.labelstudio.client import project_words
-from autoannotator.learning.adapt import ContrastiveConfig, contrastive_adapt
-from autoannotator.learning.coldstart import ColdStartConfig, cold_start
+from autoannotator.learning.coldstart import ColdStartConfig
+from autoannotator.learning.first_version import FirstVersionPlan, TaskDescription, build_first_version
 from autoannotator.learning.pool import VerifiedPool
 from autoannotator.learning.refine import RefineConfig, refine
-from autoannotator.learning.selection import load_catalog, mean_pool_embedder, rank_candidates
-from autoannotator.models.ensemble import write_manifest
-from autoannotator.models.specialists import import_member
+from autoannotator.models.specialists.base import TrainConfig
 from autoannotator.service.context import Context
 from autoannotator.service.ingest import maybe_train, seed_shortfall
 from autoannotator.service.queueing import first_version_failed, first_version_succeeded
 from autoannotator.service.status_plot import write_holdout_tradeoff
+from autoannotator.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +75,9 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
             result = refine(
                 registry,
                 snapshot,
-                RefineConfig(beta=ctx.settings.retrain_every, min_holdout=ctx.settings.min_holdout),
+                _refine_config(ctx.settings),
                 labels=labels,
+                policy=policy_from_spec(ctx.settings.policy),  # the gate judges what /predict serves
                 force=force,
             )
             if not result.version:
@@ -112,113 +112,50 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
 
 
 def _first_version(ctx: Context, uid: str, registry: Any, pool: VerifiedPool, labels: LabelSet) -> str:
-    s = ctx.settings
-    version = registry.next_version()
-    top_k = s.catalog_top_k()
-    names: list[str]
-    report: dict[str, Any]
-    with registry.stage(version) as staged:
-        if top_k is not None:
-            names, report = _from_catalog(ctx, uid, labels, staged, top_k)
-        elif s.specialists:
-            names = []
-            for i, source in enumerate(s.specialists):
-                names.append(f"m{i}-{Path(source).name or 'model'}")
-                import_member(source, labels, staged / names[-1])
-            report = {"given_models": list(s.specialists)}
-        else:
-            items = pool.train_items()
-            waiting = seed_shortfall(ctx, pool)
-            if waiting is not None:
-                raise TrainingError(f"project {uid} cannot cold-start yet: waiting for {waiting}")
-            encoder = s.encoder
-            contrastive = None
-            if s.cold_start_contrastive > 0:
-                # Outside the staged version (whose directory is renamed when published): the
-                # embedding member refers to its encoder by path for as long as it serves.
-                encoder_dir = registry.root / "encoders" / f"{version}-contrastive"
-                shutil.rmtree(encoder_dir, ignore_errors=True)  # left by a failed attempt
-                contrastive = contrastive_adapt(
-                    [it.text for it in items],
-                    [it.label for it in items],
-                    encoder_dir,
-                    base=s.encoder,
-                    config=ContrastiveConfig(pairs_per_example=s.cold_start_contrastive),
-                )
-                encoder = str(encoder_dir.resolve())
-            result = cold_start(
-                [it.text for it in items],
-                [it.label for it in items],
-                labels,
-                staged,
-                ColdStartConfig(encoder=encoder, kinds=s.cold_start_kinds),
-            )
-            names = [m.name for m in result.members]
-            report = result.report()
-            if contrastive is not None:
-                report["contrastive_encoder"] = contrastive
-        write_manifest(
-            staged,
-            version=version,
-            labels=labels,
-            members=names,
-            note="initial members",
-            metrics={"start": report},
-        )
-    registry.publish(version, {"reason": "initial members", **report})
-    return str(version)
-
-
-def _from_catalog(
-    ctx: Context, uid: str, labels: LabelSet, staged: Path, top_k: int
-) -> tuple[list[str], dict[str, Any]]:
-    """The paper's meta-controller: rank the catalog by Eq. 1 against the project's task, then import
-    candidates best first until ``top_k`` of them load and map onto the project's labels.
-
-    A candidate that cannot be used (a hub id without network, labels that do not map, a broken
-    directory) is skipped with its reason in the version's report and the log; if none can be used,
-    the training fails with every reason, and the project keeps waiting with that message on /status.
-    """
-    s = ctx.settings
-    catalog = load_catalog(Path(s.catalog) if s.catalog else None)
-    description, source = _task_description(ctx, uid, labels)
-    ranked = rank_candidates(description, labels, catalog, mean_pool_embedder(), top_k=len(catalog))
-    names: list[str] = []
-    chosen: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    for candidate in ranked:
-        if len(names) == top_k:
-            break
-        entry = candidate.entry
-        name = f"m{len(names)}-{Path(entry.id).name or 'model'}"
-        try:
-            import_member(entry.id, labels, staged / name)
-        except Exception as exc:  # an outside model: any failure skips it, with the reason
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            logger.warning("project %s: catalog model %s skipped: %s", uid, entry.id, reason)
-            skipped.append({"id": entry.id, "reason": reason})
-            continue
-        names.append(name)
-        chosen.append({"id": entry.id, "rank": candidate.rank, "similarity": round(candidate.score, 4)})
-    if not names:
-        reasons = "; ".join(f"{x['id']}: {x['reason']}" for x in skipped)
-        raise TrainingError(f"project {uid}: no catalog model could be used ({reasons})")
-    logger.info(
-        "project %s: %d specialists from the catalog for %r (from %s): %s",
-        uid,
-        len(names),
-        description[:80],
-        source,
-        ", ".join(c["id"] for c in chosen),
+    plan = _first_version_plan(ctx.settings)
+    task = None
+    if plan.source == "catalog":
+        task = TaskDescription(*_task_description(ctx, uid, labels))
+    elif plan.needs_seed:
+        waiting = seed_shortfall(ctx, pool)
+        if waiting is not None:
+            raise TrainingError(f"project {uid} cannot cold-start yet: waiting for {waiting}")
+    items = pool.train_items() if plan.needs_seed else []
+    built = build_first_version(
+        registry,
+        labels,
+        plan,
+        seed_texts=[it.text for it in items],
+        seed_labels=[it.label for it in items],
+        task=task,
+        project=f"project {uid}",
     )
-    report = {
-        "catalog": s.catalog or "packaged",
-        "task_description": description,
-        "task_description_from": source,
-        "catalog_models": chosen,
-        "catalog_skipped": skipped,
-    }
-    return names, report
+    return built.version
+
+
+def _first_version_plan(s: Settings) -> FirstVersionPlan:
+    """Where the settings say a project's first members come from."""
+    top_k = s.catalog_top_k()
+    return FirstVersionPlan(
+        models=() if top_k is not None else s.specialists,
+        catalog_top_k=top_k,
+        catalog=Path(s.catalog) if s.catalog else None,
+        cold_start=ColdStartConfig(
+            encoder=s.encoder,
+            kinds=s.cold_start_kinds,
+            transformer_train=TrainConfig(learning_rate=s.cold_start_lr, epochs=s.cold_start_epochs),
+        ),
+        contrastive_pairs=s.cold_start_contrastive,
+    )
+
+
+def _refine_config(s: Settings) -> RefineConfig:
+    """How the settings say a served version is retrained and judged."""
+    return RefineConfig(
+        beta=s.retrain_every,
+        min_holdout=s.min_holdout,
+        train=TrainConfig(learning_rate=s.refine_lr, epochs=s.refine_epochs),
+    )
 
 
 def _task_description(ctx: Context, uid: str, labels: LabelSet) -> tuple[str, str]:

@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,30 @@ logger = logging.getLogger(__name__)
 VERSION_PATTERN = re.compile(r"v(\d{4,})")
 # Member sub-directory names end up in paths: keep them to one plain path component.
 MEMBER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MEMBER_NAME_MAX = 100
 STAGING_PREFIX = ".tmp-"
+
+
+def member_name(index: int, source: str | Path) -> str:
+    """The sub-directory name of the ``index``-th member brought in from ``source`` (a hub id or a
+    directory): ``m<index>-<last part of source>``, reduced to what :data:`MEMBER_PATTERN` allows.
+
+    A member of an earlier version keeps its kind name (``.../v0001/m2-ngram-linear`` becomes
+    ``m0-ngram-linear`` at index 0, not ``m0-m2-ngram-linear``).
+    """
+    stem = re.sub(r"^m\d+-", "", Path(str(source)).name)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.")[:MEMBER_NAME_MAX].strip("-.")
+    return f"m{index}-{stem or 'model'}"
+
+
+def check_member_names(names: Sequence[str]) -> None:
+    """Refuse member names that are not one plain path component, or that repeat."""
+    bad = [m for m in names if not isinstance(m, str) or not MEMBER_PATTERN.fullmatch(m)]
+    if bad:
+        raise ValueError(f"member names {bad!r} must be plain names of letters, digits, '.', '_', '-'")
+    repeated = sorted({m for m in names if list(names).count(m) > 1})
+    if repeated:
+        raise ValueError(f"member names {repeated!r} repeat; every member needs a directory of its own")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -156,9 +179,7 @@ class Registry:
         """
         if not members:
             raise ValueError("an ensemble needs at least one member")
-        bad = [m for m in members if not MEMBER_PATTERN.fullmatch(m)]
-        if bad:
-            raise ValueError(f"member names {bad!r} must be plain names of letters, digits, '.', '_', '-'")
+        check_member_names(list(members))
         version = self.next_version()
         with self.stage(version) as tmp:
             built = [build(tmp / sub) for sub, build in members.items()]
@@ -194,8 +215,12 @@ class Registry:
     # --------------------------------------------------------------- publishing
 
     def publish(self, version: str, details: dict[str, Any] | None = None) -> None:
-        """Serve ``version`` from now on (also how to roll back) and note it in the history."""
-        read_manifest(self.path(version))  # a version must be complete before it is served
+        """Serve ``version`` from now on (also how to roll back) and note it in the history.
+
+        However the version was built, its member names must pass :func:`check_member_names`.
+        """
+        manifest = read_manifest(self.path(version))  # a version must be complete before it is served
+        check_member_names(manifest["members"])
         with self._locked():
             previous = self.current()
             _write_atomic(self.root / "CURRENT", f"{version}\n")
