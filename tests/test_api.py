@@ -2,6 +2,7 @@
 the webhook, settings, routing to review jobs, /metrics and a Redis that is down, against a real Redis."""
 
 import base64
+import time
 
 import pytest
 import redis
@@ -11,6 +12,7 @@ from rq import Queue
 from autoannotator.core.labels import LabelSet
 from autoannotator.labelstudio.config import PredictionValidator, parse_label_config
 from autoannotator.labelstudio.fields import ClearedTask, RoutedTask
+from autoannotator.service import annotator, events, queueing
 from autoannotator.service.app import create_app
 from autoannotator.settings import Settings, settings_table
 from autoannotator.storage.model_store import WAITING_VERSION, ProjectModels
@@ -528,3 +530,75 @@ def test_metrics_are_valid_prometheus_text_with_project_labels(rq_redis, publish
     assert scrape.value(text, "autoannotator_queue_depth", queue="review") == 1
     assert scrape.value(text, "autoannotator_queue_depth", queue="ingest") == 2  # the annotation and a sync
     assert scrape.value(text, "autoannotator_model_info", project=PROJECT, version=version) == 1
+
+
+# ---------------------------------------------------------------------------- bugs found in review
+
+
+def test_a_webhook_created_at_without_a_zone_is_utc_whatever_the_servers_zone(monkeypatch):
+    """Label Studio writes created_at in UTC; a stamp without a zone once read as local time gave a
+    webhook a project uid other than /predict's on a server outside UTC."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        naive = events.uid_from_project({"id": 7, "created_at": "2023-11-14T22:13:20.000000"})
+        zoned = events.uid_from_project({"id": 7, "created_at": "2023-11-14T22:13:20.000000Z"})
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert naive == zoned == PROJECT
+
+
+def test_a_failed_first_training_is_not_queued_again_on_every_setup(rq_redis, tmp_path, app_client):
+    """/setup asks for the first version of a project with configured specialists on each poll; after
+    a failure it waits (60 s, doubling), then asks again."""
+    c = app_client(tmp_path / "models", specialists=("/nonexistent/model",))
+    body = {"project": PROJECT, "schema": CONFIG, "hostname": "http://ls.invalid"}
+    assert c.post("/setup", json=body).status_code == 200
+    assert [j.args for j in jobs_in(rq_redis, "train")] == [(PROJECT, False)]
+    state = State(rq_redis, "human")
+    # What the train job records when the first version fails (service/training.py), then frees.
+    queueing.first_version_failed(state, PROJECT)
+    state.release_training(PROJECT)
+    Queue("train", connection=rq_redis).empty()
+    for _ in range(3):  # Label Studio polls
+        assert c.post("/setup", json=body).status_code == 200
+    assert jobs_in(rq_redis, "train") == []
+    failed_at = float(state.get(PROJECT, "first_failed_at") or 0)
+    assert queueing.first_version_retry_in(state, PROJECT, now=failed_at + 59) == pytest.approx(1)
+    assert queueing.first_version_retry_in(state, PROJECT, now=failed_at + 60) == 0
+    queueing.first_version_failed(state, PROJECT, now=failed_at)  # a second failure doubles the wait
+    assert queueing.first_version_retry_in(state, PROJECT, now=failed_at + 60) == pytest.approx(60)
+    state.put(PROJECT, "first_failed_at", str(time.time() - 121))
+    assert c.post("/setup", json=body).status_code == 200
+    assert [j.args for j in jobs_in(rq_redis, "train")] == [(PROJECT, False)]
+
+
+def test_an_invalid_prediction_of_ours_is_an_empty_prediction_for_that_task_not_a_400(
+    rq_redis, published, tiny_corpus, app_client, monkeypatch
+):
+    """Our own bug must not be reported as the client's fault, nor cost the other tasks theirs."""
+    root, version = published
+    c = app_client(root, review_mode="off")
+    real = annotator.prediction
+    calls = []
+
+    def second_one_broken(*args, **kwargs):
+        item = real(*args, **kwargs)
+        calls.append(item)
+        if len(calls) == 2:
+            item["result"][0]["value"]["choices"] *= 2  # two choices on a single-choice control
+        return item
+
+    monkeypatch.setattr(annotator, "prediction", second_one_broken)
+    assert c.post("/setup", json={"project": PROJECT, "schema": CONFIG}).status_code == 200
+    tasks = [{"id": i, "data": {"tweet": t}} for i, (t, _) in enumerate(tiny_corpus[:3])]
+    r = c.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG})
+    assert r.status_code == 200
+    results = r.get_json()["results"]
+    assert [bool(x["result"]) for x in results] == [True, False, True]
+    assert results[1] == {"result": [], "score": 0.0, "model_version": version}
+    counters = State(rq_redis, "off").counters(PROJECT)
+    assert (counters["predictions"], counters["invalid_predictions"]) == (3, 1)
+    metrics = c.get("/metrics").get_data(as_text=True)
+    assert scrape.value(metrics, "autoannotator_invalid_predictions_total", project=PROJECT) == 1
