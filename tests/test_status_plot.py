@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.metrics import review_curve
+from autoannotator.core.policies import policy_from_spec
 from autoannotator.learning.pool import Source, VerifiedItem
 from autoannotator.service.app import create_app
 from autoannotator.service.status_plot import read_holdout_tradeoff, render, write_holdout_tradeoff
@@ -35,12 +37,34 @@ def test_tradeoff_is_measured_on_held_out_labels_and_rises_to_one(projects, tiny
     version = publish(projects, tiny_corpus, tiny_encoder)
     registry = projects.registry(PROJECT)
     ensemble = registry.load(version, LABELS)
-    assert write_holdout_tradeoff(registry.root, version, ensemble, _holdout(tiny_corpus[:4]), LABELS) is None
-    curve = write_holdout_tradeoff(registry.root, version, ensemble, _holdout(tiny_corpus[150:210]), LABELS)
+    few, held = _holdout(tiny_corpus[:4]), _holdout(tiny_corpus[150:210])
+    assert write_holdout_tradeoff(registry.root, version, ensemble, few, LABELS, "mean:0.75") is None
+    curve = write_holdout_tradeoff(registry.root, version, ensemble, held, LABELS, "mean:0.75")
     assert curve is not None and read_holdout_tradeoff(registry.root) == json.loads(json.dumps(curve))
     assert curve["n_holdout"] == 60 and curve["share"][0] == 0.0 and curve["share"][-1] == 1.0
     assert curve["accuracy"][-1] == 1.0  # everything reviewed (perfectly): everything right
     assert np.all(np.diff(curve["accuracy"]) >= 0)
+
+
+def test_the_curve_is_the_served_policys_labels_and_order(projects, tiny_corpus, tiny_encoder):
+    """The status page once drew the mean-probability curve whatever the project served."""
+    version = publish(projects, tiny_corpus, tiny_encoder)
+    registry = projects.registry(PROJECT)
+    ensemble = registry.load(version, LABELS)
+    held = _holdout(tiny_corpus[150:210])
+    gold = np.array([LABELS.index(it.label) for it in held])
+    probs = ensemble.predict_proba([it.text for it in held])
+    for spec in ("epsilon:0.5", "mean:0.75", "margin:0.2"):
+        decision = policy_from_spec(spec).decide(probs)
+        curve = write_holdout_tradeoff(registry.root, version, ensemble, held, LABELS, spec)
+        assert curve is not None and curve["policy"] == spec
+        assert curve == {
+            "version": version,
+            "n_holdout": 60,
+            "policy": spec,
+            **review_curve(decision.labels, decision.confidence, gold, steps=20),
+        }
+        assert curve["accuracy"][0] == round(float((decision.labels == gold).mean()), 4)
 
 
 def test_status_png_is_served_with_and_without_a_measurement(
@@ -53,7 +77,12 @@ def test_status_png_is_served_with_and_without_a_measurement(
     version = publish(projects, tiny_corpus, tiny_encoder)
     registry = projects.registry(PROJECT)
     write_holdout_tradeoff(
-        registry.root, version, registry.load(version, LABELS), _holdout(tiny_corpus[150:210]), LABELS
+        registry.root,
+        version,
+        registry.load(version, LABELS),
+        _holdout(tiny_corpus[150:210]),
+        LABELS,
+        "mean:0.75",
     )
     drawn = client.get(f"/projects/{PROJECT}/status.png")
     with Image.open(io.BytesIO(drawn.data)) as image:

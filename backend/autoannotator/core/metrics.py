@@ -51,19 +51,7 @@ def tradeoff(probs: np.ndarray, gold_idx: np.ndarray, steps: int = 50) -> dict[s
         "margin": (cons.mean_proba.argmax(1), top2[:, 1] - top2[:, 0]),
         "vote, then mean probability": (cons.majority, cons.agreement + 1e-3 * cons.mean_proba.max(1)),
     }
-    n = len(gold_idx)
-    curves = {}
-    for name, (pred, conf) in orderings.items():
-        order = np.argsort(conf, kind="stable")
-        correct = pred == gold_idx
-        shares, accs = [], []
-        for s in np.linspace(0, 1, steps + 1):
-            m = round(float(s) * n)
-            ok = correct.copy()
-            ok[order[:m]] = True
-            shares.append(round(float(m / n), 4) if n else 0.0)
-            accs.append(round(float(ok.mean()), 4) if n else 0.0)
-        curves[name] = {"share": shares, "accuracy": accs}
+    curves = {name: review_curve(pred, conf, gold_idx, steps) for name, (pred, conf) in orderings.items()}
     points = []
     for votes in range(1, cons.k):
         eps = votes / cons.k
@@ -71,3 +59,21 @@ def tradeoff(probs: np.ndarray, gold_idx: np.ndarray, steps: int = 50) -> dict[s
         ok = (cons.majority == gold_idx) | review
         points.append({"epsilon": round(eps, 4), "share": float(review.mean()), "accuracy": float(ok.mean())})
     return {"curves": curves, "epsilon_points": points}
+
+
+def review_curve(
+    pred: np.ndarray, confidence: np.ndarray, gold_idx: np.ndarray, steps: int = 50
+) -> dict[str, list[float]]:
+    """Accuracy at each share reviewed when the least confident items (by ``confidence``) are
+    reviewed perfectly and the rest keep ``pred``: ``{"share": [...], "accuracy": [...]}``."""
+    n = len(gold_idx)
+    order = np.argsort(confidence, kind="stable")
+    correct = np.asarray(pred) == gold_idx
+    shares, accs = [], []
+    for s in np.linspace(0, 1, steps + 1):
+        m = round(float(s) * n)
+        ok = correct.copy()
+        ok[order[:m]] = True
+        shares.append(round(float(m / n), 4) if n else 0.0)
+        accs.append(round(float(ok.mean()), 4) if n else 0.0)
+    return {"share": shares, "accuracy": accs}

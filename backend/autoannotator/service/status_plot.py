@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from autoannotator.core.labels import LabelSet
-from autoannotator.core.metrics import tradeoff
+from autoannotator.core.metrics import review_curve
+from autoannotator.core.policies import policy_from_spec
 from autoannotator.learning.pool import VerifiedItem
 from autoannotator.models.ensemble import Ensemble
 
@@ -25,15 +26,23 @@ MIN_ITEMS = 5
 
 
 def write_holdout_tradeoff(
-    root: Path, version: str, ensemble: Ensemble, holdout: list[VerifiedItem], labels: LabelSet
+    root: Path,
+    version: str,
+    ensemble: Ensemble,
+    holdout: list[VerifiedItem],
+    labels: LabelSet,
+    policy: str,
 ) -> dict[str, Any] | None:
-    """Measure the version's accuracy/review trade-off on held-out labels into ``root/tradeoff.json``."""
+    """Measure the version's accuracy/review trade-off on held-out labels into ``root/tradeoff.json``,
+    as the routing ``policy`` the project serves (a spec) labels and orders them: its labels, its
+    confidence deciding what is reviewed first."""
     if len(holdout) < MIN_ITEMS:
         return None
     probs = ensemble.predict_proba([it.text for it in holdout])
     gold = np.array([labels.index(it.label) for it in holdout])
-    curve = tradeoff(probs, gold, steps=20)["curves"]["mean probability"]
-    data = {"version": version, "n_holdout": len(holdout), **curve}
+    decision = policy_from_spec(policy).decide(probs)
+    curve = review_curve(decision.labels, decision.confidence, gold, steps=20)
+    data = {"version": version, "n_holdout": len(holdout), "policy": policy, **curve}
     tmp = root / f".{TRADEOFF_FILE}.tmp"
     tmp.write_text(json.dumps(data))
     tmp.replace(root / TRADEOFF_FILE)
@@ -71,7 +80,8 @@ def render(status: dict[str, Any], curve: dict[str, Any] | None) -> bytes:
                 xytext=(8, -14),
             )
         left.set_title(
-            f"{curve['version']}: accuracy vs. share reviewed\n({curve['n_holdout']} held-out labels)"
+            f"{curve['version']}: accuracy vs. share reviewed\n"
+            f"({curve['n_holdout']} held-out labels, routed by {curve.get('policy', 'mean probability')})"
         )
         left.set_ylim(min(curve["accuracy"]) - 0.05, 1.01)
     else:

@@ -105,7 +105,9 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
     if served is not None:
         try:  # the status page's accuracy/review curve; a failure here must not fail the training
             ensemble = registry.load(served, labels)
-            write_holdout_tradeoff(registry.root, served, ensemble, snapshot.holdout_items(), labels)
+            write_holdout_tradeoff(
+                registry.root, served, ensemble, snapshot.holdout_items(), labels, ctx.settings.policy
+            )
         except Exception as exc:
             logger.warning("project %s: no held-out trade-off curve for %s: %s", uid, served, exc)
     return message
