@@ -18,7 +18,7 @@ from typing import Any
 from label_studio_sdk import LabelStudio
 
 from autoannotator.labelstudio.config import ProjectConfig, annotation_label, extract_texts
-from autoannotator.labelstudio.fields import LLM_LABEL, REVIEWED_BY
+from autoannotator.labelstudio.fields import LLM_LABEL, REVIEWED_BY, pool_key
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def read_labels(
         found = extract_texts([{"id": task.id, "data": data}], config, max_chars)[0]
         if not found.ok:
             continue
-        key = f"task:{task.id}"
+        key = pool_key(task.id)
         annotations = sorted(
             (a if isinstance(a, dict) else a.dict() for a in (task.annotations or [])),
             key=lambda a: str(a.get("updated_at") or a.get("created_at") or ""),

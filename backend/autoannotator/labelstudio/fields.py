@@ -38,8 +38,7 @@ class RoutedTask:
         return votes_text(self.votes, self.confidence)
 
     def key(self) -> str:
-        """The task's key in the verified pool."""
-        return f"task:{self.task_id}"
+        return pool_key(self.task_id)
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,11 @@ class ClearedTask:
 
     task_id: int | str
     data: Mapping[str, Any] = field(default_factory=dict)
+
+
+def pool_key(task_id: int | str) -> str:
+    """A Label Studio task's key in the verified pool: one label per task, whoever gave it."""
+    return f"task:{task_id}"
 
 
 def votes_text(votes: Mapping[str, int], confidence: float) -> str:

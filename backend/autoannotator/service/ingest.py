@@ -11,6 +11,7 @@ from typing import Any
 
 from autoannotator.labelstudio.client import basic_auth, read_labels, secure_webhooks
 from autoannotator.labelstudio.config import annotation_label, extract_texts
+from autoannotator.labelstudio.fields import pool_key
 from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.service.context import Context
@@ -35,7 +36,7 @@ def ingest_annotation(ctx: Context, uid: str, task: dict[str, Any], annotation: 
     if label is None:
         return "ignored: cancelled or no choice for our control"
     with ctx.pool(uid, config.labels) as pool:
-        changed = pool.add(f"task:{text.task_id}", text.text or "", label, Source.HUMAN)
+        changed = pool.add(pool_key(text.task_id), text.text or "", label, Source.HUMAN)
         if changed:
             ctx.state.count(uid, human_labels=1)
         maybe_train(ctx, uid, pool)
