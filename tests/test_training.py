@@ -16,7 +16,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from autoannotator.core.labels import LabelSet
 from autoannotator.core.policies import Decision, EpsilonRule, MeanProbability, policy_from_spec
 from autoannotator.errors import TrainingError
-from autoannotator.learning.gate import Gate, classification_metrics
+from autoannotator.learning.gate import PRUNE_ALPHA, Gate, classification_metrics, sign_test
 from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.learning.refine import RefineConfig, refine, should_train
 from autoannotator.models.ensemble import Ensemble
@@ -286,39 +286,93 @@ def test_incremental_members_get_new_items_plus_replay_and_the_configured_hyperp
 # ---------------------------------------------------------------------------- pruning
 
 
-def _votes(*rows: list[int], n_labels: int = 3) -> np.ndarray:
-    """``[k, n, L]`` probabilities from each member's label per item (0.8 on it, the rest spread)."""
-    out = np.full((len(rows), len(rows[0]), n_labels), 0.2 / (n_labels - 1))
+def _votes(*rows: list[int], n_labels: int = 3, sure: float = 0.8) -> np.ndarray:
+    """``[k, n, L]`` probabilities from each member's label per item (``sure`` on it, the rest spread)."""
+    out = np.full((len(rows), len(rows[0]), n_labels), (1 - sure) / (n_labels - 1))
     for m, row in enumerate(rows):
-        out[m, np.arange(len(row)), row] = 0.8
+        out[m, np.arange(len(row)), row] = sure
     return out
+
+
+def _careless_third(gold: np.ndarray, other: list[int]) -> np.ndarray:
+    """A sure member right everywhere (0.9), ``other`` (0.8), and a third that is always wrong and
+    always certain: under the mean probability it decides every item the first two disagree on."""
+    careless = np.eye(3)[(gold + 1) % 3]
+    return np.concatenate([_votes(gold.tolist(), sure=0.9), _votes(other), careless[None]])
+
+
+def test_the_sign_test_is_the_exact_one_sided_binomial_tail() -> None:
+    assert sign_test(0, 0) == 1.0  # the two votes never differ: no evidence at all
+    assert sign_test(1, 0) == 0.5  # one flipped item
+    assert sign_test(5, 0) == 1 / 32 and sign_test(10, 0) == 1 / 1024
+    assert sign_test(10, 2) == (66 + 12 + 1) / 4096
+    assert sign_test(6, 1) == 8 / 128 > PRUNE_ALPHA == 0.05  # six wins, one loss: not enough
+    assert sign_test(0, 3) == 1.0
+    with pytest.raises(ValueError, match=">= 0"):
+        sign_test(-1, 2)
 
 
 def test_a_member_that_pulls_the_vote_down_is_dropped_and_the_figures_say_so() -> None:
     gold = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
-    good = gold.tolist()
-    other = [0, 1, 2, 0, 1, 2, 0, 1, 2, 1]  # wrong once
-    # Always wrong and always certain: where the other two disagree (the last item), it decides.
-    careless = np.eye(3)[(gold + 1) % 3]
-    probs = np.concatenate([_votes(good, other), careless[None]])
-    pruning = Gate(MeanProbability(0.75)).prune(probs, gold, ["m0-a", "m1-b", "m2-c"])
+    # The second member is wrong on five items, where the careless one sides with it: the vote of all
+    # three is wrong there, the vote of the first two right (5 wins, no loss: p = 1/32).
+    other = [(y + 2) % 3 if i < 5 else y for i, y in enumerate(gold.tolist())]
+    probs = _careless_third(gold, other)
+    gate = Gate(MeanProbability(0.75))
+    pruning = gate.prune(probs, gold, ["m0-a", "m1-b", "m2-c"])
     assert pruning is not None
     assert (pruning.dropped, pruning.kept, pruning.metric) == (("m2-c",), ("m0-a", "m1-b"), "accuracy")
-    assert pruning.with_all == Gate(MeanProbability(0.75)).score(probs, gold)["accuracy"]
-    assert pruning.without == 1.0 > pruning.with_all and pruning.n_holdout == 10
+    assert pruning.with_all == gate.score(probs, gold)["accuracy"] == 0.5
+    assert pruning.without == 1.0 and pruning.n_holdout == 10 and pruning.p_value == 1 / 32
     assert pruning.as_dict() == {
         "dropped": ["m2-c"],
         "kept": ["m0-a", "m1-b"],
         "metric": "accuracy",
-        "with": round(pruning.with_all, 6),
+        "with": 0.5,
         "without": 1.0,
         "n_holdout": 10,
+        "p_value": 0.03125,
     }
-    assert pruning.summary().startswith("dropped m2-c: held-out accuracy 1.0000 without")
+    assert pruning.summary() == (
+        "dropped m2-c: held-out accuracy 1.0000 without, 0.5000 with (sign test p = 0.031)"
+    )
+
+
+def test_one_flipped_item_of_thirty_drops_nobody_ten_do() -> None:
+    gold = np.arange(30) % 3
+    gate = Gate(MeanProbability(0.75))
+    names = ["a", "b", "c"]
+    # The second member is wrong on one item, and the careless third makes the vote wrong there:
+    # without it the accuracy rises from 29/30 to 30/30, but one item is no evidence (p = 0.5).
+    one = [(y + 2) % 3 if i == 0 else y for i, y in enumerate(gold.tolist())]
+    probs = _careless_third(gold, one)
+    assert gate.score(probs[:2], gold)["accuracy"] == 1.0 > gate.score(probs, gold)["accuracy"]
+    assert gate.prune(probs, gold, names) is None
+    # Wrong on ten items: the careless member costs the vote all ten (p = 1/1024), and goes.
+    ten = [(y + 2) % 3 if i < 10 else y for i, y in enumerate(gold.tolist())]
+    pruning = gate.prune(_careless_third(gold, ten), gold, names)
+    assert pruning is not None and pruning.dropped == ("c",) and pruning.kept == ("a", "b")
+    assert (pruning.with_all, pruning.without, pruning.p_value) == (20 / 30, 1.0, 1 / 1024)
+
+
+def test_a_gain_with_losses_needs_the_wins_to_outweigh_them() -> None:
+    gold = np.arange(30) % 3
+    ys = gold.tolist()
+    # On items 0-5 the second member is wrong and the careless third decides against the first; on
+    # item 6 the first two are wrong (differently) and the third, right and certain, saves the vote.
+    first = [(y + 1) % 3 if i == 6 else y for i, y in enumerate(ys)]
+    second = [(y + 2) % 3 if i <= 6 else y for i, y in enumerate(ys)]
+    third = np.eye(3)[[y if i == 6 else (y + 1) % 3 for i, y in enumerate(ys)]]
+    probs = np.concatenate([_votes(first, sure=0.9), _votes(second), third[None]])
+    gate = Gate(MeanProbability(0.75))
+    # Without the third: 6 items won, 1 lost; the accuracy rises (24/30 to 29/30) but p = 8/128.
+    assert gate.score(probs, gold)["accuracy"] == pytest.approx(24 / 30)
+    assert gate.score(probs[:2], gold)["accuracy"] == pytest.approx(29 / 30)
+    assert gate.prune(probs, gold, ["a", "b", "c"]) is None
 
 
 def test_pruning_needs_a_strict_gain_enough_items_and_never_leaves_fewer_than_two_members() -> None:
-    gold = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    gold = np.array([2, 2, 2, 0, 1, 2, 0, 1, 2, 2])
     right = gold.tolist()
     gate = Gate(EpsilonRule())
     # Three members that agree: no removal raises the vote's accuracy, so nobody goes.
@@ -329,12 +383,14 @@ def test_pruning_needs_a_strict_gain_enough_items_and_never_leaves_fewer_than_tw
     wrong = [(y + 1) % 3 for y in gold]
     probs = _votes(right, wrong, wrong, right)
     assert Gate(EpsilonRule(), min_holdout=11).prune(probs, gold, ["a", "b", "c", "d"]) is None
-    # Four members, two of them always wrong: a 2-2 tie goes to the first label, and dropping c (the
-    # later of two equally weak members) gives a 2-1 majority for the right label. b then stays: with
-    # c gone it never flips a vote, so removing it would gain nothing.
+    # Four members, two of them always wrong: a 2-2 tie goes to the first label, which is wrong on the
+    # six items labelled 2 (the wrong label is 0 there). Dropping c (the later of two equally weak
+    # members) gives a 2-1 majority for the right label on all six (p = 1/64). b then stays: with c
+    # gone it never flips a vote, so removing it would gain nothing.
     pruning = gate.prune(probs, gold, ["a", "b", "c", "d"])
     assert pruning is not None and pruning.dropped == ("c",) and pruning.kept == ("a", "b", "d")
     assert (pruning.with_all, pruning.without) == (gate.score(probs, gold)["accuracy"], 1.0)
+    assert pruning.with_all == 0.4 and pruning.p_value == 1 / 64
     with pytest.raises(ValueError, match="2 names for 4 members"):
         gate.prune(probs, gold, ["a", "b"])
 
@@ -378,8 +434,11 @@ def test_refinement_drops_a_member_whose_removal_raises_held_out_accuracy(
     )
     assert pruning["without"] > pruning["with"] and pruning["n_holdout"] == result.n_holdout >= 10
     assert result.metrics_new["accuracy"] == pytest.approx(pruning["without"])
-    assert result.reason.endswith(f"; dropped ngram-c: held-out accuracy {pruning['without']:.4f} without, "
-                                  f"{pruning['with']:.4f} with")  # fmt: skip
+    assert pruning["p_value"] <= PRUNE_ALPHA
+    assert result.reason.endswith(
+        f"; dropped ngram-c: held-out accuracy {pruning['without']:.4f} without, "
+        f"{pruning['with']:.4f} with (sign test p = {pruning['p_value']:.2g})"
+    )
     manifest = registry.manifest("v0002")
     assert manifest["members"] == ["ngram-a", "ngram-b"] and manifest["metrics"]["pruning"] == pruning
     assert sorted(p.name for p in registry.path("v0002").iterdir() if p.is_dir()) == ["ngram-a", "ngram-b"]

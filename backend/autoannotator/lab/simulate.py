@@ -5,9 +5,9 @@
    policy accepts the vote or sends the item to review (oracle = simulated human, a noisy oracle,
    or a real LLM through any OpenAI-compatible API; items the LLM cannot label go to a human).
 3. Verified labels join the pool; when it has grown by β, the members are fine-tuned, a member that
-   pulls the vote down is dropped, and the new version is promoted only if not worse on held-out
-   verified items: the backend's first-version builder and promotion gate, judging with the run's
-   routing policy.
+   pulls the vote down on held-out verified items (by a sign test at 5%) is dropped, and the new
+   version is promoted only if not worse on those items: the backend's first-version builder and
+   promotion gate, judging with the run's routing policy.
 4. Report: final-label accuracy and macro-F1, share reviewed, human labels, LLM usage and cost,
    time per stage, accuracy per retraining cycle, and baselines from the same run (each cold-start
    specialist alone, their plain majority vote, the LLM alone when one is configured).

@@ -11,13 +11,20 @@ candidate is promoted if it is not worse on ``metric`` by more than ``tolerance`
 
 Before the comparison, :meth:`Gate.prune` drops the candidate's members that pull the vote down
 (the paper's Table 13: one weak member can make the vote worse than the best single model) on the
-same held-out items, never below :data:`MIN_MEMBERS`. Choosing the members and judging the result
-on one set flatters the pruned candidate a little; the served version keeps its members, so a
-pruned candidate is only promoted if it is still not worse than the version that serves.
+same held-out items, never below :data:`MIN_MEMBERS`. A member goes only on evidence, not on one
+item: its removal must strictly raise the metric *and* pass an exact one-sided sign test (McNemar's
+exact test) on the items the two votes disagree about being right on, at :data:`PRUNE_ALPHA`. With
+``w`` items the smaller vote gets right and the current one wrong and ``l`` the reverse, the test's
+p-value is the chance of ``w`` or more wins in ``w + l`` fair coin tosses (:func:`sign_test`); one
+flipped item of 30 (``w = 1, l = 0``, p = 0.5) drops nothing, ten (p ≈ 0.001) do. Choosing the
+members and judging the result on one set still flatters the pruned candidate a little; the served
+version keeps its members, so a pruned candidate is only promoted if it is still not worse than the
+version that serves.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +39,8 @@ from autoannotator.models.ensemble import Ensemble
 METRICS = ("accuracy", "macro_f1")
 # Pruning never leaves fewer members than this: one member is no vote.
 MIN_MEMBERS = 2
+# A member is dropped only if the sign test's p-value is at most this: the conventional 5% level.
+PRUNE_ALPHA = 0.05
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict[str, float]:
@@ -51,11 +60,25 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int
     return {"accuracy": float(np.mean(t == p)), "macro_f1": float(np.mean(f1s)), "n": float(t.size)}
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """The exact one-sided sign test: the chance of ``wins`` or more heads in ``wins + losses`` fair tosses.
+
+    McNemar's exact test on paired per-item correctness: ``wins`` items only the new labels get
+    right, ``losses`` items only the old ones do. 1.0 when they never differ.
+    """
+    if wins < 0 or losses < 0:
+        raise ValueError(f"wins and losses must be >= 0, got {wins} and {losses}")
+    n = wins + losses
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2**n
+
+
 @dataclass(frozen=True)
 class Pruning:
     """Members dropped from a candidate because the vote was better without them on held-out items.
 
-    ``with_all`` is the gate's metric of all the candidate's members, ``without`` that of ``kept``.
+    ``with_all`` is the gate's metric of all the candidate's members, ``without`` that of ``kept``;
+    ``p_value`` is the sign test's (:func:`sign_test`) for the step that dropped a member, the
+    largest of them when several were dropped (each at most :data:`PRUNE_ALPHA`).
     """
 
     dropped: tuple[str, ...]
@@ -64,6 +87,7 @@ class Pruning:
     with_all: float
     without: float
     n_holdout: int
+    p_value: float
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -73,12 +97,13 @@ class Pruning:
             "with": round(self.with_all, 6),
             "without": round(self.without, 6),
             "n_holdout": self.n_holdout,
+            "p_value": float(f"{self.p_value:.4g}"),
         }
 
     def summary(self) -> str:
         return (
             f"dropped {', '.join(self.dropped)}: held-out {self.metric} {self.without:.4f} without, "
-            f"{self.with_all:.4f} with"
+            f"{self.with_all:.4f} with (sign test p = {self.p_value:.2g})"
         )
 
 
@@ -129,10 +154,13 @@ class Gate:
     ) -> Pruning | None:
         """The members to drop from an ensemble whose ``[k, n, L]`` held-out probabilities are ``probs``.
 
-        Backward elimination: while more than :data:`MIN_MEMBERS` remain, drop the member whose
+        Backward elimination: while more than :data:`MIN_MEMBERS` remain, take the member whose
         removal raises the metric most (equal gains: the member weakest alone, then the later one),
-        and only if it strictly raises it. None when nothing is dropped, or with fewer than
-        ``min_holdout`` items to judge on.
+        and drop it only if its removal strictly raises the metric and the exact one-sided sign test
+        (:func:`sign_test`) on per-item correctness — ``w`` items the vote without it gets right and
+        the current vote wrong, ``l`` the reverse — gives p <= :data:`PRUNE_ALPHA`; otherwise stop.
+        A gain of one item (p = 0.5) is never enough. None when nothing is dropped, or with fewer
+        than ``min_holdout`` items to judge on.
         """
         probs, gold = np.asarray(probs), np.asarray(gold)
         k = probs.shape[0]
@@ -141,6 +169,10 @@ class Gate:
         if k <= MIN_MEMBERS or gold.shape[0] < max(self.min_holdout, 1):
             return None
 
+        def right(subset: list[int]) -> np.ndarray:
+            w = None if weights is None else np.asarray(weights)[subset]
+            return np.asarray(self.policy.decide(probs[subset], w).labels) == gold
+
         def metric(subset: list[int]) -> float:
             w = None if weights is None else np.asarray(weights)[subset]
             return self.score(probs[subset], gold, w)[self.metric]
@@ -148,13 +180,19 @@ class Gate:
         alone = [metric([i]) for i in range(k)]
         kept = list(range(k))
         start = current = metric(kept)
+        p_values: list[float] = []
         while len(kept) > MIN_MEMBERS:
             options = [(metric([j for j in kept if j != i]), -alone[i], i) for i in kept]
             best, _, drop = max(options)
             if best <= current + 1e-12:
                 break
-            kept.remove(drop)
-            current = best
+            smaller = [j for j in kept if j != drop]
+            before, after = right(kept), right(smaller)
+            p = sign_test(int(np.sum(after & ~before)), int(np.sum(before & ~after)))
+            if p > PRUNE_ALPHA:
+                break
+            kept, current = smaller, best
+            p_values.append(p)
         if len(kept) == k:
             return None
         return Pruning(
@@ -164,6 +202,7 @@ class Gate:
             with_all=start,
             without=current,
             n_holdout=int(gold.shape[0]),
+            p_value=max(p_values),
         )
 
     def verdict(self, n_holdout: int, old: dict[str, float], new: dict[str, float]) -> tuple[bool, str]:
