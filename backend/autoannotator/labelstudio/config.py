@@ -55,13 +55,26 @@ def parse_label_config(xml: str, from_name: str | None = None) -> ProjectConfig:
     Several ``<Choices>`` are allowed only when ``from_name`` picks one; guessing would send
     predictions to a question the project manager did not mean.
     """
+    interface, root = _parse_xml(xml)
+    control = _choices_control(interface, from_name)
+    target = _text_object(interface, control)
+    labels = _choice_labels(root, control.name)
+    return ProjectConfig(control.name, target.name, target.value_name, labels, xml)
+
+
+def _parse_xml(xml: str) -> tuple[LabelInterface, ET.Element]:
+    """The SDK's view of the config and the raw XML tree, or why the text is not a config at all."""
     if not isinstance(xml, str) or not xml.strip():
         raise _refuse(f"the label config must be non-empty XML text, got {xml!r:.60}")
     try:
-        interface = LabelInterface(xml)
-        root = ET.fromstring(xml)
+        return LabelInterface(xml), ET.fromstring(xml)
     except Exception as exc:  # the SDK raises bare Exception subclasses, AttributeError, ValueError...
         raise _refuse(f"the label config is not parseable XML ({exc})") from None
+
+
+def _choices_control(interface: LabelInterface, from_name: str | None) -> Any:
+    """The SDK's ``ControlTag`` for the one single-choice, whole-text ``<Choices>`` with fixed options
+    that ``from_name`` names (or the only one there is), pointing at exactly one object."""
     controls = {c.name: c for c in interface.controls or []}
     choices = {n: c for n, c in controls.items() if c.tag.lower() == "choices"}
     if not choices:
@@ -84,7 +97,13 @@ def parse_label_config(xml: str, from_name: str | None = None) -> ProjectConfig:
         raise _refuse(f"<Choices name={name!r}> takes its options from task data; list fixed <Choice> tags")
     if len(control.to_name) != 1:
         raise _refuse(f"<Choices name={name!r}> points at several objects {control.to_name}; point at one")
-    to_name = control.to_name[0]
+    return control
+
+
+def _text_object(interface: LabelInterface, control: Any) -> Any:
+    """The SDK's ``ObjectTag`` for the ``<Text>`` that ``control`` points at, which must read its
+    text from a task field."""
+    name, to_name = control.name, control.to_name[0]
     objects = {o.name: o for o in interface.objects or []}
     target = objects.get(to_name)
     if target is None:
@@ -95,6 +114,11 @@ def parse_label_config(xml: str, from_name: str | None = None) -> ProjectConfig:
         raise _refuse(f'<Text name={to_name!r}> has value="{target.value}", not a "$field" reference')
     if target.attr.get("valueType", "text") != "text":
         raise _refuse(f"<Text name={to_name!r}> loads its text from a URL; put the text itself in the task")
+    return target
+
+
+def _choice_labels(root: ET.Element, name: str) -> LabelSet:
+    """The label set of the ``<Choices>`` called ``name``: two or more distinct values, in order."""
     # Read from the XML, not the SDK: the SDK keys choices by value, silently merging duplicates.
     found = [
         c.get("alias") or c.get("value")
@@ -109,10 +133,9 @@ def parse_label_config(xml: str, from_name: str | None = None) -> ProjectConfig:
     if dupes:
         raise _refuse(f"<Choices name={name!r}> lists {dupes} more than once; choice values must be unique")
     try:
-        labels = LabelSet.of(values)
+        return LabelSet.of(values)
     except ValueError as exc:
         raise _refuse(f"<Choices name={name!r}>: {exc}") from None
-    return ProjectConfig(name, to_name, target.value_name, labels, xml)
 
 
 @dataclass(frozen=True)
