@@ -96,14 +96,17 @@ class AppServer:
 
 class Workers:
     """Worker processes as the README deploys them: ``n`` on the queues ingest and review (jobs run in
-    the worker's own process, which keeps each project's pool between jobs) and one on train (a
-    forked child per training); each logs to ``log_dir/worker-<i>.log``."""
+    the worker's own process, which keeps each project's pool between jobs), one on train (a forked
+    child per training) and ``labellers`` on label (labelling runs, models kept in memory); each
+    logs to ``log_dir/worker-<i>.log``."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, n: int = 1, *, debug: bool = False):
+    def __init__(
+        self, env: dict[str, str], log_dir: Path, n: int = 1, *, labellers: int = 1, debug: bool = False
+    ):
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_dir = log_dir
         self.debug = debug  # ``autoannotator -v worker``: every logger at DEBUG
-        self.queues = [*(["ingest,review"] * n), "train"]
+        self.queues = [*(["ingest,review"] * n), "train", *(["label"] * labellers)]
         self.n = len(self.queues)
         self.processes: list[subprocess.Popen[bytes]] = []
 

@@ -40,7 +40,7 @@ from autoannotator.demo.processes import Processes, alive, family, start_ticks
 from autoannotator.demo.project import PROJECT_TITLE
 from autoannotator.demo.report import format_summary, summarize
 from autoannotator.demo.tasks import GOLD_FIELD, LABELS, REVIEW_TAB, sample_tasks
-from autoannotator.labelstudio.fields import NEEDS_REVIEW
+from autoannotator.labelstudio.fields import IN_TAB, NEEDS_REVIEW, in_tab
 from autoannotator.learning import datasets
 from autoannotator.learning.datasets import Tweet
 from tests.ports import free_port
@@ -90,7 +90,7 @@ def _task(
         ]
     data: dict[str, Any] = {"text": "t", GOLD_FIELD: gold}
     if flagged:
-        data[NEEDS_REVIEW] = True
+        data[NEEDS_REVIEW] = IN_TAB
     return {
         "data": data,
         "predictions": predictions,
@@ -348,13 +348,13 @@ def _check_against_label_studio(output: str, data_dir: Path, ls_port: int) -> tu
         prelabelled += 1
         right = label == task.data[GOLD_FIELD]
         right_all += right
-        if task.data.get("aa_needs_review") is True:
+        if in_tab(task.data):
             review += 1
         else:
             auto += 1
             right_auto += right
-    in_tab = list(ls.tasks.list(project=project.id, view=tab.id, page_size=500))
-    assert len(in_tab) == review > 0  # the tab shows exactly what the demo says it sent to review
+    tab_tasks = list(ls.tasks.list(project=project.id, view=tab.id, page_size=500))
+    assert len(tab_tasks) == review > 0  # the tab shows exactly what the demo says it sent to review
     assert prelabelled == 60 - 24
 
     m = re.search(r"pre-labelled\s+(\d+) tasks\s+accuracy ([\d.]+%)", output)
@@ -388,6 +388,7 @@ def _leaks(data_dir: Path, llm_key: str, texts: list[str]) -> list[tuple[str, st
         "backend.log",
         "label-studio.log",
         "redis.log",
+        "worker-label.log",
         "worker-review.log",
         "worker-train.log",
     ]
@@ -426,7 +427,7 @@ def test_demo_end_to_end_twice_and_ctrl_c_stops_everything(tmp_path: Path) -> No
         project_id, texts = _check_against_label_studio(output, data_dir, ls_port)
         started = json.loads((data_dir / "pids.json").read_text())["children"]
         names = {c["name"] for c in started}
-        assert {"label-studio", "backend", "worker-review", "worker-train"} <= names
+        assert {"label-studio", "backend", "worker-review", "worker-train", "worker-label"} <= names
         assert "redis" in names
 
         assert run.interrupt() == 0

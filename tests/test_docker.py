@@ -26,7 +26,7 @@ from autoannotator.storage.redis_state import QUEUES
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker" / "compose.yaml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-OURS = ("backend", "review-worker", "train-worker")
+OURS = ("backend", "review-worker", "label-worker", "train-worker")
 
 
 def _compose() -> dict[str, Any]:
@@ -73,13 +73,14 @@ def test_label_studio_image_is_the_version_the_tests_run_against() -> None:
 def test_worker_commands_parse_with_our_cli() -> None:
     services = _compose()["services"]
     parser = cli.build_parser()
-    for name in ("review-worker", "train-worker"):
+    for name in ("review-worker", "label-worker", "train-worker"):
         command = services[name]["command"]
         assert command[0] == "autoannotator"
         args = parser.parse_args(command[1:])
         assert args.func is cli._worker
         assert set(args.queues.split(",")) <= set(QUEUES)
-    covered = {q for n in ("review-worker", "train-worker") for q in services[n]["command"][-1].split(",")}
+    workers = ("review-worker", "label-worker", "train-worker")
+    covered = {q for n in workers for q in services[n]["command"][-1].split(",")}
     assert covered == set(QUEUES), "some queue has no worker"
 
 

@@ -283,7 +283,7 @@ def test_llm_mode_from_label_studio_extra_params_with_fallback_to_humans_and_no_
             _retrieve(ls, project.id)
             drain(client, workers)
             task = _tasks(ls, project.id)["Shares were flat in quiet trading"]
-            assert task.data["aa_needs_review"] is True and task.data["aa_review"] == "human (LLM failed)"
+            assert task.data["aa_needs_review"] == 1 and task.data["aa_review"] == "human (LLM failed)"
             assert len(llm.completions) == requests_so_far + 4  # asked, retried 3 times, then gave up
 
             # Switching to off takes effect for the next prediction, without a restart.

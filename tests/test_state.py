@@ -240,7 +240,7 @@ def test_the_method_list_above_covers_every_public_method():
 
 
 def test_queues_are_named_and_an_unknown_one_is_refused(state):
-    assert QUEUES == ("ingest", "review", "train")
+    assert QUEUES == ("ingest", "review", "train", "label")
     assert state.queue_depths() == dict.fromkeys(QUEUES, 0)
     with pytest.raises(ValueError, match="unknown queue 'slow'"):
         state.queue("slow")

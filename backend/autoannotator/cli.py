@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.demo.config import DemoConfig
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_benchmark_commands(sub)
     _add_worker_command(sub)
+    _add_label_command(sub)
     _add_demo_command(sub)
     return parser
 
@@ -537,12 +538,13 @@ def _bench_predict(args: argparse.Namespace) -> int:
 def _add_worker_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "worker",
-        help="run an rq worker for the queues ingest, review and train, configured by the environment",
+        help="run an rq worker for the queues ingest, review, train and label, configured by the environment",
     )
     p.add_argument(
         "--queues",
-        default="ingest,review,train",
-        help="comma-separated queues, in priority order (e.g. 'train' for a dedicated trainer)",
+        default="ingest,review,train,label",
+        help="comma-separated queues, in priority order (e.g. 'train' for a dedicated trainer, 'label' "
+        "for workers that only write a new version's predictions)",
     )
     p.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     p.add_argument("--name", default=None, help="worker name (default: rq's host.pid)")
@@ -564,6 +566,73 @@ def _worker(args: argparse.Namespace) -> int:
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     run_worker(Settings.from_env(), queues, args.isolate, name=args.name, burst=args.burst)
     return 0
+
+
+# ---------------------------------------------------------------------------- label
+
+
+def _add_label_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "label",
+        help="label a whole project with its served version now, in the background, with a progress bar",
+        description=(
+            "Start a labelling run of the project's served version: the label workers write its "
+            "predictions to every task nobody annotated and bring the Needs review tab up to date. "
+            "Configured by the backend's environment (Redis, model store). A run also starts by "
+            "itself whenever a version is published."
+        ),
+    )
+    p.add_argument("--project", required=True, help="the project's uid, <id>.<created_at> (see /status)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also route again tasks that already carry the version's prediction",
+    )
+    p.add_argument("--no-wait", action="store_true", help="start the run and return at once")
+    p.set_defaults(func=_label)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from autoannotator.service.context import Context
+    from autoannotator.service.queueing import request_labelling
+    from autoannotator.settings import Settings
+    from autoannotator.storage.label_runs import LabelRuns
+    from autoannotator.storage.model_store import ProjectModels
+
+    uid = ProjectModels.check_project(args.project)
+    ctx = Context.from_settings(Settings.from_env())
+    if ctx.state.info(uid) is None:
+        raise AutoAnnotatorError(f"project {uid} is unknown to this Redis: connect it in Label Studio first")
+    run = request_labelling(ctx, uid, "autoannotator label", full=args.all)
+    if run is None:
+        raise AutoAnnotatorError(f"project {uid} has no version yet: nothing to label with")
+    print(f"labelling run {run.id} of {run.version} started for project {uid}")
+    if args.no_wait:
+        return 0
+    final = _watch_run(LabelRuns(ctx.state), uid, run.id)
+    print(
+        f"{final.state}: {final.done} tasks, {final.written} predictions written, {final.routed} routed, "
+        f"{final.moved_in} into the Needs review tab, {final.moved_out} out ({final.tasks_per_s:.1f} tasks/s)"
+    )
+    return 0 if final.state == "done" else 1
+
+
+def _watch_run(runs: Any, uid: str, run_id: str, poll_s: float = 1.0) -> Any:
+    """A progress bar over the run until it finishes, or until a newer run replaces it."""
+    from tqdm import tqdm
+
+    with tqdm(total=None, unit="task", desc="labelling") as bar:
+        while True:
+            run = runs.current(uid)
+            if run is None or run.id != run_id:
+                raise AutoAnnotatorError("a newer labelling run replaced this one; see /status")
+            bar.total = run.total if run.planned else None
+            bar.n = run.done
+            bar.set_postfix_str(f"{run.state}{': ' + run.note if run.note else ''}", refresh=False)
+            bar.refresh()
+            if run.finished:
+                return run
+            time.sleep(poll_s)
 
 
 # ---------------------------------------------------------------------------- demo

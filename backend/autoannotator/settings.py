@@ -150,6 +150,25 @@ class Settings:
     pool_lock_timeout_s: float = _setting(
         "AUTOANNOTATOR_POOL_LOCK_TIMEOUT", 120.0, "seconds a job waits for a project's pool lock"
     )
+    # Labelling runs: every new version predicts the project's unannotated tasks in the background.
+    label_chunk: int = _setting(
+        "AUTOANNOTATOR_LABEL_CHUNK",
+        100,
+        "tasks per labelling job (a budget policy routes its share of each chunk)",
+    )
+    label_timeout_s: int = _setting(
+        "AUTOANNOTATOR_LABEL_TIMEOUT",
+        900,
+        "seconds one labelling job may run; a killed worker's job is retried once this has passed",
+    )
+    label_pause_s: float = _setting(
+        "AUTOANNOTATOR_LABEL_PAUSE", 600.0, "seconds a labelling job waits for an unreachable Label Studio"
+    )
+    delete_old_predictions: bool = _setting(
+        "AUTOANNOTATOR_DELETE_OLD_PREDICTIONS",
+        False,
+        "after a labelling run, delete the older versions' predictions from Label Studio",
+    )
 
     def __post_init__(self) -> None:
         if self.max_text_chars < 1:
@@ -166,9 +185,19 @@ class Settings:
             )
         if self.min_holdout < 0:
             raise ValueError(f"AUTOANNOTATOR_MIN_HOLDOUT must be >= 0, got {self.min_holdout}")
-        for name in ("ingest_timeout_s", "review_timeout_s", "sync_timeout_s", "train_timeout_s"):
+        for name in (
+            *("ingest_timeout_s", "review_timeout_s", "sync_timeout_s", "train_timeout_s"),
+            *("label_timeout_s", "label_chunk"),
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env(name)} must be >= 1, got {getattr(self, name)}")
+        if self.label_pause_s < 0:
+            raise ValueError(f"AUTOANNOTATOR_LABEL_PAUSE must be >= 0, got {self.label_pause_s}")
+        if self.label_pause_s >= self.label_timeout_s:
+            raise ValueError(
+                f"AUTOANNOTATOR_LABEL_PAUSE ({self.label_pause_s:g} s) must be shorter than "
+                f"AUTOANNOTATOR_LABEL_TIMEOUT ({self.label_timeout_s} s): rq kills a job past its timeout"
+            )
         if self.pool_lock_timeout_s <= 0:
             raise ValueError(f"AUTOANNOTATOR_POOL_LOCK_TIMEOUT must be > 0, got {self.pool_lock_timeout_s}")
         for name in ("retrain_every", "seed_labels", "llm_concurrency", "refine_epochs", "cold_start_epochs"):

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
 from autoannotator.demo.tasks import GOLD_FIELD, REVIEW_TAB
-from autoannotator.labelstudio.fields import NEEDS_REVIEW, REVIEWED_BY
+from autoannotator.labelstudio.fields import REVIEWED_BY, in_tab
 
 
 def _plain(obj: Any) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def summarize(tasks: Iterable[Any], version: str, in_review_tab: int | None = No
         prelabelled += 1
         right = label == data.get(GOLD_FIELD)
         correct_all += right
-        if data.get(NEEDS_REVIEW) is True:
+        if in_tab(data):
             review += 1
             correct_review += right
         else:

@@ -1,6 +1,6 @@
 """The services the demo runs, each started under its supervisor and waited for until it answers:
 Redis (unless one listens already), Label Studio headless, and the backend under gunicorn with
-its two rq workers.
+its three rq workers.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class Services:
         self.console.say(f"Label Studio: up in {time.monotonic() - started:.0f} s (pid {child.pid})")
 
     def start_backend(self, env: dict[str, str], creds: Credentials) -> None:
-        """The backend under gunicorn, one rq worker for ingest and review, one for training."""
+        """The backend under gunicorn, one rq worker for ingest and review, one for training, one for
+        labelling runs."""
         if port_open(self.config.backend_port):
             raise DemoError(
                 f"port {self.config.backend_port} is taken by another program; pass --backend-port"
@@ -122,6 +123,7 @@ class Services:
             "worker-review", [worker, "worker", "--queues", "ingest,review"], env, self.data_dir
         )
         train = self.procs.spawn("worker-train", [worker, "worker", "--queues", "train"], env, self.data_dir)
+        label = self.procs.spawn("worker-label", [worker, "worker", "--queues", "label"], env, self.data_dir)
         url = self.config.backend_url
         auth = creds.basic_auth()
 
@@ -141,5 +143,5 @@ class Services:
         )
         self.console.say(
             f"backend: gunicorn on {url} (pid {backend.pid}), rq workers "
-            f"ingest,review (pid {review.pid}) and train (pid {train.pid})"
+            f"ingest,review (pid {review.pid}), train (pid {train.pid}) and label (pid {label.pid})"
         )

@@ -12,10 +12,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-NEEDS_REVIEW = "aa_needs_review"  # True while the task waits for a person in the review tab
-VOTES = "aa_votes"  # the specialists' votes and confidence, e.g. "Positive 2 · Negative 1 (0.61)"
+NEEDS_REVIEW = "aa_needs_review"  # 1 while the task waits for a person in the review tab, else 0
+VOTES = "aa_votes"  # the specialists' votes, e.g. "Positive 2 · Negative 1"
 REVIEWED_BY = "aa_review"  # "llm", "human", or "human (LLM timeout)" when the LLM could not label it
 LLM_LABEL = "aa_llm_label"  # the LLM's label, kept in the task so a Redis flush loses nothing
+
+# NEEDS_REVIEW's values. Numbers, not booleans: Label Studio's bulk update of a data field (see
+# labelstudio.tasks.set_data_field) writes strings or numbers, and the tab filters on the number.
+IN_TAB = 1
+OUT_OF_TAB = 0
+
+
+def in_tab(data: Mapping[str, Any]) -> bool:
+    """Whether the task's data puts it in the Needs review tab (``True`` from earlier versions too)."""
+    value = data.get(NEEDS_REVIEW)
+    if isinstance(value, bool):
+        return value
+    return isinstance(value, int | float) and value == IN_TAB
 
 
 @dataclass(frozen=True)
@@ -35,7 +48,7 @@ class RoutedTask:
 
     @property
     def votes_text(self) -> str:
-        return votes_text(self.votes, self.confidence)
+        return votes_text(self.votes)
 
     def key(self) -> str:
         return pool_key(self.task_id)
@@ -54,11 +67,12 @@ def pool_key(task_id: int | str) -> str:
     return f"task:{task_id}"
 
 
-def votes_text(votes: Mapping[str, int], confidence: float) -> str:
-    """What the reviewer sees in the ``aa_votes`` column, e.g. ``bullish 2 · bearish 1 (0.58)``: most
-    votes first, then the ensemble's confidence."""
+def votes_text(votes: Mapping[str, int]) -> str:
+    """What the reviewer sees in the ``aa_votes`` column, e.g. ``bullish 2 · bearish 1``, most votes
+    first. The ensemble's confidence is the prediction's score, in the tab's score column; leaving
+    it out here lets a labelling run write the votes of many tasks with one request per text."""
     ranked = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
-    return " · ".join(f"{label} {n}" for label, n in ranked) + f" ({confidence:.2f})"
+    return " · ".join(f"{label} {n}" for label, n in ranked)
 
 
 def with_fields(data: Mapping[str, Any], **fields: Any) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from autoannotator.errors import BadInputError
+from autoannotator.labelstudio.fields import IN_TAB
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ def review_view_data(
 ) -> dict[str, Any]:
     """The tab's ``data`` payload; pure, so what the tab promises can be read without a server.
 
-    Tasks with no annotation, filtered by ``predictions_score < threshold`` and/or by the boolean
-    task-data field ``flag`` being true (the backend's routing decision, exact for any policy),
+    Tasks with no annotation, filtered by ``predictions_score < threshold`` and/or by the numeric
+    task-data field ``flag`` being :data:`IN_TAB` (1) (the backend's routing decision, exact for any policy),
     most uncertain first.
     """
     if threshold is None and flag is None:
@@ -104,7 +105,7 @@ def review_view_data(
         if not flag.isidentifier():
             raise BadInputError(f"the flag must be a plain task-data field name, got {flag!r:.40}")
         items.append(
-            {"filter": f"filter:tasks:data.{flag}", "operator": "equal", "type": "Boolean", "value": True}
+            {"filter": f"filter:tasks:data.{flag}", "operator": "equal", "type": "Number", "value": IN_TAB}
         )
     hidden = [f"tasks:{column}" for column in _TASK_COLUMNS if column not in _SHOWN]
     if flag is not None:

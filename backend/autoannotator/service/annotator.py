@@ -30,7 +30,7 @@ from autoannotator.labelstudio.config import (
     parse_label_config,
     prediction,
 )
-from autoannotator.labelstudio.fields import NEEDS_REVIEW, ClearedTask, RoutedTask
+from autoannotator.labelstudio.fields import ClearedTask, RoutedTask, in_tab
 from autoannotator.storage.model_store import WAITING_VERSION, ProjectModels
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class PredictionBatch:
     unlabelled: int = 0  # tasks without usable text
     invalid: int = 0  # our predictions that failed validation and went out empty
     timings: Mapping[str, float] = field(default_factory=dict)
+    votes: dict[int, str] = field(default_factory=dict)  # votes text per unannotated task id
 
     @property
     def n(self) -> int:
@@ -96,6 +97,7 @@ class Annotator:
         good = [i for i, t in enumerate(texts) if t.ok]
         routed: list[RoutedTask] = []
         cleared: list[ClearedTask] = []
+        votes: dict[int, str] = {}
         invalid = 0
         if ensemble is not None and good:
             clock.lap("load")
@@ -119,13 +121,14 @@ class Annotator:
                 routed_task = _review_item(tasks[i], texts[i], label, confidence, member_votes[:, j], config)
                 if routed_task is None:
                     continue
+                votes[int(routed_task.task_id)] = routed_task.votes_text
                 if bool(decision.review[j]):
                     routed.append(routed_task)
-                elif routed_task.data.get(NEEDS_REVIEW) is True:
+                elif in_tab(routed_task.data):
                     cleared.append(ClearedTask(routed_task.task_id, routed_task.data))
             clock.lap("build")
         return PredictionBatch(
-            uid, version, results, routed, cleared, len(tasks) - len(good), invalid, clock.laps
+            uid, version, results, routed, cleared, len(tasks) - len(good), invalid, clock.laps, votes
         )
 
 

@@ -25,7 +25,6 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from autoannotator.core.policies import policy_from_spec
 from autoannotator.errors import (
     AutoAnnotatorError,
     BadInputError,
@@ -37,7 +36,7 @@ from autoannotator.labelstudio.client import basic_auth
 from autoannotator.service import events
 from autoannotator.service.annotator import Annotator, PredictionBatch
 from autoannotator.service.context import Context
-from autoannotator.service.queueing import dispatch_review
+from autoannotator.service.queueing import dispatch_review, request_labelling
 from autoannotator.service.status import (
     metrics_response,
     project_status,
@@ -76,9 +75,8 @@ def create_app(
     projects = projects or ProjectModels(settings.model_dir)
     state = state or State.from_url(settings.redis_url, settings.review_mode)
     ctx = Context(settings, state, projects)
-    annotator = Annotator(projects, policy_from_spec(settings.policy), settings.max_text_chars)
     app = Flask(__name__)
-    app.extensions["autoannotator"] = Services(ctx, annotator)
+    app.extensions["autoannotator"] = Services(ctx, ctx.annotator)
     app.register_blueprint(routes)
     return app
 
@@ -194,6 +192,27 @@ def project_settings(uid: str) -> Response | tuple[Response, int]:
     return jsonify(
         {"project": uid, "review_mode": mode, "modes": list(REVIEW_MODES), "default": s.review_mode}
     )
+
+
+@routes.post("/projects/<uid>/label")
+def label_project(uid: str) -> Response | tuple[Response, int]:
+    """Start a labelling run of the served version over the project's unannotated tasks ("Label all
+    tasks now" on the settings page, or ``{"all": true}`` as JSON to route every task again)."""
+    uid = ProjectModels.check_project(uid)
+    services = _services()
+    if not services.settings.basic_auth_user:
+        error = "starting a labelling run needs authentication: set BASIC_AUTH_USER and BASIC_AUTH_PASS"
+        return jsonify({"error": error}), 403
+    given = request.get_json(silent=True) if request.is_json else request.form
+    full = str((given or {}).get("all", "")).strip().lower() in {"1", "true", "yes", "on"}
+    if services.ctx.state.info(uid) is None:
+        raise BadInputError(f"project {uid} has not connected yet: Label Studio's /setup records it")
+    run = request_labelling(services.ctx, uid, "started by hand", full=full)
+    if run is None:
+        return jsonify({"error": f"project {uid} has no version to label with yet"}), 409
+    if not request.is_json:
+        return Response(status=303, headers={"Location": "/status"})
+    return jsonify({"project": uid, "run": run.as_dict()}), 202
 
 
 @routes.get("/status.json")

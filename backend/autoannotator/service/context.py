@@ -15,12 +15,13 @@ from pathlib import Path
 from label_studio_sdk import LabelStudio
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.policies import policy_from_spec
 from autoannotator.errors import LockTimeoutError, NotConfiguredError
 from autoannotator.labelstudio.client import connect
 from autoannotator.labelstudio.config import ProjectConfig
 from autoannotator.learning.pool import VerifiedPool
 from autoannotator.review.llm import ReviewCache
-from autoannotator.service.annotator import project_config
+from autoannotator.service.annotator import Annotator, project_config
 from autoannotator.settings import Settings
 from autoannotator.storage.model_store import ProjectModels
 from autoannotator.storage.redis_state import ProjectInfo, State
@@ -38,6 +39,7 @@ class Context:
     models: ProjectModels
     _pools: dict[str, VerifiedPool] = field(default_factory=dict, repr=False)
     _review_caches: dict[str, ReviewCache] = field(default_factory=dict, repr=False)
+    _annotator: Annotator | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:
@@ -46,6 +48,15 @@ class Context:
             State.from_url(settings.redis_url, settings.review_mode),
             ProjectModels(settings.model_dir),
         )
+
+    @property
+    def annotator(self) -> Annotator:
+        """What ``/predict`` runs, with this process's model store: labelling runs predict and route
+        with it, so a run and ``/predict`` agree on every task."""
+        if self._annotator is None:
+            s = self.settings
+            self._annotator = Annotator(self.models, policy_from_spec(s.policy), s.max_text_chars)
+        return self._annotator
 
     def config(self, info: ProjectInfo) -> ProjectConfig:
         return project_config(info.label_config)[0]

@@ -16,6 +16,7 @@ from autoannotator.service.context import Context
 from autoannotator.service.queueing import (
     enqueue_annotation,
     request_first_version,
+    request_labelling,
     request_sync,
     request_training,
 )
@@ -47,6 +48,10 @@ def setup(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
             logger.info("project %s: review mode %s from Label Studio's extra params", uid, applied)
         if version is None and ctx.settings.specialists:
             request_first_version(ctx, uid, reason="configured specialists")
+        elif version is not None:
+            # A project connected to a backend that already has its version (or whose run record a
+            # Redis flush lost): its tasks get that version's predictions. Once per version.
+            request_labelling(ctx, uid, f"project connected with {version}", only_if_new=True)
     except StateUnavailableError as exc:
         logger.warning("/setup for %s without Redis: %s", uid, exc)
     except ValueError as exc:
@@ -76,6 +81,11 @@ def webhook(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
         # The payload names annotation ids only: reconcile the pool with LS instead.
         request_sync(ctx, uid, why=action, force=True)
         return {"status": "queued", "action": action}
+    if action == "TASKS_CREATED":
+        found = [t.get("id") for t in body.get("tasks") or [] if isinstance(t, dict)]
+        ids = [i for i in found if isinstance(i, int) and not isinstance(i, bool)]
+        run = request_labelling(ctx, uid, f"{len(ids)} tasks imported", task_ids=ids)
+        return {"status": "queued" if run else "ignored", "action": action, "tasks": len(ids)}
     if action == "START_TRAINING":
         return train(ctx, uid, "Start Training in Label Studio")
     return {"status": "ignored", "action": action}

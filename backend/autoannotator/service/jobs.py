@@ -8,7 +8,8 @@ ids and plain values, and each one is idempotent.
 
 - :func:`ingest_annotation`, :func:`sync_project`: verified labels in (:mod:`.ingest`);
 - :func:`review_routed`: the tasks a ``/predict`` routed to review (:mod:`.review`);
-- :func:`train_project`: a project's first version or its next (:mod:`.training`).
+- :func:`train_project`: a project's first version or its next (:mod:`.training`);
+- :func:`plan_labelling`, :func:`label_chunk`: a labelling run of the whole project (:mod:`.labelling`).
 
 A worker builds its :class:`Context` once, from the environment, on its first job
 (:func:`process_context`), and keeps it: the verified pools and LLM answer caches in it are what
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from autoannotator.labelstudio.fields import ClearedTask, RoutedTask
-from autoannotator.service import ingest, review, training
+from autoannotator.service import ingest, labelling, review, training
 from autoannotator.service.context import Context
 from autoannotator.settings import Settings
 
@@ -60,3 +61,11 @@ def review_routed(
 
 def train_project(uid: str, force: bool = False) -> str:
     return training.train_project(process_context(), uid, force)
+
+
+def plan_labelling(uid: str, run_id: str) -> str:
+    return labelling.plan_run(process_context(), uid, run_id)
+
+
+def label_chunk(uid: str, run_id: str, number: int, ids: list[int]) -> str:
+    return labelling.label_chunk(process_context(), uid, run_id, number, ids)

@@ -13,8 +13,11 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from rq import Retry
+
 from autoannotator.errors import StateUnavailableError
 from autoannotator.labelstudio.fields import ClearedTask, RoutedTask
+from autoannotator.storage.label_runs import LabelRun, LabelRuns
 
 if TYPE_CHECKING:
     from autoannotator.service.context import Context
@@ -26,6 +29,8 @@ logger = logging.getLogger(__name__)
 JOBS = "autoannotator.service.jobs."
 # A failed training stays in rq's failed registry this long, for /status and for a person to read.
 TRAIN_FAILURE_TTL_S = 7 * 24 * 3600
+# A labelling job that fails (or whose worker is killed) is run again this many times.
+LABEL_RETRIES = 3
 
 
 def request_training(ctx: Context, uid: str, *, force: bool = False, reason: str = "") -> bool:
@@ -71,6 +76,76 @@ def request_sync(ctx: Context, uid: str, *, why: str = "from LS", force: bool = 
                 ctx.state.forget_sync(uid)  # the next request tries again
         raise
     return True
+
+
+def request_labelling(
+    ctx: Context,
+    uid: str,
+    reason: str,
+    *,
+    task_ids: Sequence[int] | None = None,
+    full: bool = False,
+    only_if_new: bool = False,
+) -> LabelRun | None:
+    """Start a labelling run of the served version (see :mod:`autoannotator.service.labelling`);
+    the run started, or None when there is nothing to run.
+
+    ``task_ids``: only those tasks (new tasks Label Studio announced); they join the current run
+    when it is of the served version and still going, else a run of their own starts. Otherwise
+    the whole project: a new run replaces the current one (whose remaining chunks then stop), or,
+    with ``only_if_new``, starts only when no run of this version was recorded (``/setup`` asks on
+    every poll). ``full``: route again tasks that already carry the version's prediction.
+    """
+    version = ctx.models.current_version(uid)
+    if version is None:
+        return None
+    runs = LabelRuns(ctx.state)
+    if task_ids is not None:
+        ids = sorted({int(i) for i in task_ids})
+        current = runs.current(uid)
+        if not ids:
+            return None
+        if current is None or current.version != version or current.finished:
+            current = runs.start(uid, version, reason)
+            assert current is not None
+            runs.set_state(uid, current.id, "running", planned=True)
+        size = ctx.settings.label_chunk
+        for start in range(0, len(ids), size):
+            chunk = ids[start : start + size]
+            number = runs.add_chunk(uid, current.id, len(chunk))
+            if number is not None:
+                enqueue_chunk(ctx, uid, current.id, number, chunk)
+        return current
+    run = runs.start(uid, version, reason, full=full, only_if_new=only_if_new)
+    if run is None:
+        return None
+    ctx.state.enqueue(
+        "label",
+        JOBS + "plan_labelling",
+        uid,
+        run.id,
+        job_timeout=ctx.settings.label_timeout_s,
+        retry=Retry(max=LABEL_RETRIES),
+        description=f"plan labelling run {run.id} of {uid} ({version}): {reason}",
+    )
+    logger.info("project %s: labelling run %s of %s queued (%s)", uid, run.id, version, reason)
+    return run
+
+
+def enqueue_chunk(ctx: Context, uid: str, run_id: str, number: int, ids: Sequence[int]) -> None:
+    """One chunk of a labelling run; retried when it fails or its worker dies (rq's registry
+    cleanup requeues a job whose worker stopped beating, once its timeout has passed)."""
+    ctx.state.enqueue(
+        "label",
+        JOBS + "label_chunk",
+        uid,
+        run_id,
+        number,
+        list(ids),
+        job_timeout=ctx.settings.label_timeout_s,
+        retry=Retry(max=LABEL_RETRIES),
+        description=f"label chunk {number} of run {run_id} ({len(ids)} tasks of {uid})",
+    )
 
 
 def enqueue_annotation(

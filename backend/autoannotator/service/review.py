@@ -16,22 +16,24 @@ from collections.abc import Sequence
 from label_studio_sdk import LabelStudio
 
 from autoannotator.core.labels import LabelSet
-from autoannotator.labelstudio.client import PredictionWrite, patch_task_data, replace_predictions
+from autoannotator.labelstudio.client import PredictionWrite, replace_predictions
 from autoannotator.labelstudio.config import prediction
 from autoannotator.labelstudio.fields import (
+    IN_TAB,
     LLM_LABEL,
     NEEDS_REVIEW,
+    OUT_OF_TAB,
     REVIEWED_BY,
     VOTES,
     ClearedTask,
     RoutedTask,
-    with_fields,
 )
 from autoannotator.labelstudio.review_tab import (
     align_model_version,
     ensure_review_tab,
     use_uncertainty_sampling,
 )
+from autoannotator.labelstudio.tasks import set_data_field
 from autoannotator.learning.pool import Source
 from autoannotator.review.base import ReviewItem, ReviewOutcome, ReviewStatus
 from autoannotator.review.llm import LLMReviewer, build_reviewer
@@ -57,11 +59,9 @@ def review_routed(
     info = ctx.info(uid)
     ls = ctx.label_studio(info)
     _prepare_project(ctx, ls, uid, info, version)
-    for done in cleared:
-        patch_task_data(ls, done.task_id, with_fields(done.data, **{NEEDS_REVIEW: False}))
+    set_data_field(ls, info.project_id, [(int(t.task_id), t.data) for t in cleared], NEEDS_REVIEW, OUT_OF_TAB)
     if mode == "human" or not routed:
-        for task in routed:
-            _flag(ls, task, "human")
+        flag(ls, info.project_id, routed, "human")
         ctx.state.count(uid, reviewed_human_queue=len(routed))
         return f"{len(routed)} tasks flagged for human review, {len(cleared)} cleared"
     if mode != "llm":
@@ -76,6 +76,7 @@ def _review_by_llm(
     reviewer = llm_reviewer(ctx, uid, config.labels)
     outcomes = _ask(ctx, uid, reviewer, routed)
     labelled: list[tuple[RoutedTask, str]] = []
+    failed: dict[str, list[RoutedTask]] = {}
     for task, outcome in zip(routed, outcomes, strict=True):
         if outcome.status is ReviewStatus.LABELLED and outcome.label is not None:
             labelled.append((task, outcome.label))
@@ -88,15 +89,15 @@ def _review_by_llm(
                 outcome.status.value,
                 why,
             )
-            _flag(ls, task, f"human (LLM {outcome.status.value})")
+            failed.setdefault(f"human (LLM {outcome.status.value})", []).append(task)
+    for reviewed_by, tasks in failed.items():
+        flag(ls, info.project_id, tasks, reviewed_by)
     writes = []
     for task, label in labelled:
         item = prediction(config, label, task.confidence, version)
         writes.append(PredictionWrite(int(task.task_id), item["result"], item["score"]))
     replace_predictions(ls, version, writes)
-    for task, label in labelled:
-        fields = {NEEDS_REVIEW: False, VOTES: task.votes_text, REVIEWED_BY: "llm", LLM_LABEL: label}
-        patch_task_data(ls, task.task_id, with_fields(task.data, **fields))
+    _record_llm_labels(ls, info.project_id, labelled)
     fallbacks = len(routed) - len(labelled)
     ctx.state.count(uid, reviewed_llm=len(labelled), llm_failures=fallbacks, reviewed_human_queue=fallbacks)
     if labelled:
@@ -122,10 +123,41 @@ def _ask(ctx: Context, uid: str, reviewer: LLMReviewer, routed: Sequence[RoutedT
     return outcomes
 
 
-def _flag(ls: LabelStudio, task: RoutedTask, reviewed_by: str) -> None:
-    """Put the task in the Needs review tab, with the votes a reviewer sees beside it."""
-    fields = {NEEDS_REVIEW: True, VOTES: task.votes_text, REVIEWED_BY: reviewed_by}
-    patch_task_data(ls, task.task_id, with_fields(task.data, **fields))
+def _record_llm_labels(ls: LabelStudio, project_id: int, labelled: Sequence[tuple[RoutedTask, str]]) -> None:
+    """Write each LLM label into its task's data (so a Redis flush loses nothing), take the task
+    out of the tab, and mark it reviewed by the LLM: one bulk update per label and per field. The
+    label goes first: a task marked "llm" without a label is ignored by the pool rebuild."""
+    data = {int(t.task_id): dict(t.data) for t, _ in labelled}
+    by_label: dict[str, list[int]] = {}
+    for task, label in labelled:
+        by_label.setdefault(label, []).append(int(task.task_id))
+    for label, ids in by_label.items():
+        set_data_field(ls, project_id, [(i, data[i]) for i in ids], LLM_LABEL, label)
+        for i in ids:
+            data[i][LLM_LABEL] = label
+    for name, value in ((NEEDS_REVIEW, OUT_OF_TAB), (REVIEWED_BY, "llm")):
+        set_data_field(ls, project_id, list(data.items()), name, value)
+        for d in data.values():
+            d[name] = value
+    by_votes: dict[str, list[int]] = {}
+    for task, _ in labelled:
+        by_votes.setdefault(task.votes_text, []).append(int(task.task_id))
+    for text, ids in by_votes.items():
+        set_data_field(ls, project_id, [(i, data[i]) for i in ids], VOTES, text)
+
+
+def flag(ls: LabelStudio, project_id: int, tasks: Sequence[RoutedTask], reviewed_by: str) -> None:
+    """Put ``tasks`` in the Needs review tab, with the votes a reviewer sees beside each: one bulk
+    update per distinct votes text, then one for the flag and one for who reviews."""
+    by_votes: dict[str, list[RoutedTask]] = {}
+    for task in tasks:
+        by_votes.setdefault(task.votes_text, []).append(task)
+    for text, group in by_votes.items():
+        set_data_field(ls, project_id, [(int(t.task_id), t.data) for t in group], VOTES, text)
+    pairs = [(int(t.task_id), {**t.data, VOTES: t.votes_text}) for t in tasks]
+    set_data_field(ls, project_id, pairs, NEEDS_REVIEW, IN_TAB)
+    pairs = [(i, {**d, NEEDS_REVIEW: IN_TAB}) for i, d in pairs]
+    set_data_field(ls, project_id, pairs, REVIEWED_BY, reviewed_by)
 
 
 def llm_reviewer(ctx: Context, uid: str, labels: LabelSet) -> LLMReviewer:

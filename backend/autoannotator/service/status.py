@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from autoannotator.errors import StateUnavailableError
 from autoannotator.review.llm import PriceTable
+from autoannotator.storage.label_runs import LabelRun, LabelRuns
 from autoannotator.storage.redis_state import COUNTERS, QUEUES
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ _HELP = {
     "trainings_rejected": "trainings whose candidate was worse on held-out labels",
     "trainings_failed": "trainings that failed (the old version kept serving)",
     "webhooks": "webhook events received",
+    "labelled_tasks": "predictions written to Label Studio by labelling runs",
+    "tab_entered": "tasks a labelling run put in the Needs review tab",
+    "tab_left": "tasks a labelling run took out of the Needs review tab (now sure of them)",
 }
 assert set(_HELP) == set(COUNTERS)
 
@@ -76,7 +80,10 @@ def project_status(ctx: Context, uid: str) -> dict[str, Any]:
             pool_growth=int(state.get(uid, "pool_growth") or 0),
             training_pending=state.training_pending(uid),
             last_training=state.get(uid, "last_training"),
+            title=state.get(uid, "title"),
         )
+        run = LabelRuns(state).current(uid)
+        out["labelling"] = run.as_dict() if run else None
     except StateUnavailableError as exc:
         out["error"] = str(exc)
         return out
@@ -109,9 +116,10 @@ class _Collector:
             per_project = {uid: state.counters(uid) for uid in uids}
             depths = state.queue_depths()
             pools = {uid: int(state.get(uid, "pool_size") or 0) for uid in uids}
+            runs = {uid: run for uid in uids if (run := LabelRuns(state).current(uid)) is not None}
             up = 1
         except StateUnavailableError:
-            uids, per_project, depths, pools, up = [], {}, {}, {}, 0
+            uids, per_project, depths, pools, runs, up = [], {}, {}, {}, {}, 0
         yield GaugeMetricFamily("autoannotator_redis_up", "whether Redis answered", value=up)
         for name in COUNTERS:
             counter = CounterMetricFamily(f"autoannotator_{name}", _HELP[name], labels=["project"])
@@ -127,6 +135,7 @@ class _Collector:
         for uid in uids:
             pool.add_metric([uid], pools[uid])
         yield pool
+        yield from _run_metrics(runs)
         info = GaugeMetricFamily(
             "autoannotator_model_info", "the version each project serves", labels=["project", "version"]
         )
@@ -136,6 +145,35 @@ class _Collector:
             if version:
                 info.add_metric([uid, version], 1)
         yield info
+
+
+def _run_metrics(runs: dict[str, LabelRun]) -> Iterator[Metric]:
+    """Each project's latest labelling run: its tasks, how many are done, its rate and its state."""
+    gauges = {
+        "total": GaugeMetricFamily(
+            "autoannotator_label_run_tasks", "tasks queued in the latest labelling run", labels=["project"]
+        ),
+        "done": GaugeMetricFamily(
+            "autoannotator_label_run_done_tasks",
+            "tasks the latest labelling run finished",
+            labels=["project"],
+        ),
+        "rate": GaugeMetricFamily(
+            "autoannotator_label_run_tasks_per_second", "the latest labelling run's rate", labels=["project"]
+        ),
+    }
+    state = GaugeMetricFamily(
+        "autoannotator_label_run_info",
+        "the latest labelling run's version and state (planning, running, paused, done, cancelled)",
+        labels=["project", "version", "state"],
+    )
+    for uid, run in sorted(runs.items()):
+        gauges["total"].add_metric([uid], run.total)
+        gauges["done"].add_metric([uid], run.done)
+        gauges["rate"].add_metric([uid], run.tasks_per_s)
+        state.add_metric([uid, run.version, run.state], 1)
+    yield from gauges.values()
+    yield state
 
 
 def metrics_response(ctx: Context) -> tuple[bytes, str]:
@@ -191,55 +229,7 @@ def status_page(status: dict[str, Any]) -> str:
     if not status["projects"]:
         parts.append("<p class='muted'>No project has connected yet.</p>")
     for p in status["projects"]:
-        c = p.get("counters", {})
-        share = p.get("routed_share")
-        parts.append(f"<h2>Project {e(p['project'])}</h2><table>")
-        rows = [
-            ("version served", p.get("version") or "waiting for seed labels"),
-            (
-                "review mode",
-                f"{p.get('review_mode', '?')} (<a href='/projects/{e(p['project'])}/settings'>change</a>)",
-            ),
-            (
-                "verified labels",
-                f"{p.get('pool_size', 0)} ({p.get('pool_growth', 0)} new of beta={p.get('retrain_every')})",
-            ),
-            (
-                "predicted / routed",
-                f"{int(c.get('predictions', 0))} / {int(c.get('routed', 0))}"
-                + (f" ({share:.1%} routed)" if share is not None else ""),
-            ),
-            (
-                "LLM",
-                f"{int(c.get('llm_calls', 0))} calls, {int(c.get('llm_cache_hits', 0))} cache hits, "
-                f"{int(c.get('llm_failures', 0))} fell back to humans, ${c.get('llm_cost_usd', 0):.4f}",
-            ),
-            (
-                "saved vs LLM-only",
-                f"{p.get('llm_calls_saved', 0)} calls"
-                + (f", ${p['llm_cost_saved_usd']:.4f}" if p.get("llm_cost_saved_usd") is not None else ""),
-            ),
-            ("human labels", str(int(c.get("human_labels", 0)))),
-            (
-                "trainings",
-                f"{int(c.get('trainings_published', 0))} published, {int(c.get('trainings_rejected', 0))} "
-                f"rejected, {int(c.get('trainings_failed', 0))} failed"
-                + (" — one is queued or running" if p.get("training_pending") else ""),
-            ),
-            ("last training", p.get("last_training") or "—"),
-        ]
-        if p.get("members_dropped"):
-            rows.append(("members dropped", "; ".join(_dropped(d) for d in p["members_dropped"])))
-        for name, value in rows:
-            shown = value if name == "review mode" else e(str(value))
-            parts.append(f"<tr><th>{e(name)}</th><td>{shown}</td></tr>")
-        parts.append("</table>")
-        parts.append(
-            f"<p><img src='/projects/{e(p['project'])}/status.png' width='990' "
-            "alt='accuracy against the share reviewed, and LLM calls saved against LLM-only'></p>"
-        )
-        if p.get("error"):
-            parts.append(f"<p class='muted'>{e(p['error'])}</p>")
+        parts.extend(_project_section(p))
     s = status["settings"]
     parts.append(
         f"<p class='muted'>policy <code>{e(str(s['policy']))}</code>, beta {s['retrain_every']}, "
@@ -249,12 +239,113 @@ def status_page(status: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _project_section(p: dict[str, Any]) -> list[str]:
+    """One project on the status page: named by its Label Studio title, then its table and curve."""
+    e = html.escape
+    uid = p["project"]
+    title = (
+        f"{e(p['title'])} <span class='muted'>({e(uid)})</span>" if p.get("title") else f"Project {e(uid)}"
+    )
+    parts = [f"<h2>{title}</h2>"]
+    run = p.get("labelling")
+    if run:
+        parts.append(_run_html(uid, run))
+    parts.append("<table>")
+    for name, value in _project_rows(p):
+        shown = value if name == "review mode" else e(str(value))
+        parts.append(f"<tr><th>{e(name)}</th><td>{shown}</td></tr>")
+    parts.append("</table>")
+    parts.append(
+        f"<p><img src='/projects/{e(uid)}/status.png' width='990' "
+        "alt='accuracy against the share reviewed, and LLM calls saved against LLM-only'></p>"
+    )
+    if p.get("error"):
+        parts.append(f"<p class='muted'>{e(p['error'])}</p>")
+    return parts
+
+
+def _run_html(uid: str, run: dict[str, Any]) -> str:
+    """The labelling run as a progress bar and one line of figures."""
+    e = html.escape
+    total, done = int(run.get("total") or 0), int(run.get("done") or 0)
+    state = str(run.get("state"))
+    eta = run.get("eta_s")
+    figures = [
+        f"labelling with <b>{e(str(run.get('version')))}</b>: {state}",
+        f"{done} of {total}{'' if run.get('planned') else '+'} tasks",
+        f"{float(run.get('tasks_per_s') or 0):.1f} tasks/s",
+        *([f"about {_duration(float(eta))} left"] if eta and state != "done" else []),
+        f"{int(run.get('written') or 0)} predictions written",
+        f"{int(run.get('moved_in') or 0)} into the Needs review tab, {int(run.get('moved_out') or 0)} out",
+    ]
+    note = f"<br><span class='muted'>{e(str(run['note']))}</span>" if run.get("note") else ""
+    return (
+        f"<p><progress max='{max(total, 1)}' value='{done}' style='width:30rem'></progress><br>"
+        + " · ".join(figures)
+        + f" <span class='muted'>({e(str(run.get('reason') or ''))})</span>{note}</p>"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _project_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
+    e = html.escape
+    c = p.get("counters", {})
+    share = p.get("routed_share")
+    rows = [
+        ("version served", p.get("version") or "waiting for seed labels"),
+        (
+            "review mode",
+            f"{p.get('review_mode', '?')} (<a href='/projects/{e(p['project'])}/settings'>change, "
+            "or label all tasks now</a>)",
+        ),
+        (
+            "verified labels",
+            f"{p.get('pool_size', 0)} ({p.get('pool_growth', 0)} new of beta={p.get('retrain_every')})",
+        ),
+        (
+            "predicted / routed",
+            f"{int(c.get('predictions', 0))} / {int(c.get('routed', 0))}"
+            + (f" ({share:.1%} routed)" if share is not None else "")
+            + f"; {int(c.get('labelled_tasks', 0))} written by labelling runs",
+        ),
+        (
+            "LLM",
+            f"{int(c.get('llm_calls', 0))} calls, {int(c.get('llm_cache_hits', 0))} cache hits, "
+            f"{int(c.get('llm_failures', 0))} fell back to humans, ${c.get('llm_cost_usd', 0):.4f}",
+        ),
+        (
+            "saved vs LLM-only",
+            f"{p.get('llm_calls_saved', 0)} calls"
+            + (f", ${p['llm_cost_saved_usd']:.4f}" if p.get("llm_cost_saved_usd") is not None else ""),
+        ),
+        ("human labels", str(int(c.get("human_labels", 0)))),
+        (
+            "trainings",
+            f"{int(c.get('trainings_published', 0))} published, {int(c.get('trainings_rejected', 0))} "
+            f"rejected, {int(c.get('trainings_failed', 0))} failed"
+            + (" — one is queued or running" if p.get("training_pending") else ""),
+        ),
+        ("last training", p.get("last_training") or "—"),
+    ]
+    if p.get("members_dropped"):
+        rows.append(("members dropped", "; ".join(_dropped(d) for d in p["members_dropped"])))
+    return rows
+
+
 def _dropped(d: dict[str, Any]) -> str:
     """One pruning for the status page: which members, and the held-out figures that justified it."""
     return (
         f"{d.get('version')}: {', '.join(map(str, d.get('dropped', [])))} "
         f"(held-out {d.get('metric')} {float(d.get('without', 0)):.1%} without, "
-        f"{float(d.get('with', 0)):.1%} with, {d.get('n_holdout')} items)"
+        f"{float(d.get('with', 0)):.1%} with, {d.get('n_holdout')} items"
+        + (f", sign test p = {float(d['p_value']):.2g})" if d.get("p_value") is not None else ")")
     )
 
 
@@ -276,5 +367,11 @@ def settings_page(uid: str, mode: str, modes: tuple[str, ...], saved: bool = Fal
         f"<!doctype html><html><head><meta charset='utf-8'><title>Review mode of {e(uid)}</title>"
         f"<style>{_STYLE}</style></head><body><h1>Project {e(uid)}</h1>{note}"
         f"<form method='post'>{options}<button type='submit'>Save</button></form>"
+        f"<h2>Labelling run</h2><form method='post' action='/projects/{e(uid)}/label'>"
+        "<p>Write the served version's predictions to every task no one has annotated yet, and "
+        "bring the Needs review tab up to date. This also happens by itself whenever a new version "
+        "is published.</p><p><label><input type='checkbox' name='all' value='1'> also route again the "
+        "tasks that already carry this version's prediction</label></p>"
+        "<button type='submit'>Label all tasks now</button></form>"
         "<p class='muted'><a href='/status'>status</a></p></body></html>"
     )

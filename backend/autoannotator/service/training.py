@@ -22,7 +22,7 @@ from autoannotator.learning.refine import RefineConfig, refine
 from autoannotator.models.specialists.base import TrainConfig
 from autoannotator.service.context import Context
 from autoannotator.service.ingest import maybe_train, seed_shortfall
-from autoannotator.service.queueing import first_version_failed, first_version_succeeded
+from autoannotator.service.queueing import first_version_failed, first_version_succeeded, request_labelling
 from autoannotator.service.status_plot import write_holdout_tradeoff
 from autoannotator.settings import Settings
 
@@ -71,6 +71,7 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
             version = _first_version(ctx, uid, registry, snapshot, labels)
             ctx.state.count(uid, trainings_published=1)
             message = f"first version {version} published"
+            published = True
         else:
             result = refine(
                 registry,
@@ -89,6 +90,7 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
                 return f"skipped: {result.reason}"
             ctx.state.count(uid, **{"trainings_published" if result.promoted else "trainings_rejected": 1})
             message = f"{result.version} {'published' if result.promoted else 'rejected'}: {result.reason}"
+            published = result.promoted
     except Exception as exc:
         ctx.state.count(uid, trainings_failed=1)
         ctx.state.put(uid, "last_training", f"failed: {exc}")
@@ -102,6 +104,12 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
     ctx.state.put(uid, "version", served or "")
     ctx.state.put(uid, "last_training", message)
     logger.info("project %s: %s", uid, message)
+    if published and served is not None:
+        # The new version labels the rest of the project: the loop turns without anyone asking.
+        try:
+            request_labelling(ctx, uid, f"{served} published")
+        except Exception as exc:  # the version serves regardless; the next /setup starts the run
+            logger.warning("project %s: labelling run of %s not queued: %s", uid, served, exc)
     if served is not None:
         try:  # the status page's accuracy/review curve; a failure here must not fail the training
             ensemble = registry.load(served, labels)

@@ -16,6 +16,10 @@ from autoannotator.storage.redis_state import QUEUES
 logger = logging.getLogger(__name__)
 
 ISOLATION = ("auto", "fork", "none")
+# How often a worker cleans rq's registries. The cleanup is what requeues the job of a worker that
+# was killed (once the job's timeout has passed): every minute, not rq's ten, so a killed label
+# worker's chunk is retried soon after its timeout.
+MAINTENANCE_INTERVAL_S = 60
 
 
 def worker_class(queues: list[str], isolate: str = "auto") -> type[BaseWorker]:
@@ -53,7 +57,12 @@ def run_worker(
         raise AutoAnnotatorError("Redis does not answer at AUTOANNOTATOR_REDIS_URL; start it or fix the URL")
     jobs.bind_context(ctx)
     cls = worker_class(queues, isolate)
-    worker = cls([ctx.state.queue(q) for q in queues], connection=ctx.state.redis, name=name)
+    worker = cls(
+        [ctx.state.queue(q) for q in queues],
+        connection=ctx.state.redis,
+        name=name,
+        maintenance_interval=MAINTENANCE_INTERVAL_S,
+    )
     logger.info(
         "worker %s on queues %s (%s), models in %s",
         worker.name,

@@ -11,13 +11,15 @@ Keys, all under ``aa:`` (one Redis can serve other software too):
 ======================================  =======================================================
 ``aa:p:<uid>:mode``                     review mode chosen for the project (absent: the default)
 ``aa:p:<uid>:ls_mode``                  the last ``review_mode`` seen in LS's extra params
-``aa:p:<uid>:info``                     hash: LS project id, LS URL, label config, title
+``aa:p:<uid>:info``                     hash: LS project id, LS URL, label config
 ``aa:p:<uid>:m``                        hash of counters (see :data:`COUNTERS`)
 ``aa:p:<uid>:train_pending``            set while a training job is queued or running (with TTL)
 ``aa:p:<uid>:synced``                   set once the pool was rebuilt from LS after a flush
 ``aa:p:<uid>:aligned``                  the version LS's ``project.model_version`` points at
 ``aa:p:<uid>:tab``                      the "Needs review" tab's view id
 ``aa:p:<uid>:version``                  mirror of the registry's ``CURRENT`` (for status pages)
+``aa:p:<uid>:title``                    the project's title in Label Studio (for status pages)
+``aa:p:<uid>:run``                      the current labelling run (:mod:`.label_runs`)
 ``aa:lock:pool:<uid>``                  one writer of the pool log at a time
 ``aa:lock:train:<uid>``                 one training per project at a time
 ``aa:projects``                         set of every project uid seen
@@ -44,8 +46,9 @@ from autoannotator.settings import REVIEW_MODES
 
 logger = logging.getLogger(__name__)
 
-QUEUES = ("ingest", "review", "train")
-"""rq queues: ``ingest`` (annotations, syncs), ``review`` (routed tasks: flags or LLM), ``train``."""
+QUEUES = ("ingest", "review", "train", "label")
+"""rq queues: ``ingest`` (annotations, syncs), ``review`` (routed tasks: flags or LLM), ``train``,
+``label`` (labelling runs: a version's predictions for every unannotated task)."""
 
 COUNTERS = (
     "predictions",
@@ -64,6 +67,9 @@ COUNTERS = (
     "trainings_rejected",
     "trainings_failed",
     "webhooks",
+    "labelled_tasks",
+    "tab_entered",
+    "tab_left",
 )
 """Per-project counters in ``aa:p:<uid>:m``; every one is exported by ``/metrics``."""
 
