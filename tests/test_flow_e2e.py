@@ -177,19 +177,22 @@ def test_human_mode_cold_start_review_tab_and_retraining(
 
         newest = registry.current()
         assert newest is not None and newest > served
-        _retrieve(ls, project.id)  # LS asks again for every task lacking a prediction of the new version
-        drain(client, workers)
+        # The new version's labelling run relabelled the project (drain waited for it): nobody had to
+        # press Retrieve Predictions again.
         after = _tasks(ls, project.id)
-        assert all(newest in [p.model_version for p in after[t].predictions] for t in stream)
+        unannotated = [t for t in stream if t not in answered]
+        assert all(newest in [p.model_version for p in after[t].predictions] for t in unannotated)
+        assert ls.projects.get(id=project.id).model_version == newest
 
         status = app.app.test_client().get("/status.json", headers=_auth()).get_json()
         mine = next(p for p in status["projects"] if p["project"] == uid)
         assert mine["version"] == newest and mine["review_mode"] == "human"
         published = len(registry.versions())
         assert mine["counters"]["human_labels"] == 46 and mine["counters"]["trainings_published"] == published
-        # Every task of every /predict LS sent is counted (both retrieves, and any LS made itself).
+        # Every task of every /predict LS sent is counted; the runs wrote the rest.
         asked = sum(len(c.body["tasks"]) for c in app.paths("/predict") if c.status == 200)
-        assert asked >= 2 * len(stream) and mine["counters"]["predictions"] == asked
+        assert mine["counters"]["predictions"] == asked
+        assert mine["counters"]["labelled_tasks"] >= len(stream) + len(unannotated) - asked
         metrics = app.app.test_client().get("/metrics", headers=_auth()).get_data(as_text=True)
         assert scrape.value(metrics, "autoannotator_trainings_published_total", project=uid) == published
         assert scrape.value(metrics, "autoannotator_model_info", project=uid, version=newest) == 1
@@ -278,9 +281,10 @@ def test_llm_mode_from_label_studio_extra_params_with_fallback_to_humans_and_no_
             assert (item.label, item.source) == (human_label, Source.HUMAN)
 
             # The LLM endpoint fails: new routed tasks go to the human queue, none is lost.
+            # Imported tasks are labelled by a labelling run of their own (TASKS_CREATED): nobody
+            # presses Retrieve Predictions.
             llm.always(Reply(status=500))
             ls.projects.import_tasks(id=project.id, request=[{"text": "Shares were flat in quiet trading"}])
-            _retrieve(ls, project.id)
             drain(client, workers)
             task = _tasks(ls, project.id)["Shares were flat in quiet trading"]
             assert task.data["aa_needs_review"] == 1 and task.data["aa_review"] == "human (LLM failed)"
@@ -292,11 +296,11 @@ def test_llm_mode_from_label_studio_extra_params_with_fallback_to_humans_and_no_
                 f"/projects/{uid}/settings", json={"review_mode": "off"}, headers=_auth()
             )
             assert answer.status_code == 200
-            ls.projects.import_tasks(id=project.id, request=[{"text": "Markets will open at nine"}])
             before = len(llm.completions)
-            _retrieve(ls, project.id)
+            ls.projects.import_tasks(id=project.id, request=[{"text": "Markets will open at nine"}])
             drain(client, workers)
             task = _tasks(ls, project.id)["Markets will open at nine"]
+            assert [p.model_version for p in task.predictions] == ["v0001"]
             assert "aa_review" not in task.data and len(llm.completions) == before
 
             status = app.app.test_client().get("/status.json", headers=_auth()).get_json()
@@ -374,10 +378,11 @@ def test_webhook_storm_starts_one_training_and_loses_no_label_then_redis_flush_r
         drain(client, workers)
         assert not failed_jobs(client), failed_jobs(client)
         # Scale-out: both ingest/review workers (separate processes, each keeping its own copy of
-        # the pool; one Redis, one model store) took jobs, and the train worker ran the one training.
+        # the pool; one Redis, one model store) took jobs, and the train worker ran the one training
+        # (worker 3 serves the label queue: the published versions' labelling runs).
         done = {w.name: w.successful_job_count for w in Worker.all(connection=client)}
-        ingest_workers = [name for name in done if not name.endswith("-2")]
-        assert len(done) == 3 and all(done[name] > 0 for name in ingest_workers), done
+        ingest_workers = [f"test-{os.getpid()}-{i}" for i in (0, 1)]
+        assert len(done) == 4 and all(done[name] > 0 for name in ingest_workers), done
         assert done[f"test-{os.getpid()}-2"] == 1, done
         registry = ProjectModels(settings.model_dir).registry(uid)
         trainings = [

@@ -35,13 +35,6 @@ RATE_LIMITED = list(CLEAR)[:3]
 TOO_SLOW = list(CLEAR)[3:5]
 
 
-def _retrieve(ls: Any, project_id: int) -> None:
-    """Data Manager → Retrieve Predictions: one /predict with every task lacking one of v0001."""
-    ls.actions.create(
-        id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True, "excluded": []}
-    )
-
-
 def _check_fell_back(ls: Any, project_id: int, texts: list[str]) -> dict[str, Any]:
     """Each task is flagged for humans as an LLM failure and keeps the ensemble's prediction."""
     tasks = {t.data["text"]: t for t in ls.tasks.list(project=project_id, fields="all")}
@@ -82,8 +75,9 @@ def test_llm_rate_limited_forever_or_timing_out_sends_routed_tasks_to_needs_revi
 
             # 1. The endpoint rate-limits every request, forever (with a short Retry-After).
             llm.always(Reply(status=429, retry_after=0.01))
+            # Imported tasks get predictions from a labelling run of their own (TASKS_CREATED), which
+            # routes them like /predict would: nobody presses Retrieve Predictions.
             ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in RATE_LIMITED])
-            _retrieve(ls, project.id)
             drain(redis_client, workers)
             assert not failed_jobs(redis_client), failed_jobs(redis_client)
             tasks = _check_fell_back(ls, project.id, RATE_LIMITED)
@@ -92,8 +86,7 @@ def test_llm_rate_limited_forever_or_timing_out_sends_routed_tasks_to_needs_revi
             counters = _counters(client, auth, uid)
             assert counters == {
                 **counters,
-                "predictions": 3,
-                "routed": 3,
+                "labelled_tasks": 3,
                 "llm_calls": 3 * ATTEMPTS,
                 "llm_failures": 3,
                 "reviewed_human_queue": 3,
@@ -110,7 +103,6 @@ def test_llm_rate_limited_forever_or_timing_out_sends_routed_tasks_to_needs_revi
             llm.always(Reply(delay_s=6 * TIMEOUT_S))
             asked = len(llm.completions)
             ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in TOO_SLOW])
-            _retrieve(ls, project.id)
             drain(redis_client, workers)
             assert not failed_jobs(redis_client), failed_jobs(redis_client)
             tasks = _check_fell_back(ls, project.id, RATE_LIMITED + TOO_SLOW)
@@ -118,8 +110,7 @@ def test_llm_rate_limited_forever_or_timing_out_sends_routed_tasks_to_needs_revi
             counters = _counters(client, auth, uid)
             assert counters == {
                 **counters,
-                "predictions": 5,
-                "routed": 5,
+                "labelled_tasks": 5,
                 "llm_calls": 5 * ATTEMPTS,
                 "llm_failures": 5,
                 "reviewed_human_queue": 5,

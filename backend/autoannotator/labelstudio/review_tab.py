@@ -50,7 +50,7 @@ _NO_SUCH_VERSION = "doesn't exist"
 # Every built-in task column of the Data Manager (LS 1.23.2, data_manager/functions.py). The tab
 # hides all but the id, the score and the predictions: an unlisted column is left *empty*, not
 # shown, so the list has to be complete. Task data columns (``tasks:data.text``) stay visible.
-_TASK_COLUMNS = (
+TASK_COLUMNS = (
     "id",
     "inner_id",
     "completed_at",
@@ -107,7 +107,7 @@ def review_view_data(
         items.append(
             {"filter": f"filter:tasks:data.{flag}", "operator": "equal", "type": "Number", "value": IN_TAB}
         )
-    hidden = [f"tasks:{column}" for column in _TASK_COLUMNS if column not in _SHOWN]
+    hidden = [f"tasks:{column}" for column in TASK_COLUMNS if column not in _SHOWN]
     if flag is not None:
         hidden.append(f"tasks:data.{flag}")  # always true in this tab: a column of noise
     return {

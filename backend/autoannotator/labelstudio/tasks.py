@@ -29,13 +29,21 @@ from typing import Any
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
+from autoannotator.labelstudio.review_tab import TASK_COLUMNS
+
 logger = logging.getLogger(__name__)
 
 # What a labelling run reads of a task: its text (data), whether a person annotated it, and which
 # model versions already predicted it.
 RUN_FIELDS = "id,data,total_annotations,predictions_model_versions"
 _UNANNOTATED = {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}
-_MISSING_TASK = "not found in project"
+# What LS 1.23.2 answers (400) when an imported prediction names a task that is gone; its two
+# import paths word it differently.
+_MISSING_TASK = ("not found in project", 'invalid "task" field')
+# With fields=task_only LS computes a task's predictions_model_versions only when the query shows
+# that column (include= alone returns ""): every other column is hidden.
+_VERSIONS_SHOWN = [f"tasks:{c}" for c in TASK_COLUMNS if c != "predictions_model_versions"]
+_HIDDEN = {"explore": _VERSIONS_SHOWN, "labeling": _VERSIONS_SHOWN}
 
 
 def _call(ls: LabelStudio, method: str, path: str, **kwargs: Any) -> Any:
@@ -64,6 +72,7 @@ def unannotated_page(
             ],
         },
         "ordering": ["tasks:id"],
+        "hiddenColumns": _HIDDEN,
     }
     params = {
         "project": project_id,
@@ -86,6 +95,7 @@ def unannotated_tasks(ls: LabelStudio, project_id: int, ids: Sequence[int]) -> l
         "selectedItems": {"all": False, "included": [int(i) for i in ids]},
         "filters": {"conjunction": "and", "items": [_UNANNOTATED]},
         "ordering": ["tasks:id"],
+        "hiddenColumns": _HIDDEN,
     }
     params = {
         "project": project_id,
@@ -115,7 +125,7 @@ def import_predictions(ls: LabelStudio, project_id: int, items: Sequence[Mapping
     try:
         body = _call(ls, "POST", f"api/projects/{project_id}/import/predictions", json=list(items))
     except ApiError as error:
-        if error.status_code != 400 or _MISSING_TASK not in str(error.body):
+        if error.status_code != 400 or not any(m in str(error.body) for m in _MISSING_TASK):
             raise
         ids = [int(item["task"]) for item in items]
         alive = {int(t["id"]) for t in _existing(ls, project_id, ids)}

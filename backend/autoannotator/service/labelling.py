@@ -65,6 +65,7 @@ from autoannotator.labelstudio.tasks import (
 )
 from autoannotator.service.context import Context
 from autoannotator.service.queueing import JOBS, enqueue_chunk
+from autoannotator.service.review import prepare_tab
 from autoannotator.storage.label_runs import LabelRun, LabelRuns
 from autoannotator.storage.redis_state import ProjectInfo
 
@@ -211,6 +212,7 @@ def _update_tab(
 ) -> dict[str, int]:
     """The Needs review tab after this chunk: exactly the tasks the version routes (human mode);
     in llm mode routed tasks go to a review job instead. Returns the tab's moves."""
+    prepare_tab(ctx, ls, uid, info)
     data = {int(t["id"]): dict(t.get("data") or {}) for t in tasks}
     mode = ctx.state.mode(uid)
     routed_ids = {int(r.task_id) for r in routed}

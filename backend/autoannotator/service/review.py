@@ -73,6 +73,17 @@ def _review_by_llm(
     ctx: Context, ls: LabelStudio, uid: str, info: ProjectInfo, version: str, routed: Sequence[RoutedTask]
 ) -> str:
     config = ctx.config(info)
+    fresh = ctx.state.claim_llm_reviews(uid, version, [int(t.task_id) for t in routed])
+    if len(fresh) < len(routed):
+        logger.info(
+            "project %s: %d routed tasks were already sent to the LLM under %s",
+            uid,
+            len(routed) - len(fresh),
+            version,
+        )
+    routed = [t for t in routed if int(t.task_id) in fresh]
+    if not routed:
+        return "every routed task was already reviewed under this version"
     reviewer = llm_reviewer(ctx, uid, config.labels)
     outcomes = _ask(ctx, uid, reviewer, routed)
     labelled: list[tuple[RoutedTask, str]] = []
@@ -175,14 +186,19 @@ def llm_reviewer(ctx: Context, uid: str, labels: LabelSet) -> LLMReviewer:
     )
 
 
-def _prepare_project(ctx: Context, ls: LabelStudio, uid: str, info: ProjectInfo, version: str) -> None:
-    """Once per project: the "Needs review" tab and uncertainty sampling; once per version: point
-    ``project.model_version`` at it (LS refuses until a prediction of it is stored, which happens
-    right after the ``/predict`` that queued this job, hence the short wait)."""
+def prepare_tab(ctx: Context, ls: LabelStudio, uid: str, info: ProjectInfo) -> None:
+    """Once per project: the "Needs review" tab and uncertainty sampling."""
     if ctx.state.get(uid, "tab") is None:
         view = ensure_review_tab(ls, info.project_id, flag=NEEDS_REVIEW)
         use_uncertainty_sampling(ls, info.project_id)
         ctx.state.put(uid, "tab", str(view))
+
+
+def _prepare_project(ctx: Context, ls: LabelStudio, uid: str, info: ProjectInfo, version: str) -> None:
+    """The tab (:func:`prepare_tab`); once per version: point ``project.model_version`` at it (LS
+    refuses until a prediction of it is stored, which happens right after the ``/predict`` that
+    queued this job, hence the short wait)."""
+    prepare_tab(ctx, ls, uid, info)
     if ctx.state.get(uid, "aligned") != version:
         deadline = time.monotonic() + ALIGN_WAIT_S
         while True:

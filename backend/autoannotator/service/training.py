@@ -104,21 +104,34 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
     ctx.state.put(uid, "version", served or "")
     ctx.state.put(uid, "last_training", message)
     logger.info("project %s: %s", uid, message)
-    if published and served is not None:
-        # The new version labels the rest of the project: the loop turns without anyone asking.
+    if served is not None:
+        _after_training(ctx, uid, registry, served, snapshot, labels, published)
+    return message
+
+
+def _after_training(
+    ctx: Context,
+    uid: str,
+    registry: Any,
+    served: str,
+    snapshot: VerifiedPool,
+    labels: LabelSet,
+    published: bool,
+) -> None:
+    """A published version labels the rest of the project (the loop turns without anyone asking);
+    the status page's accuracy/review curve is drawn. Neither may fail the training."""
+    if published:
         try:
             request_labelling(ctx, uid, f"{served} published")
         except Exception as exc:  # the version serves regardless; the next /setup starts the run
             logger.warning("project %s: labelling run of %s not queued: %s", uid, served, exc)
-    if served is not None:
-        try:  # the status page's accuracy/review curve; a failure here must not fail the training
-            ensemble = registry.load(served, labels)
-            write_holdout_tradeoff(
-                registry.root, served, ensemble, snapshot.holdout_items(), labels, ctx.settings.policy
-            )
-        except Exception as exc:
-            logger.warning("project %s: no held-out trade-off curve for %s: %s", uid, served, exc)
-    return message
+    try:
+        ensemble = registry.load(served, labels)
+        write_holdout_tradeoff(
+            registry.root, served, ensemble, snapshot.holdout_items(), labels, ctx.settings.policy
+        )
+    except Exception as exc:
+        logger.warning("project %s: no held-out trade-off curve for %s: %s", uid, served, exc)
 
 
 def _first_version(ctx: Context, uid: str, registry: Any, pool: VerifiedPool, labels: LabelSet) -> str:

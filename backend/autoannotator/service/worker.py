@@ -62,6 +62,9 @@ def run_worker(
         connection=ctx.state.redis,
         name=name,
         maintenance_interval=MAINTENANCE_INTERVAL_S,
+        # An idle worker blocks on the queues for worker_ttl - 15 s between maintenance checks
+        # (rq's default: 405 s); this makes it MAINTENANCE_INTERVAL_S.
+        worker_ttl=MAINTENANCE_INTERVAL_S + 15,
     )
     logger.info(
         "worker %s on queues %s (%s), models in %s",

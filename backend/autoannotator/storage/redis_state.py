@@ -20,6 +20,7 @@ Keys, all under ``aa:`` (one Redis can serve other software too):
 ``aa:p:<uid>:version``                  mirror of the registry's ``CURRENT`` (for status pages)
 ``aa:p:<uid>:title``                    the project's title in Label Studio (for status pages)
 ``aa:p:<uid>:run``                      the current labelling run (:mod:`.label_runs`)
+``aa:p:<uid>:llm_sent:<version>``       task ids sent to the LLM under that version (once each)
 ``aa:lock:pool:<uid>``                  one writer of the pool log at a time
 ``aa:lock:train:<uid>``                 one training per project at a time
 ``aa:projects``                         set of every project uid seen
@@ -80,6 +81,8 @@ FLOAT_COUNTERS = frozenset({"llm_cost_usd"})
 # A training job that dies without its finally block (a killed worker) must not block the next
 # one forever: the pending flag expires. Longer than any training on a CPU here (minutes).
 TRAIN_PENDING_TTL_S = 6 * 3600
+# How long the record of which tasks were sent to the LLM under a version is kept.
+LLM_SENT_TTL_S = 30 * 24 * 3600
 
 
 def _text(raw: bytes | str) -> str:
@@ -283,6 +286,20 @@ class State:
     def forget_sync(self, uid: str) -> None:
         with self._guard():
             self.redis.delete(self._k(uid, "synced"))
+
+    def claim_llm_reviews(self, uid: str, version: str, task_ids: list[int]) -> set[int]:
+        """Those of ``task_ids`` not yet sent to the LLM under ``version`` (now marked as sent): a
+        task that ``/predict`` and a labelling run both route is reviewed once per version."""
+        if not task_ids:
+            return set()
+        key = self._k(uid, f"llm_sent:{version}")
+        with self._guard():
+            pipe = self.redis.pipeline()
+            for task_id in task_ids:
+                pipe.sadd(key, task_id)
+            pipe.expire(key, LLM_SENT_TTL_S)
+            added = pipe.execute()[:-1]
+        return {task_id for task_id, new in zip(task_ids, added, strict=True) if new}
 
     def get(self, uid: str, name: str) -> str | None:
         with self._guard():

@@ -1,0 +1,230 @@
+"""The loop turns by itself: each published version labels the whole project in the background.
+
+Against a real Label Studio (LS), the session's Redis and real ``autoannotator worker`` processes,
+with a project of a couple of thousand tasks: seed annotations, the cold start publishes v0001 and
+its labelling run writes a v0001 prediction to *every* unannotated task (nobody presses Retrieve
+Predictions), the Needs review tab holds exactly what v0001 routes; annotating beta tasks of the
+tab publishes v0002, whose run relabels the project: every unannotated task carries v0002, the
+project's ``model_version`` is v0002, the tab holds exactly what v0002 routes, no task has two
+predictions of one version, and two label workers shared each run. A second test kills the only
+label worker in the middle of a run: the run completes once a worker is back.
+
+The policy is ``mean:0.5`` (route when the members' mean probability of the chosen label is under
+0.5), so each task's routing depends on that task alone and the test can say which tasks a version
+routes from the scores LS stored.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rq.registry import StartedJobRegistry
+
+from autoannotator.labelstudio.client import basic_auth
+from autoannotator.service.app import create_app
+from autoannotator.settings import Settings
+from autoannotator.storage.label_runs import LabelRun, LabelRuns
+from autoannotator.storage.model_store import ProjectModels
+from autoannotator.storage.redis_state import State
+from tests.e2e_data import CONFIG, SEED, publish
+from tests.flow import PASSWORD, USER, WORKER, AppServer, Workers, backend_env, drain, failed_jobs, wait_for
+from tests.flow import annotate as _annotate
+from tests.flow import connect as _connect
+
+pytestmark = pytest.mark.e2e
+
+THRESHOLD = 0.5  # about half of the tasks: the tiny cold start's median confidence is ~0.51
+VARIANTS = 33  # 60 seed sentences x 33 variants: 1,980 tasks besides the seed
+
+
+def _variants(n: int) -> dict[str, str]:
+    """Distinct task texts, each a seed sentence with a suffix, and the sentence's label."""
+    return {f"{text} (note {i})": label for label, texts in SEED.items() for text in texts for i in range(n)}
+
+
+def _all_tasks(ls: Any, project_id: int) -> list[dict[str, Any]]:
+    """Every task with its predictions (version, score) and annotation count, through the API."""
+    out = []
+    for task in ls.tasks.list(project=project_id, fields="all", page_size=1000):
+        out.append(
+            {
+                "id": task.id,
+                "text": task.data["text"],
+                "data": dict(task.data),
+                "annotated": bool(task.total_annotations),
+                "predictions": [(p.model_version, p.score) for p in task.predictions or []],
+            }
+        )
+    return out
+
+
+def _tab_ids(ls: Any, project_id: int) -> set[int]:
+    tab = next(v for v in ls.views.list(project=project_id) if (v.data or {}).get("title") == "Needs review")
+    return {t.id for t in ls.tasks.list(project=project_id, view=tab.id, page_size=1000)}
+
+
+def _run_of(state: State, uid: str, version: str) -> LabelRun | None:
+    run = LabelRuns(state).current(uid)
+    return run if run is not None and run.version == version and run.state == "done" else None
+
+
+def _check_version_everywhere(ls: Any, project_id: int, version: str) -> list[dict[str, Any]]:
+    """Every unannotated task carries exactly one prediction of ``version`` (and no version twice);
+    the project points at ``version``; the tab is exactly the tasks ``version`` routes."""
+    tasks = _all_tasks(ls, project_id)
+    unannotated = [t for t in tasks if not t["annotated"]]
+    for task in tasks:
+        versions = [v for v, _ in task["predictions"]]
+        assert len(versions) == len(set(versions)), (task["id"], versions)
+    missing = [t["id"] for t in unannotated if version not in {v for v, _ in t["predictions"]}]
+    assert not missing, f"{len(missing)} unannotated tasks lack a {version} prediction: {missing[:10]}"
+    assert ls.projects.get(id=project_id).model_version == version
+    routed = {t["id"] for t in unannotated for v, s in t["predictions"] if v == version and s < THRESHOLD}
+    assert routed, "the version routed nothing: the tab would say nothing"
+    assert _tab_ids(ls, project_id) == routed
+    return unannotated
+
+
+def test_each_version_labels_the_whole_project_and_the_tab_follows_it(
+    tmp_path: Path, label_studio: Any, ls_project: Any, redis_client: Any, redis_url: str, tiny_encoder: Path
+) -> None:
+    env = backend_env(
+        tmp_path / "models",
+        label_studio,
+        redis_url,
+        AUTOANNOTATOR_POLICY=f"mean:{THRESHOLD}",
+        AUTOANNOTATOR_REVIEW_MODE="human",
+        AUTOANNOTATOR_SEED_LABELS="30",
+        AUTOANNOTATOR_RETRAIN_EVERY="10",
+        AUTOANNOTATOR_MIN_HOLDOUT="1000",  # promote unjudged: the gate is test_training's subject
+        AUTOANNOTATOR_ENCODER=str(tiny_encoder),
+        AUTOANNOTATOR_COLD_START_KINDS="transformer,embedding-linear,ngram-linear",
+        AUTOANNOTATOR_LABEL_CHUNK="200",
+    )
+    settings = Settings.from_env(env)
+    ls = label_studio.client()
+    state = State(redis_client, "human")
+    stream = _variants(VARIANTS)
+    seed = {label: texts[:12] for label, texts in SEED.items()}
+    with AppServer(create_app(settings)) as app, Workers(env, tmp_path / "logs", labellers=2) as workers:
+        project = ls_project(CONFIG)
+        uid = _connect(ls, project.id, app.url)
+        drain(redis_client, workers)
+        ls.projects.import_tasks(
+            id=project.id,
+            request=[{"text": t} for texts in seed.values() for t in texts] + [{"text": t} for t in stream],
+        )
+        by_text = {t["text"]: t["id"] for t in _all_tasks(ls, project.id)}
+        assert len(by_text) == 36 + len(stream) > 1900
+        for label, texts in seed.items():
+            for text in texts:
+                _annotate(ls, by_text[text], label)
+
+        # v0001: the cold start, then its run over every unannotated task, with nobody asking.
+        registry = ProjectModels(settings.model_dir).registry(uid)
+        wait_for("the cold start to publish v0001", registry.current, 300, workers)
+        run = wait_for("v0001's labelling run", lambda: _run_of(state, uid, "v0001"), 600, workers)
+        drain(redis_client, workers)
+        assert not failed_jobs(redis_client), failed_jobs(redis_client)
+        assert not [c for c in app.paths("/predict")], "LS asked /predict: the run should have made it moot"
+        unannotated = _check_version_everywhere(ls, project.id, "v0001")
+        assert run.done == run.total == len(unannotated) and run.written == len(unannotated)
+        assert run.moved_in == len(_tab_ids(ls, project.id)) and run.moved_out == 0
+        assert run.chunks == -(-len(unannotated) // 200)
+
+        # A reviewer answers beta tasks of the tab: v0002 is trained, published, and relabels.
+        tab_before = _tab_ids(ls, project.id)
+        text_of = {i: t for t, i in by_text.items()}
+        for task_id in sorted(tab_before)[:10]:
+            _annotate(ls, task_id, stream[text_of[task_id]])
+        wait_for("v0002 to be published", lambda: registry.current() == "v0002", 300, workers)
+        run = wait_for("v0002's labelling run", lambda: _run_of(state, uid, "v0002"), 600, workers)
+        drain(redis_client, workers)
+        assert not failed_jobs(redis_client), failed_jobs(redis_client)
+        unannotated = _check_version_everywhere(ls, project.id, "v0002")
+        # v0002 may start while the last of the 10 answers arrive (beta counts the seed labels that
+        # came during the cold start): its run may have planned a few tasks annotated since.
+        assert run.done == run.total == run.written + run.skipped
+        assert len(unannotated) <= run.total <= len(unannotated) + 10
+        assert run.written >= len(unannotated) - 10
+        assert run.moved_in + run.moved_out > 0, "the tab did not move with the new version"
+
+        # Two label workers shared the runs; /status and /metrics say what happened.
+        paths = zip(workers.log_paths(), workers.queues, strict=True)
+        label_logs = [p.read_text() for p, q in paths if q == "label"]
+        assert all("label chunk" in log for log in label_logs), "a label worker ran no chunk"
+        auth = {"Authorization": basic_auth(USER, PASSWORD)}
+        projects = app.app.test_client().get("/status.json", headers=auth).get_json()["projects"]
+        status = next(p for p in projects if p["project"] == uid)
+        assert status["labelling"]["version"] == "v0002" and status["labelling"]["state"] == "done"
+        assert status["title"] == project.title
+        metrics = app.app.test_client().get("/metrics", headers=auth).get_data(as_text=True)
+        assert f'autoannotator_label_run_done_tasks{{project="{uid}"}} {float(run.done)}' in metrics
+
+
+def _done(state: State, uid: str) -> int:
+    run = LabelRuns(state).current(uid)
+    return run.done if run is not None else 0
+
+
+def _spawn_label_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(WORKER), "worker", "--queues", "label", "--name", f"label-{os.getpid()}-{log.stem}"],
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_a_label_worker_killed_mid_run_loses_nothing_once_a_worker_is_back(
+    tmp_path: Path, label_studio: Any, ls_project: Any, redis_client: Any, redis_url: str
+) -> None:
+    env = backend_env(
+        tmp_path / "models",
+        label_studio,
+        redis_url,
+        AUTOANNOTATOR_POLICY=f"mean:{THRESHOLD}",
+        AUTOANNOTATOR_LABEL_CHUNK="50",
+        # A killed worker's job is retried once its timeout (+ rq's 60 s grace) has passed.
+        AUTOANNOTATOR_LABEL_TIMEOUT="20",
+        AUTOANNOTATOR_LABEL_PAUSE="10",
+    )
+    settings = Settings.from_env(env)
+    ls = label_studio.client()
+    state = State(redis_client, "human")
+    project = ls_project(CONFIG)
+    ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in _variants(20)])
+    with AppServer(create_app(settings)) as app:
+        uid = f"{project.id}.{int(ls.projects.get(id=project.id).created_at.timestamp())}"
+        publish(settings.model_dir, uid, 1.0, "a version before the project connects")
+        # Connecting a project to a backend that has a version starts that version's run.
+        _connect(ls, project.id, app.url)
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        first = _spawn_label_worker(env, logs / "first.log")
+        try:
+            wait_for("a few chunks", lambda: _done(state, uid) >= 100, 120)
+            first.send_signal(signal.SIGKILL)  # no warm shutdown: the chunk in hand is abandoned
+            first.wait(10)
+            killed_at = LabelRuns(state).current(uid)
+            assert killed_at is not None and killed_at.state != "done", "the run ended before the kill"
+            abandoned = StartedJobRegistry("label", connection=redis_client).get_job_ids()
+            assert abandoned, "the worker was killed between two chunks: nothing to recover"
+            second = _spawn_label_worker(env, logs / "second.log")
+            try:
+                run = wait_for("the run to complete", lambda: _run_of(state, uid, "v0001"), 300)
+            finally:
+                second.send_signal(signal.SIGTERM)
+                second.wait(30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert run.done == run.total == 1200 and run.chunks_done == run.chunks == 24
+    tasks = _all_tasks(ls, project.id)
+    assert all([v for v, _ in t["predictions"]] == ["v0001"] for t in tasks), "v0001 missing or twice"
+    assert ls.projects.get(id=project.id).model_version == "v0001"
