@@ -38,7 +38,7 @@ from autoannotator.demo.config import LS_EXECUTABLE, DemoConfig, DemoError
 from autoannotator.demo.label_studio import PortTakenError, ls_argv, ls_probe
 from autoannotator.demo.processes import Processes, alive, family, start_ticks
 from autoannotator.demo.project import PROJECT_TITLE
-from autoannotator.demo.report import format_summary, summarize
+from autoannotator.demo.report import VersionRow, format_summary, format_versions, summarize
 from autoannotator.demo.tasks import GOLD_FIELD, LABELS, REVIEW_TAB, sample_tasks
 from autoannotator.labelstudio.fields import IN_TAB, NEEDS_REVIEW, in_tab
 from autoannotator.learning import datasets
@@ -121,6 +121,32 @@ def test_summary_counts_what_label_studio_holds() -> None:
     assert re.search(r"auto-labelled\s+3 \(60\.0%\)\s+accuracy 66\.7%", text), text
     assert re.search(r"sent to review\s+2 \(40\.0%\)\s+accuracy 50\.0%", text), text
     assert json.loads(json.dumps(s.as_json()))["review_share"] == 0.4
+
+
+def test_one_row_per_version_from_what_label_studio_held() -> None:
+    first = summarize(
+        [_task("Positive", "Positive"), _task("Negative", "Positive", flagged=True)], "v0001", 1
+    )
+    second = summarize(
+        [
+            _task("Positive", "Positive"),
+            _task("Negative", "Negative"),
+            _task("Neutral", "Neutral", annotated=True),
+        ],
+        "v0001",
+        0,
+    )
+    rows = [VersionRow.of(first), VersionRow.of(second)]
+    assert (rows[0].prelabelled, rows[0].accuracy, rows[0].routed_share, rows[0].human_labels) == (
+        2,
+        0.5,
+        0.5,
+        0,
+    )
+    assert (rows[1].accuracy, rows[1].in_review_tab, rows[1].human_labels) == (1.0, 0, 1)
+    lines = format_versions(rows)
+    assert re.fullmatch(r"\s+v0001\s+2\s+50\.0%\s+50\.0%\s+1\s+0", lines[1]), lines
+    assert re.fullmatch(r"\s+v0001\s+2\s+100\.0%\s+0\.0%\s+0\s+1", lines[2]), lines
 
 
 def _sleeper_with_horse() -> list[str]:
@@ -318,6 +344,9 @@ def _kill_leftovers(data_dir: Path) -> None:
                 os.killpg(int(child["pid"]), signal.SIGKILL)
 
 
+REVIEWS = 6  # simulated reviews of the tab per round: beta, so one retraining
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -355,7 +384,7 @@ def _check_against_label_studio(output: str, data_dir: Path, ls_port: int) -> tu
             right_auto += right
     tab_tasks = list(ls.tasks.list(project=project.id, view=tab.id, page_size=500))
     assert len(tab_tasks) == review > 0  # the tab shows exactly what the demo says it sent to review
-    assert prelabelled == 60 - 24
+    assert prelabelled == 60 - 24 - REVIEWS
 
     m = re.search(r"pre-labelled\s+(\d+) tasks\s+accuracy ([\d.]+%)", output)
     assert m and (int(m[1]), m[2]) == (prelabelled, _pct(right_all / prelabelled)), output
@@ -368,6 +397,17 @@ def _check_against_label_studio(output: str, data_dir: Path, ls_port: int) -> tu
     saved = json.loads((data_dir / "summary.json").read_text())
     assert (saved["prelabelled"], saved["to_review"], saved["in_review_tab"]) == (prelabelled, review, review)
     assert "simulated seed annotations" in output
+    # The loop turned once: simulated reviewers answered REVIEWS tasks of v0001's tab, v0002 was
+    # published and relabelled the project; one row per version, read back from LS at the time.
+    assert version == "v0002"
+    assert [(r["version"], r["human_labels"]) for r in saved["versions"]] == [
+        ("v0001", 24),
+        ("v0002", 24 + REVIEWS),
+    ]
+    assert saved["versions"][1]["prelabelled"] == prelabelled
+    rows = re.findall(r"^\s+(v\d{4})\s+(\d+)\s+([\d.]+%)", output, re.M)
+    assert [(v, int(n)) for v, n, _ in rows] == [("v0001", 60 - 24), ("v0002", prelabelled)], output
+    assert rows[1][2] == _pct(right_all / prelabelled)
     return int(project.id), sorted(str(task.data["text"]) for task in tasks)
 
 
@@ -416,6 +456,7 @@ def test_demo_end_to_end_twice_and_ctrl_c_stops_everything(tmp_path: Path) -> No
         "--backend-port", str(backend_port),
         "--redis-port", str(redis_port),
         "--redis-db", str(redis_db),
+        "--reviews", str(REVIEWS),
     ]  # fmt: skip
     # An LLM key in the demo's environment (it reaches the backend and the workers; human review
     # mode does not use it): no log may hold it, nor any other secret or a task's text.

@@ -68,6 +68,17 @@ def test_chunks_count_once_and_one_caller_finishes(runs: LabelRuns) -> None:
     assert done.as_dict()["moved_in"] == 10
 
 
+def test_a_page_with_nothing_to_do_moves_the_cursor_but_queues_no_chunk(runs: LabelRuns) -> None:
+    # A rerun of a version whose predictions are all in Label Studio already: the planner pages on
+    # without queueing; the run has no chunk to wait for.
+    run = runs.start(UID, "v0002", "project connected with v0002")
+    assert run is not None
+    assert runs.save_cursor(UID, run.id, 500)
+    current = runs.current(UID)
+    assert current is not None and (current.cursor, current.chunks, current.total) == (500, 0, 0)
+    assert not runs.save_cursor(UID, "not-the-current-run", 900)
+
+
 def test_a_cancelled_run_reads_as_finished_and_unknown_counts_are_refused(runs: LabelRuns) -> None:
     run = runs.start(UID, "v0001", "test")
     assert run is not None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from tests.e2e_data import CONFIG, SEED, publish
 from tests.flow import PASSWORD, USER, WORKER, AppServer, Workers, backend_env, drain, failed_jobs, wait_for
 from tests.flow import annotate as _annotate
 from tests.flow import connect as _connect
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -228,3 +230,48 @@ def test_a_label_worker_killed_mid_run_loses_nothing_once_a_worker_is_back(
     tasks = _all_tasks(ls, project.id)
     assert all([v for v, _ in t["predictions"]] == ["v0001"] for t in tasks), "v0001 missing or twice"
     assert ls.projects.get(id=project.id).model_version == "v0001"
+
+
+def test_label_studio_going_away_pauses_the_run_and_it_resumes(
+    tmp_path: Path, label_studio: Any, ls_project: Any, redis_client: Any, redis_url: str
+) -> None:
+    """The workers reach Label Studio through a TCP hop that the test switches off (connections
+    refused, open ones cut: what a client sees when LS stops) and on again; LS itself stays up for
+    the other tests (see tests/tcp_proxy.py)."""
+    ls_port = int(label_studio.url.rsplit(":", 1)[1])
+    with TcpProxy("127.0.0.1", ls_port) as proxy:
+        env = backend_env(
+            tmp_path / "models",
+            label_studio,
+            redis_url,
+            LABEL_STUDIO_URL=proxy.url,
+            AUTOANNOTATOR_POLICY=f"mean:{THRESHOLD}",
+            AUTOANNOTATOR_LABEL_CHUNK="50",
+        )
+        settings = Settings.from_env(env)
+        ls = label_studio.client()
+        state = State(redis_client, "human")
+        project = ls_project(CONFIG)
+        ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in _variants(20)])
+        with AppServer(create_app(settings)) as app, Workers(env, tmp_path / "logs") as workers:
+            uid = f"{project.id}.{int(ls.projects.get(id=project.id).created_at.timestamp())}"
+            publish(settings.model_dir, uid, 1.0, "served")
+            _connect(ls, project.id, app.url)
+            wait_for("a few chunks", lambda: _done(state, uid) >= 100, 120, workers)
+            proxy.off()
+            paused = wait_for(
+                "the run to pause",
+                lambda: (r := LabelRuns(state).current(uid)) is not None and r.state == "paused" and r,
+                90,
+                workers,
+            )
+            assert "Label Studio unreachable" in paused.note and paused.done < 1200
+            time.sleep(5)  # still down: the run waits, it does not fail
+            assert not [j for j in failed_jobs(redis_client) if j.startswith("label/")]
+            proxy.on()
+            run = wait_for(
+                "the run to resume and complete", lambda: _run_of(state, uid, "v0001"), 240, workers
+            )
+    assert run.done == run.total == 1200 and run.note == ""
+    tasks = _all_tasks(ls, project.id)
+    assert all([v for v, _ in t["predictions"]] == ["v0001"] for t in tasks), "v0001 missing or twice"

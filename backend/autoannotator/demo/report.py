@@ -129,6 +129,36 @@ def summarize(tasks: Iterable[Any], version: str, in_review_tab: int | None = No
     )
 
 
+@dataclass(frozen=True)
+class VersionRow:
+    """One version of the loop, as Label Studio held it once that version's labelling run was done:
+    its pre-labels' accuracy against the dataset's labels, the share it routed to review, the
+    size of the Needs review tab, and the human labels (seed and reviews) so far."""
+
+    version: str
+    prelabelled: int
+    accuracy: float | None
+    routed_share: float | None
+    in_review_tab: int | None
+    human_labels: int
+
+    @classmethod
+    def of(cls, s: Summary) -> VersionRow:
+        return cls(s.version, s.prelabelled, s.accuracy_all, s.review_share, s.in_review_tab, s.annotated)
+
+
+def format_versions(rows: Iterable[VersionRow]) -> list[str]:
+    """The loop, one line per version."""
+    lines = ["  version  pre-labelled  accuracy  routed  Needs review  human labels"]
+    for r in rows:
+        tab = "?" if r.in_review_tab is None else str(r.in_review_tab)
+        lines.append(
+            f"  {r.version:7s}  {r.prelabelled:12d}  {_pct(r.accuracy):>8s}  {_pct(r.routed_share):>6s}"
+            f"  {tab:>12s}  {r.human_labels:12d}"
+        )
+    return lines
+
+
 def _pct(x: float | None) -> str:
     return "  n/a" if x is None else f"{100 * x:.1f}%"
 

