@@ -153,7 +153,7 @@ class Settings:
     # Labelling runs: every new version predicts the project's unannotated tasks in the background.
     label_chunk: int = _setting(
         "AUTOANNOTATOR_LABEL_CHUNK",
-        100,
+        500,
         "tasks per labelling job (a budget policy routes its share of each chunk)",
     )
     label_timeout_s: int = _setting(

@@ -655,4 +655,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{run['routed']:,} routed, {run['moved_in']:,} into the Needs review tab. Raw forward pass: "
         f"{result['raw']['s']:,.1f} s in this process (load {result['raw']['load_s']:.1f} s apart).",
     ]
+    if run.get("predict_ms"):
+        rows.append(
+            "Inside the run's chunks, summed over workers: reading tasks "
+            f"{run['read_ms'] / 1000:,.1f} s, predicting and routing {run['predict_ms'] / 1000:,.1f} s "
+            f"(forward passes {run['forward_ms'] / 1000:,.1f} s), writing predictions "
+            f"{run['write_ms'] / 1000:,.1f} s, moving the Needs review tab {run['tab_ms'] / 1000:,.1f} s."
+        )
     return "\n".join(rows)

@@ -278,6 +278,13 @@ def _run_html(uid: str, run: dict[str, Any]) -> str:
         f"{int(run.get('written') or 0)} predictions written",
         f"{int(run.get('moved_in') or 0)} into the Needs review tab, {int(run.get('moved_out') or 0)} out",
     ]
+    spent = {k: int(run.get(f"{k}_ms") or 0) / 1000 for k in ("read", "predict", "forward", "write", "tab")}
+    if any(spent.values()):
+        figures.append(
+            f"time in chunks: reading {spent['read']:.0f} s, predicting {spent['predict']:.0f} s "
+            f"(forward passes {spent['forward']:.0f} s), writing {spent['write']:.0f} s, "
+            f"the tab {spent['tab']:.0f} s"
+        )
     note = f"<br><span class='muted'>{e(str(run['note']))}</span>" if run.get("note") else ""
     return (
         f"<p><progress max='{max(total, 1)}' value='{done}' style='width:30rem'></progress><br>"

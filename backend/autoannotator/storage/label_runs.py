@@ -28,7 +28,12 @@ CHUNKS_TTL_S = 7 * 24 * 3600
 STATES = ("planning", "running", "paused", "done", "cancelled")
 
 # Counts a finished chunk adds to its run.
-CHUNK_COUNTS = ("done", "written", "skipped", "routed", "moved_in", "moved_out", "llm_queued")
+CHUNK_COUNTS = (
+    *("done", "written", "skipped", "routed", "moved_in", "moved_out", "llm_queued"),
+    # milliseconds spent reading tasks, predicting (the members' forward passes among it), writing
+    # predictions and moving the tab, summed over the run's chunks
+    *("read_ms", "predict_ms", "forward_ms", "write_ms", "tab_ms"),
+)
 
 # Start a run only if none of this version is current; atomic, since /setup is polled by every open
 # Label Studio page and two polls may arrive together. KEYS[1] the run hash; ARGV: version, then the
@@ -66,6 +71,11 @@ class LabelRun:
     moved_in: int = 0  # tasks that entered the Needs review tab
     moved_out: int = 0  # tasks that left it
     llm_queued: int = 0  # routed tasks handed to the LLM review job
+    read_ms: int = 0  # time in the chunks, summed: reading tasks from Label Studio,
+    predict_ms: int = 0  # predicting and routing (the Annotator),
+    forward_ms: int = 0  # of which the members' forward passes,
+    write_ms: int = 0  # importing the predictions,
+    tab_ms: int = 0  # and moving the Needs review tab
     note: str = ""  # why it is paused, or what failed
 
     @property
