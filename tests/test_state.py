@@ -211,6 +211,7 @@ def _calls(state: State) -> dict[str, object]:
         "release_training": lambda: state.release_training(UID),
         "training_pending": lambda: state.training_pending(UID),
         "claim_sync": lambda: state.claim_sync(UID),
+        "claim_llm_reviews": lambda: state.claim_llm_reviews(UID, "v0001", [1]),
         "forget_sync": lambda: state.forget_sync(UID),
         "get": lambda: state.get(UID, "x"),
         "put": lambda: state.put(UID, "x", "y"),

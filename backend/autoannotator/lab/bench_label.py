@@ -612,7 +612,7 @@ def run_bench_label(config: BenchLabelConfig, launcher: Launcher) -> dict[str, A
         "raw": raw,
         # The run's speed as a share of its limit, the raw forward pass of the same members on the
         # same texts: 1.0 means the run costs nothing beyond its forward passes.
-        "speed_over_raw": round(raw["s"] / run_s, 3) if run_s > 0 else None,
+        "speed_over_raw": round(raw["s"] / run_s, 4) if run_s > 0 else None,
         "ls_writes": writes,
         "worker_memory": workers,
         "import_s": round(import_s, 2),
