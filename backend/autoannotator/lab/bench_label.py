@@ -45,7 +45,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -57,7 +57,7 @@ from label_studio_sdk import LabelStudio
 from autoannotator.core.labels import LabelSet
 from autoannotator.core.policies import policy_from_spec
 from autoannotator.errors import AutoAnnotatorError, BadInputError
-from autoannotator.lab.benchmark import machine, process_memory_mb
+from autoannotator.lab.benchmark import machine, process_memory_mb, quiet_loggers
 from autoannotator.labelstudio.config import ProjectConfig, parse_label_config, prediction
 from autoannotator.labelstudio.tasks import (
     delete_version,
@@ -66,6 +66,7 @@ from autoannotator.labelstudio.tasks import (
     unannotated_page,
     unannotated_tasks,
 )
+from autoannotator.learning.datasets import iter_jsonl
 from autoannotator.models.ensemble import load_ensemble, read_manifest
 from autoannotator.settings import REVIEW_MODES, Settings
 from autoannotator.storage.label_runs import LabelRun, LabelRuns
@@ -161,21 +162,12 @@ class BenchLabelConfig:
 def read_texts(path: Path) -> list[str]:
     """The ``text`` of every line of a JSONL file (other fields are ignored)."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path} does not exist")
     texts = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInputError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise BadInputError(f"{path}:{lineno}: no non-empty 'text' field")
-            texts.append(text)
+    for lineno, row in iter_jsonl(path):
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise BadInputError(f"{path}:{lineno}: no non-empty 'text' field")
+        texts.append(text)
     if not texts:
         raise BadInputError(f"{path} holds no texts")
     return texts
@@ -507,20 +499,6 @@ def _wait_run(bench: _Bench, state: State, uid: str, run_id: str) -> LabelRun:
     return bench.procs.wait("the labelling run to finish", finished, bench.config.timeout_s, progress)
 
 
-@contextlib.contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    """One INFO line per HTTP request (httpx) would bury the benchmark's own lines."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def run_bench_label(config: BenchLabelConfig, launcher: Launcher) -> dict[str, Any]:
     """Measure a labelling run of a whole project (see the module's docstring)."""
     from autoannotator.service.context import Context
@@ -545,7 +523,7 @@ def run_bench_label(config: BenchLabelConfig, launcher: Launcher) -> dict[str, A
 
     bench = _Bench(config, launcher)
     try:
-        with _quiet("httpx", "urllib3"):
+        with quiet_loggers("httpx", "urllib3"):
             bench.prepare()
             bench.start_redis()
             ls_start_s = bench.start_label_studio()

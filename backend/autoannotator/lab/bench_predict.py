@@ -54,7 +54,7 @@ import numpy as np
 import redis
 
 from autoannotator.errors import AutoAnnotatorError
-from autoannotator.lab.benchmark import machine, process_memory_mb
+from autoannotator.lab.benchmark import machine, process_memory_mb, quiet_loggers
 from autoannotator.labelstudio.config import parse_label_config
 from autoannotator.models.ensemble import Ensemble, read_manifest
 from autoannotator.service.annotator import Annotator
@@ -292,20 +292,6 @@ def forward_seconds(server_timing: str | None) -> float:
 
 
 # --------------------------------------------------------------------------- measurement
-
-
-@contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    """The app's per-request INFO lines off, as under gunicorn (which leaves app loggers unset)."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def _summary_ms(seconds: Sequence[float]) -> dict[str, float]:
@@ -577,7 +563,7 @@ def run_bench_predict(
         result: dict[str, Any] = {"modes": {}}
         with (
             gunicorn_server(env, tmp / "gunicorn.log", threads=threads) as server,
-            _quiet(
+            quiet_loggers(
                 "autoannotator.service.app",
                 "autoannotator.storage.redis_state",
                 "autoannotator.storage.model_store",

@@ -12,13 +12,15 @@ each phase's peak is its own; elsewhere it is the process's peak so far, and the
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import platform
 import resource
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +156,18 @@ def run_benchmark(
         "ensemble_predict_texts_per_s": round(len(texts) / ensemble_s, 1),
         "memory": memory,
     }
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Those loggers at WARNING while the block runs: one INFO line per HTTP request (httpx, the
+    app's own under a benchmark) would bury the benchmark's lines."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -7,8 +7,10 @@ import csv
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from autoannotator.errors import BadInputError
 
@@ -20,12 +22,12 @@ class Example:
     label: str
 
 
-def read_jsonl(path: Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
-    """Every line must be a JSON object with a non-empty text and a label; a bad line names itself."""
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-empty line of a JSONL file; a line that is not a
+    JSON object names itself in the error."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{path} does not exist")
-    out = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -36,12 +38,20 @@ def read_jsonl(path: Path, text_field: str = "text", label_field: str = "label")
                 raise BadInputError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise BadInputError(f"{path}:{lineno}: expected an object, got {type(row).__name__}")
-            text, label = row.get(text_field), row.get(label_field)
-            if not isinstance(text, str) or not text.strip():
-                raise BadInputError(f"{path}:{lineno}: field {text_field!r} is missing or empty")
-            if not isinstance(label, str) or not label.strip():
-                raise BadInputError(f"{path}:{lineno}: field {label_field!r} is missing or not a string")
-            out.append(Example(key=f"{path.stem}:{lineno}", text=text, label=label))
+            yield lineno, row
+
+
+def read_jsonl(path: Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
+    """Every line must be a JSON object with a non-empty text and a label; a bad line names itself."""
+    path = Path(path)
+    out = []
+    for lineno, row in iter_jsonl(path):
+        text, label = row.get(text_field), row.get(label_field)
+        if not isinstance(text, str) or not text.strip():
+            raise BadInputError(f"{path}:{lineno}: field {text_field!r} is missing or empty")
+        if not isinstance(label, str) or not label.strip():
+            raise BadInputError(f"{path}:{lineno}: field {label_field!r} is missing or not a string")
+        out.append(Example(key=f"{path.stem}:{lineno}", text=text, label=label))
     if not out:
         raise BadInputError(f"{path} holds no examples")
     return out
