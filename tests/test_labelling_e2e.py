@@ -101,7 +101,7 @@ def test_each_version_labels_the_whole_project_and_the_tab_follows_it(
         redis_url,
         AUTOANNOTATOR_POLICY=f"mean:{THRESHOLD}",
         AUTOANNOTATOR_REVIEW_MODE="human",
-        AUTOANNOTATOR_SEED_LABELS="30",
+        AUTOANNOTATOR_SEED_LABELS="36",  # every seed: the run starts after the last
         AUTOANNOTATOR_RETRAIN_EVERY="10",
         AUTOANNOTATOR_MIN_HOLDOUT="1000",  # promote unjudged: the gate is test_training's subject
         AUTOANNOTATOR_ENCODER=str(tiny_encoder),
@@ -275,3 +275,41 @@ def test_label_studio_going_away_pauses_the_run_and_it_resumes(
     assert run.done == run.total == 1200 and run.note == ""
     tasks = _all_tasks(ls, project.id)
     assert all([v for v, _ in t["predictions"]] == ["v0001"] for t in tasks), "v0001 missing or twice"
+
+
+def test_retrieve_predictions_pressed_during_a_run_stores_each_tasks_version_once(
+    tmp_path: Path, label_studio: Any, ls_project: Any, redis_client: Any, redis_url: str
+) -> None:
+    """Someone presses Retrieve Predictions on every task while the run writes them: Label Studio
+    asks ``/predict`` for the tasks still without v0001 and stores the answers, the run writes its
+    own. Each task is written by one of them (``State.claim_prediction_writes``), never both."""
+    env = backend_env(
+        tmp_path / "models",
+        label_studio,
+        redis_url,
+        AUTOANNOTATOR_POLICY=f"mean:{THRESHOLD}",
+        AUTOANNOTATOR_LABEL_CHUNK="50",
+    )
+    settings = Settings.from_env(env)
+    ls = label_studio.client()
+    state = State(redis_client, "human")
+    project = ls_project(CONFIG)
+    ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in _variants(20)])
+    with AppServer(create_app(settings)) as app, Workers(env, tmp_path / "logs") as workers:
+        uid = f"{project.id}.{int(ls.projects.get(id=project.id).created_at.timestamp())}"
+        publish(settings.model_dir, uid, 1.0, "served")
+        _connect(ls, project.id, app.url)
+        wait_for("a few chunks", lambda: _done(state, uid) >= 100, 120, workers)
+        ls.actions.create(
+            id="retrieve_tasks_predictions", project=project.id, selected_items={"all": True, "excluded": []}
+        )
+        asked = [c for c in app.paths("/predict")]
+        run = wait_for("the run to complete", lambda: _run_of(state, uid, "v0001"), 300, workers)
+        drain(redis_client, workers)
+        assert not failed_jobs(redis_client), failed_jobs(redis_client)
+    assert asked, "Label Studio did not ask /predict: the run had already written every task"
+    tasks = _all_tasks(ls, project.id)
+    twice = [t["id"] for t in tasks if [v for v, _ in t["predictions"]] != ["v0001"]]
+    assert not twice, f"{len(twice)} tasks without exactly one v0001 prediction, e.g. {twice[:5]}"
+    # The run skipped what Label Studio stored from /predict, and wrote the rest.
+    assert 0 < run.written < 1200 and run.done == run.total

@@ -6,12 +6,14 @@ Runs against the session's private Redis (emptied before each test).
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import pytest
 
 from autoannotator.settings import REVIEW_MODES
 from autoannotator.storage.redis_state import (
     COUNTERS,
+    PREDICT_CLAIM_S,
     QUEUES,
     TRAIN_PENDING_TTL_S,
     ProjectInfo,
@@ -152,6 +154,28 @@ def test_claim_sync_once_until_forgotten(state):
     assert state.claim_sync(UID)
 
 
+def test_the_first_writer_of_a_tasks_version_keeps_it_and_may_claim_it_again(state):
+    claim = partial(state.claim_prediction_writes, UID, "v0002", run_stale_s=900, now=1000.0)
+    assert claim([1, 2, 3], "run") == {1, 2, 3}
+    assert claim([2, 3, 4], "predict") == {4}  # LS stores /predict's answer for 4 only
+    assert claim([1, 2, 4, 5], "run") == {1, 2, 5}  # a retried chunk keeps its own; 4 is LS's
+    assert claim([4], "predict") == {4}  # LS asking again for the task it was answered
+    # Another version's writes are another record.
+    assert state.claim_prediction_writes(UID, "v0003", [4], "run", run_stale_s=900, now=1000.0) == {4}
+    assert claim([], "run") == set()
+
+
+def test_a_stale_claim_of_the_other_writer_frees_the_task(state):
+    claim = partial(state.claim_prediction_writes, UID, "v0002", run_stale_s=900)
+    assert claim([1], "predict", now=1000.0) == {1}
+    assert claim([1], "run", now=1000.0 + PREDICT_CLAIM_S) == set()  # LS may still store it
+    assert claim([1], "run", now=1001.0 + PREDICT_CLAIM_S) == {1}  # LS gave up on that /predict
+    assert claim([1], "predict", now=1100.0 + PREDICT_CLAIM_S) == set()  # the run's chunk is alive
+    assert claim([1], "predict", now=2000.0 + PREDICT_CLAIM_S) == {1}  # its chunk died unretried
+    with pytest.raises(ValueError, match="owner"):
+        claim([1], "someone")
+
+
 def test_get_and_put(state):
     assert state.get(UID, "last_training") is None
     state.put(UID, "last_training", "v0001 published")
@@ -212,6 +236,9 @@ def _calls(state: State) -> dict[str, object]:
         "training_pending": lambda: state.training_pending(UID),
         "claim_sync": lambda: state.claim_sync(UID),
         "claim_llm_reviews": lambda: state.claim_llm_reviews(UID, "v0001", [1]),
+        "claim_prediction_writes": lambda: state.claim_prediction_writes(
+            UID, "v1", [1], "run", run_stale_s=9
+        ),
         "forget_sync": lambda: state.forget_sync(UID),
         "get": lambda: state.get(UID, "x"),
         "put": lambda: state.put(UID, "x", "y"),

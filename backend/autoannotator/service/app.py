@@ -36,6 +36,7 @@ from autoannotator.labelstudio.client import basic_auth
 from autoannotator.service import events
 from autoannotator.service.annotator import Annotator, PredictionBatch
 from autoannotator.service.context import Context
+from autoannotator.service.labelling import answers_beside_runs
 from autoannotator.service.queueing import dispatch_review, request_labelling
 from autoannotator.service.status import (
     metrics_response,
@@ -119,13 +120,13 @@ def predict() -> Response:
     if not isinstance(tasks, list):
         raise BadInputError("'tasks' must be a list of Label Studio task objects")
     label_config = events.required(body, "label_config")
-    batch = _services().annotator.predict(body.get("project"), tasks, label_config)
-    response = jsonify({"results": batch.results})
+    services = _services()
+    batch = services.annotator.predict(body.get("project"), tasks, label_config)
+    response = jsonify({"results": answers_beside_runs(services.ctx.state, services.settings, batch, tasks)})
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={1000 * v:.3f}" for k, v in batch.timings.items())
     # Counting and queueing the review change nothing in the answer, so they run once it has been
     # sent (when the WSGI server closes the response): Label Studio waits on the forward pass, not
     # on Redis. A sync gunicorn worker still finishes them before its next request.
-    services = _services()
     response.call_on_close(lambda: _after_predictions(services, batch))
     return response
 

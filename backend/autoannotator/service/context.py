@@ -28,6 +28,9 @@ from autoannotator.storage.redis_state import ProjectInfo, State
 
 logger = logging.getLogger(__name__)
 
+# A holder writes a few bulk field updates (0.2 s per 1,000 tasks each); a dead one frees it then.
+TASK_DATA_LOCK_WAIT_S = 60.0
+
 
 @dataclass(eq=False)
 class Context:
@@ -96,6 +99,22 @@ class Context:
         else:
             cache.refresh()
         return cache
+
+    @contextmanager
+    def task_data(self, uid: str) -> Iterator[None]:
+        """Hold the project's task-data lock while writing ``aa_*`` fields into its tasks.
+
+        Label Studio's bulk field update (the ``add_data_field`` action) is atomic per row on
+        PostgreSQL (``jsonb_set``) but, on SQLite, reads the selected tasks' data, sets the field
+        in Python and writes every row back: two such writes at once on the same task keep only
+        one of them (a labelling run's votes erased the LLM label a review job had just written).
+        Every writer of task data in this backend goes through this lock, per project.
+        """
+        wait = TASK_DATA_LOCK_WAIT_S
+        with self.state.lock("taskdata", uid, timeout_s=wait, wait_s=wait) as got:
+            if not got:
+                raise LockTimeoutError(f"project {uid}: the task-data lock was not free within {wait:.0f}s")
+            yield
 
     @contextmanager
     def pool(self, uid: str, labels: LabelSet) -> Iterator[VerifiedPool]:

@@ -44,6 +44,7 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
+from autoannotator.errors import StateUnavailableError
 from autoannotator.labelstudio.config import ProjectConfig, prediction
 from autoannotator.labelstudio.fields import (
     IN_TAB,
@@ -64,11 +65,13 @@ from autoannotator.labelstudio.tasks import (
     unannotated_page,
     unannotated_tasks,
 )
+from autoannotator.service.annotator import PredictionBatch
 from autoannotator.service.context import Context
 from autoannotator.service.queueing import JOBS, enqueue_chunk
 from autoannotator.service.review import prepare_tab
+from autoannotator.settings import Settings
 from autoannotator.storage.label_runs import LabelRun, LabelRuns
-from autoannotator.storage.redis_state import ProjectInfo
+from autoannotator.storage.redis_state import ProjectInfo, State
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +183,12 @@ def _label(
         if task_id in llm:  # the LLM's label stands until a person annotates the task
             result = prediction(config, llm[task_id], float(result.get("score") or 0.0), run.version)
         writes.append({"task": task_id, **result})
-    written = import_predictions(ls, info.project_id, writes)
+    # Label Studio may be storing /predict's answer for some of these right now (see
+    # State.claim_prediction_writes): those it keeps, the run skips.
+    mine = ctx.state.claim_prediction_writes(
+        uid, run.version, [int(w["task"]) for w in writes], "run", run_stale_s=ctx.settings.label_timeout_s
+    )
+    written = import_predictions(ls, info.project_id, [w for w in writes if int(w["task"]) in mine])
     if written:
         _align(ctx, ls, uid, info, run.version)
     imported = time.perf_counter()
@@ -238,20 +246,8 @@ def _update_tab(
     entering = [i for i in routed_ids if not in_tab(data[i])] if mode == "human" else []
     keep = routed_ids if mode == "human" else set()
     leaving = [i for i, d in data.items() if in_tab(d) and i not in keep]
-    pid = info.project_id
-    # Votes first, so a task enters the tab with the votes a reviewer should see beside it.
-    by_text: dict[str, list[int]] = defaultdict(list)
-    for task_id, text in votes.items():
-        if task_id in data and data[task_id].get(VOTES) != text:
-            by_text[text].append(task_id)
-    for text, group in by_text.items():
-        set_data_field(ls, pid, [(i, data[i]) for i in group], VOTES, text)
-        for i in group:
-            data[i][VOTES] = text
-    set_data_field(ls, pid, [(i, data[i]) for i in leaving], NEEDS_REVIEW, OUT_OF_TAB)
-    set_data_field(ls, pid, [(i, data[i]) for i in entering], NEEDS_REVIEW, IN_TAB)
-    needs_reviewer = [i for i in entering if data[i].get(REVIEWED_BY) != "human"]
-    set_data_field(ls, pid, [(i, data[i]) for i in needs_reviewer], REVIEWED_BY, "human")
+    with ctx.task_data(uid):
+        _write_tab_fields(ls, info.project_id, data, votes, entering, leaving)
     queued = 0
     if mode == "llm" and routed:
         ctx.state.enqueue(
@@ -271,6 +267,30 @@ def _update_tab(
     return {"moved_in": len(entering), "moved_out": len(leaving), "llm_queued": queued}
 
 
+def _write_tab_fields(
+    ls: LabelStudio,
+    pid: int,
+    data: dict[int, dict[str, Any]],
+    votes: Mapping[int, str],
+    entering: Sequence[int],
+    leaving: Sequence[int],
+) -> None:
+    """The task-data writes of :func:`_update_tab`, a bulk update per field and value."""
+    # Votes first, so a task enters the tab with the votes a reviewer should see beside it.
+    by_text: dict[str, list[int]] = defaultdict(list)
+    for task_id, text in votes.items():
+        if task_id in data and data[task_id].get(VOTES) != text:
+            by_text[text].append(task_id)
+    for text, group in by_text.items():
+        set_data_field(ls, pid, [(i, data[i]) for i in group], VOTES, text)
+        for i in group:
+            data[i][VOTES] = text
+    set_data_field(ls, pid, [(i, data[i]) for i in leaving], NEEDS_REVIEW, OUT_OF_TAB)
+    set_data_field(ls, pid, [(i, data[i]) for i in entering], NEEDS_REVIEW, IN_TAB)
+    needs_reviewer = [i for i in entering if data[i].get(REVIEWED_BY) != "human"]
+    set_data_field(ls, pid, [(i, data[i]) for i in needs_reviewer], REVIEWED_BY, "human")
+
+
 def _align(ctx: Context, ls: LabelStudio, uid: str, info: ProjectInfo, version: str) -> None:
     """Point the project's ``model_version`` at ``version`` once, as soon as one of its predictions
     is stored (LS refuses before): the editor, the score column and uncertainty sampling follow."""
@@ -278,6 +298,35 @@ def _align(ctx: Context, ls: LabelStudio, uid: str, info: ProjectInfo, version: 
         return
     if align_model_version(ls, info.project_id, version):
         ctx.state.put(uid, "aligned", version)
+
+
+# ---------------------------------------------------------------- /predict beside a run
+
+
+def answers_beside_runs(
+    state: State, settings: Settings, batch: PredictionBatch, tasks: Sequence[Any]
+) -> list[Any]:
+    """``batch.results`` as ``/predict`` sends them: ``[]`` (Label Studio then stores no prediction
+    of that task) for each task whose prediction of ``batch.version`` a labelling run claimed,
+    since the run writes the same prediction; ``/predict`` claims the others, so a run reading them
+    now leaves them to Label Studio. Without Redis there is no run to leave anything to."""
+    ids = {
+        i: int(task["id"])
+        for i, (task, result) in enumerate(zip(tasks, batch.results, strict=True))
+        if result.get("result") and isinstance(task, Mapping) and isinstance(task.get("id"), int)
+    }
+    if not ids:
+        return batch.results
+    try:
+        mine = state.claim_prediction_writes(
+            batch.uid, batch.version, list(ids.values()), "predict", run_stale_s=settings.label_timeout_s
+        )
+    except StateUnavailableError:
+        return batch.results
+    left = [task_id for task_id in ids.values() if task_id not in mine]
+    if left:
+        logger.info("project %s: %d tasks left to the labelling run that writes them", batch.uid, len(left))
+    return [[] if i in ids and ids[i] not in mine else r for i, r in enumerate(batch.results)]
 
 
 # ---------------------------------------------------------------- the end, and waiting

@@ -59,9 +59,12 @@ def review_routed(
     info = ctx.info(uid)
     ls = ctx.label_studio(info)
     _prepare_project(ctx, ls, uid, info, version)
-    set_data_field(ls, info.project_id, [(int(t.task_id), t.data) for t in cleared], NEEDS_REVIEW, OUT_OF_TAB)
+    with ctx.task_data(uid):
+        unflag = [(int(t.task_id), t.data) for t in cleared]
+        set_data_field(ls, info.project_id, unflag, NEEDS_REVIEW, OUT_OF_TAB)
+        if mode == "human" or not routed:
+            flag(ls, info.project_id, routed, "human")
     if mode == "human" or not routed:
-        flag(ls, info.project_id, routed, "human")
         ctx.state.count(uid, reviewed_human_queue=len(routed))
         return f"{len(routed)} tasks flagged for human review, {len(cleared)} cleared"
     if mode != "llm":
@@ -101,14 +104,16 @@ def _review_by_llm(
                 why,
             )
             failed.setdefault(f"human (LLM {outcome.status.value})", []).append(task)
-    for reviewed_by, tasks in failed.items():
-        flag(ls, info.project_id, tasks, reviewed_by)
+    with ctx.task_data(uid):
+        for reviewed_by, tasks in failed.items():
+            flag(ls, info.project_id, tasks, reviewed_by)
     writes = []
     for task, label in labelled:
         item = prediction(config, label, task.confidence, version)
         writes.append(PredictionWrite(int(task.task_id), item["result"], item["score"]))
     replace_predictions(ls, version, writes)
-    _record_llm_labels(ls, info.project_id, labelled)
+    with ctx.task_data(uid):
+        _record_llm_labels(ls, info.project_id, labelled)
     fallbacks = len(routed) - len(labelled)
     ctx.state.count(uid, reviewed_llm=len(labelled), llm_failures=fallbacks, reviewed_human_queue=fallbacks)
     if labelled:

@@ -21,8 +21,10 @@ Keys, all under ``aa:`` (one Redis can serve other software too):
 ``aa:p:<uid>:title``                    the project's title in Label Studio (for status pages)
 ``aa:p:<uid>:run``                      the current labelling run (:mod:`.label_runs`)
 ``aa:p:<uid>:llm_sent:<version>``       task ids sent to the LLM under that version (once each)
+``aa:p:<uid>:writes:<version>``         hash task id -> who writes its prediction of that version
 ``aa:lock:pool:<uid>``                  one writer of the pool log at a time
 ``aa:lock:train:<uid>``                 one training per project at a time
+``aa:lock:taskdata:<uid>``              one writer of the project's task-data fields at a time
 ``aa:projects``                         set of every project uid seen
 ======================================  =======================================================
 """
@@ -31,7 +33,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +86,33 @@ FLOAT_COUNTERS = frozenset({"llm_cost_usd"})
 TRAIN_PENDING_TTL_S = 6 * 3600
 # How long the record of which tasks were sent to the LLM under a version is kept.
 LLM_SENT_TTL_S = 30 * 24 * 3600
+# Who writes which task's prediction of a version (``claim_prediction_writes``) matters only while
+# both are in flight; the record is kept a day. Label Studio abandons a /predict after 100 s (its
+# ML_TIMEOUT_PREDICT): a /predict claim older than that was not stored and frees the task.
+WRITES_TTL_S = 24 * 3600
+PREDICT_CLAIM_S = 120.0
+
+# KEYS[1]: the hash; ARGV: owner, now, seconds after which a claim of the *other* owner is stale,
+# ttl, then the task ids. Grants (and records) each id that is free, held by the same owner, or
+# held by the other owner for longer than the stale time; returns the granted ids.
+_CLAIM_WRITES = """
+local owner, now, stale = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local granted = {}
+for i = 5, #ARGV do
+  local held = redis.call('HGET', KEYS[1], ARGV[i])
+  local ok = not held
+  if held then
+    local sep = string.find(held, ':', 1, true)
+    ok = string.sub(held, 1, sep - 1) == owner or now - tonumber(string.sub(held, sep + 1)) > stale
+  end
+  if ok then
+    redis.call('HSET', KEYS[1], ARGV[i], owner .. ':' .. ARGV[2])
+    granted[#granted + 1] = ARGV[i]
+  end
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return granted
+"""
 
 
 def _text(raw: bytes | str) -> str:
@@ -300,6 +330,49 @@ class State:
             pipe.expire(key, LLM_SENT_TTL_S)
             added = pipe.execute()[:-1]
         return {task_id for task_id, new in zip(task_ids, added, strict=True) if new}
+
+    def claim_prediction_writes(
+        self,
+        uid: str,
+        version: str,
+        task_ids: Sequence[int],
+        owner: str,
+        *,
+        run_stale_s: float,
+        now: float | None = None,
+    ) -> set[int]:
+        """Those of ``task_ids`` whose ``version`` prediction ``owner`` may write (now recorded as its).
+
+        Two writers can store a prediction of the same version on the same task: a labelling run
+        (``owner="run"``) and Label Studio itself, with what ``/predict`` answered
+        (``owner="predict"``), when someone presses *Retrieve Predictions* or opens a task while a
+        run is writing. Label Studio only asks ``/predict`` for tasks without a prediction of the
+        current version, but the run's read, its write and LS's request overlap. So each writer
+        claims its tasks first and the first claim wins: a run skips a task ``/predict`` answered
+        (LS stores that answer), and ``/predict`` answers nothing for a task the run will write.
+        An owner may claim again what it holds (a retried chunk, a second ``/predict`` of a task);
+        a claim of the other owner frees the task once stale: ``PREDICT_CLAIM_S`` for ``/predict``
+        (LS gave up on it), ``run_stale_s`` for a run (its chunk died and was not retried).
+        ``now`` (seconds since the epoch) is the writers' shared clock; the tests set it.
+        """
+        if not task_ids:
+            return set()
+        if owner not in ("run", "predict"):
+            raise ValueError(f"owner must be 'run' or 'predict', not {owner!r}")
+        stale = PREDICT_CLAIM_S if owner == "run" else run_stale_s
+        key = self._k(uid, f"writes:{version}")
+        with self._guard():
+            granted = self.redis.eval(
+                _CLAIM_WRITES,
+                1,
+                key,
+                owner,
+                f"{time.time() if now is None else now:.3f}",
+                stale,
+                WRITES_TTL_S,
+                *map(int, task_ids),
+            )
+        return {int(i) for i in granted}
 
     def get(self, uid: str, name: str) -> str | None:
         with self._guard():
