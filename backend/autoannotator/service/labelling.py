@@ -246,8 +246,13 @@ def _update_tab(
     entering = [i for i in routed_ids if not in_tab(data[i])] if mode == "human" else []
     keep = routed_ids if mode == "human" else set()
     leaving = [i for i, d in data.items() if in_tab(d) and i not in keep]
+    # Votes are written where a reviewer sees them: tasks in the tab after this chunk, and those
+    # leaving it (their old votes would mislead); nobody reviews the others (as with /predict).
+    shown = keep | set(leaving)
     with ctx.task_data(uid):
-        _write_tab_fields(ls, info.project_id, data, votes, entering, leaving)
+        _write_tab_fields(
+            ls, info.project_id, data, {i: t for i, t in votes.items() if i in shown}, entering, leaving
+        )
     queued = 0
     if mode == "llm" and routed:
         ctx.state.enqueue(
