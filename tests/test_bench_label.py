@@ -92,6 +92,13 @@ def test_bench_label_measures_a_whole_run_and_stops_what_it_started(tmp_path: Pa
     assert json.loads((out / "bench-label.json").read_text()) == result
     table = markdown_table(result)
     assert "| 200 | 2 | 25 |" in table
+    for point in result["worker_memory_trail"]:  # one every 10 s: a short run may have none
+        assert 0 <= point["done"] <= 200 and len(point["rss_mb"]) == 2
+    # The table's memory line shows eight points of the trail, the first and the last among them.
+    trail = [{"done": 10 * i, "rss_mb": [800.0 + i, 700.0]} for i in range(20)]
+    line = markdown_table({**result, "worker_memory_trail": trail}).splitlines()[-1]
+    assert line.startswith("Label workers' resident memory") and line.count(";") == 7
+    assert "0: 800, 700;" in line and line.endswith("190: 819, 700.")
 
 
 def test_ctrl_c_stops_everything_the_benchmark_started(tmp_path: Path) -> None:

@@ -471,7 +471,9 @@ def _import_tasks(ls: LabelStudio, project_id: int, texts: Sequence[str]) -> flo
     return seconds
 
 
-def _wait_run(bench: _Bench, state: State, uid: str, run_id: str) -> LabelRun:
+def _wait_run(bench: _Bench, state: State, uid: str, run_id: str, trail: list[dict[str, Any]]) -> LabelRun:
+    """The finished run; meanwhile, every ``PROGRESS_EVERY_S``, a progress line and a point of
+    ``trail``: the tasks done and each label worker's resident memory then."""
     runs = LabelRuns(state)
     shown = [time.monotonic()]
 
@@ -491,6 +493,8 @@ def _wait_run(bench: _Bench, state: State, uid: str, run_id: str) -> LabelRun:
             shown[0] = time.monotonic()
             run = runs.current(uid)
             if run is not None:
+                rss = [process_memory_mb(c.pid)["rss_mb"] for c in bench.workers]
+                trail.append({"done": run.done, "rss_mb": rss})
                 total = f"{run.total}" if run.planned else "?"
                 _say(
                     f"labelling: {run.done}/{total} tasks ({run.state}{': ' + run.note if run.note else ''})"
@@ -550,7 +554,8 @@ def run_bench_label(config: BenchLabelConfig, launcher: Launcher) -> dict[str, A
             run = request_labelling(ctx, uid, "benchmark")
             if run is None:
                 raise AutoAnnotatorError(f"no labelling run started: project {uid} serves no version")
-            final = _wait_run(bench, ctx.state, uid, run.id)
+            trail: list[dict[str, Any]] = []
+            final = _wait_run(bench, ctx.state, uid, run.id, trail)
             run_s = final.finished_at - started
             _say(f"labelling run done in {run_s:.1f} s: {final.done} tasks, {final.written} written")
             workers = [
@@ -593,6 +598,9 @@ def run_bench_label(config: BenchLabelConfig, launcher: Launcher) -> dict[str, A
         "speed_over_raw": round(raw["s"] / run_s, 4) if run_s > 0 else None,
         "ls_writes": writes,
         "worker_memory": workers,
+        # Resident memory of each label worker as the run went (every PROGRESS_EVERY_S): flat once
+        # the models are loaded and the largest batch shapes were met, if pages are streamed.
+        "worker_memory_trail": trail,
         "import_s": round(import_s, 2),
         "label_studio": {
             "version": ls_version,
@@ -639,5 +647,13 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"{run['read_ms'] / 1000:,.1f} s, predicting and routing {run['predict_ms'] / 1000:,.1f} s "
             f"(forward passes {run['forward_ms'] / 1000:,.1f} s), writing predictions "
             f"{run['write_ms'] / 1000:,.1f} s, moving the Needs review tab {run['tab_ms'] / 1000:,.1f} s."
+        )
+    points = [p for p in result.get("worker_memory_trail", []) if p["rss_mb"] and None not in p["rss_mb"]]
+    if points:
+        shown = [points[i] for i in sorted({round(k * (len(points) - 1) / 7) for k in range(8)})]
+        rows.append(
+            "Label workers' resident memory as the run went (tasks done: MiB): "
+            + "; ".join(f"{p['done']:,}: {', '.join(f'{r:,.0f}' for r in p['rss_mb'])}" for p in shown)
+            + "."
         )
     return "\n".join(rows)
