@@ -164,7 +164,7 @@ class LabelRuns:
             "started_at": f"{now:.3f}",
             "updated_at": f"{now:.3f}",
         }
-        with self.state._guard():
+        with self.state.guard():
             if only_if_new:
                 args = [version, *(x for kv in mapping.items() for x in kv)]
                 if not self.redis.eval(_START_IF_NEW, 1, self._key(uid), *args):
@@ -177,11 +177,11 @@ class LabelRuns:
         return run
 
     def current(self, uid: str) -> LabelRun | None:
-        with self.state._guard():
+        with self.state.guard():
             return _parse(self.redis.hgetall(self._key(uid)))
 
     def is_current(self, uid: str, run_id: str) -> bool:
-        with self.state._guard():
+        with self.state.guard():
             raw = self.redis.hget(self._key(uid), "id")
         return raw is not None and _decode(raw) == run_id
 
@@ -189,7 +189,7 @@ class LabelRuns:
         """Count a chunk of ``n_tasks`` as queued; its number, or None if ``run_id`` is not current."""
         if not self.is_current(uid, run_id):
             return None
-        with self.state._guard():
+        with self.state.guard():
             pipe = self.redis.pipeline()
             pipe.hincrby(self._key(uid), "chunks", 1)
             pipe.hincrby(self._key(uid), "total", n_tasks)
@@ -204,7 +204,7 @@ class LabelRuns:
         page already carried the version); False if ``run_id`` is not current."""
         if not self.is_current(uid, run_id):
             return False
-        with self.state._guard():
+        with self.state.guard():
             self.redis.hset(self._key(uid), mapping={"cursor": cursor, "updated_at": f"{time.time():.3f}"})
         return True
 
@@ -215,7 +215,7 @@ class LabelRuns:
             return
         mapping: dict[Any, Any] = {"state": state, "note": note, "updated_at": f"{time.time():.3f}"}
         mapping.update({k: ("1" if v is True else "0" if v is False else str(v)) for k, v in extra.items()})
-        with self.state._guard():
+        with self.state.guard():
             self.redis.hset(self._key(uid), mapping=mapping)
 
     def chunk_done(self, uid: str, run_id: str, number: int, **counts: int) -> LabelRun | None:
@@ -226,7 +226,7 @@ class LabelRuns:
             raise ValueError(f"unknown run counts {sorted(unknown)}")
         if not self.is_current(uid, run_id):
             return None
-        with self.state._guard():
+        with self.state.guard():
             chunks = self._chunks_key(uid, run_id)
             if self.redis.sadd(chunks, number):
                 pipe = self.redis.pipeline()
@@ -244,7 +244,7 @@ class LabelRuns:
         both see it complete)."""
         if not self.is_current(uid, run_id):
             return False
-        with self.state._guard():
+        with self.state.guard():
             if not self.redis.hsetnx(self._key(uid), "finished_at", f"{time.time():.3f}"):
                 return False
             self.redis.hset(self._key(uid), mapping={"state": "done", "updated_at": f"{time.time():.3f}"})
@@ -255,5 +255,5 @@ class LabelRuns:
         run = self.current(uid)
         if run is not None and not run.finished:
             self.set_state(uid, run.id, "cancelled", why)
-            with self.state._guard():
+            with self.state.guard():
                 self.redis.hsetnx(self._key(uid), "finished_at", f"{time.time():.3f}")

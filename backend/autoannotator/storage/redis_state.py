@@ -149,7 +149,9 @@ class State:
     # ------------------------------------------------------------------ helpers
 
     @contextmanager
-    def _guard(self) -> Iterator[None]:
+    def guard(self) -> Iterator[None]:
+        """Redis errors inside the block become :class:`StateUnavailableError` naming the server
+        (never its password); for every reader and writer of these keys (:mod:`.label_runs` too)."""
         try:
             yield
         except RedisError as exc:
@@ -176,17 +178,17 @@ class State:
         """``Queue(name).enqueue(func, *args, **options)``, ``func`` named by its dotted path (the web
         process need not import the job's code to queue it); a Redis error is a :class:`StateUnavailableError`
         like everywhere else (a raw one would reach the web client as a 500)."""
-        with self._guard():
+        with self.guard():
             return self.queue(name).enqueue(func, *args, **options)
 
     def queue_depths(self) -> dict[str, int]:
-        with self._guard():
+        with self.guard():
             return {name: self.queue(name).count for name in QUEUES}
 
     def jobs_in_flight(self) -> int:
         """Jobs queued or running on every queue: 0 when the workers have nothing left to do (until
         a new request or a job enqueues more; callers that wait for quiet check a few times)."""
-        with self._guard():
+        with self.guard():
             return sum(
                 self.queue(name).count + StartedJobRegistry(name, connection=self.redis).count
                 for name in QUEUES
@@ -195,7 +197,7 @@ class State:
     # ------------------------------------------------------------------ projects
 
     def remember(self, info: ProjectInfo) -> None:
-        with self._guard():
+        with self.guard():
             pipe = self.redis.pipeline()
             pipe.sadd("aa:projects", info.uid)
             # Webhooks carry no LS URL: an empty field never overwrites one /setup recorded.
@@ -208,7 +210,7 @@ class State:
             pipe.execute()
 
     def info(self, uid: str) -> ProjectInfo | None:
-        with self._guard():
+        with self.guard():
             raw = self.redis.hgetall(self._k(uid, "info"))
         if not raw:
             return None
@@ -216,13 +218,13 @@ class State:
         return ProjectInfo(uid, int(data["project_id"]), data.get("ls_url", ""), data.get("label_config", ""))
 
     def projects(self) -> list[str]:
-        with self._guard():
+        with self.guard():
             return sorted(_text(m) for m in self.redis.smembers("aa:projects"))
 
     # ------------------------------------------------------------------ review mode
 
     def mode(self, uid: str) -> str:
-        with self._guard():
+        with self.guard():
             raw = self.redis.get(self._k(uid, "mode"))
         mode = _text(raw) if raw else self.default_mode
         return mode if mode in REVIEW_MODES else self.default_mode
@@ -230,7 +232,7 @@ class State:
     def set_mode(self, uid: str, mode: str) -> None:
         if mode not in REVIEW_MODES:
             raise ValueError(f"review mode must be one of {REVIEW_MODES}, got {mode!r:.40}")
-        with self._guard():
+        with self.guard():
             self.redis.set(self._k(uid, "mode"), mode)
             self.redis.sadd("aa:projects", uid)
         logger.info("project %s: review mode is now %s", uid, mode)
@@ -247,7 +249,7 @@ class State:
         wanted = str(extra_params["review_mode"]).strip().lower()
         if wanted not in REVIEW_MODES:
             raise ValueError(f"extra_params review_mode must be one of {REVIEW_MODES}, got {wanted!r:.40}")
-        with self._guard():
+        with self.guard():
             previous = self.redis.getset(self._k(uid, "ls_mode"), wanted)
         if previous is not None and _text(previous) == wanted:
             return None
@@ -260,7 +262,7 @@ class State:
         unknown = set(deltas) - set(COUNTERS)
         if unknown:
             raise ValueError(f"unknown counters {sorted(unknown)}")
-        with self._guard():
+        with self.guard():
             pipe = self.redis.pipeline()
             for name, value in deltas.items():
                 if value:
@@ -274,7 +276,7 @@ class State:
         """Count a /predict's predictions and routed tasks and read the project's review mode, in one
         round trip: this is on the path of every prediction, and a single task's forward pass takes
         only tens of milliseconds."""
-        with self._guard():
+        with self.guard():
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(self._k(uid, "mode"))
             if predictions:
@@ -288,7 +290,7 @@ class State:
         return mode if mode in REVIEW_MODES else self.default_mode
 
     def counters(self, uid: str) -> dict[str, float]:
-        with self._guard():
+        with self.guard():
             raw = self.redis.hgetall(self._k(uid, "m"))
         values = {_text(k): float(v) for k, v in raw.items()}
         return {name: values.get(name, 0.0) for name in COUNTERS}
@@ -297,24 +299,24 @@ class State:
 
     def claim_training(self, uid: str) -> bool:
         """True for the one caller that may queue a training now; False while one is pending."""
-        with self._guard():
+        with self.guard():
             return bool(self.redis.set(self._k(uid, "train_pending"), "1", nx=True, ex=TRAIN_PENDING_TTL_S))
 
     def release_training(self, uid: str) -> None:
-        with self._guard():
+        with self.guard():
             self.redis.delete(self._k(uid, "train_pending"))
 
     def training_pending(self, uid: str) -> bool:
-        with self._guard():
+        with self.guard():
             return bool(self.redis.exists(self._k(uid, "train_pending")))
 
     def claim_sync(self, uid: str) -> bool:
         """True once per Redis lifetime (or after :meth:`forget_sync`): whoever gets it queues a sync."""
-        with self._guard():
+        with self.guard():
             return bool(self.redis.set(self._k(uid, "synced"), "queued", nx=True))
 
     def forget_sync(self, uid: str) -> None:
-        with self._guard():
+        with self.guard():
             self.redis.delete(self._k(uid, "synced"))
 
     def claim_llm_reviews(self, uid: str, version: str, task_ids: list[int]) -> set[int]:
@@ -323,7 +325,7 @@ class State:
         if not task_ids:
             return set()
         key = self._k(uid, f"llm_sent:{version}")
-        with self._guard():
+        with self.guard():
             pipe = self.redis.pipeline()
             for task_id in task_ids:
                 pipe.sadd(key, task_id)
@@ -361,7 +363,7 @@ class State:
             raise ValueError(f"owner must be 'run' or 'predict', not {owner!r}")
         stale = PREDICT_CLAIM_S if owner == "run" else run_stale_s
         key = self._k(uid, f"writes:{version}")
-        with self._guard():
+        with self.guard():
             granted = self.redis.eval(
                 _CLAIM_WRITES,
                 1,
@@ -375,12 +377,12 @@ class State:
         return {int(i) for i in granted}
 
     def get(self, uid: str, name: str) -> str | None:
-        with self._guard():
+        with self.guard():
             raw = self.redis.get(self._k(uid, name))
         return _text(raw) if raw is not None else None
 
     def put(self, uid: str, name: str, value: str) -> None:
-        with self._guard():
+        with self.guard():
             self.redis.set(self._k(uid, name), value)
 
     @contextmanager
@@ -400,7 +402,7 @@ class State:
         gives the project keys named in the tuple the same time to live: a long job holds a short
         lock, and a job killed mid-way (no ``finally`` runs) frees it within ``timeout_s``.
         """
-        with self._guard():
+        with self.guard():
             # thread_local=False: the heartbeat thread renews the token the acquiring thread holds.
             lock = self.redis.lock(
                 f"aa:lock:{kind}:{uid}", timeout=timeout_s, blocking_timeout=wait_s, thread_local=False
