@@ -17,7 +17,8 @@ from autoannotator.models.specialists import (
     load_specialist,
 )
 from autoannotator.models.specialists.base import MAX_TEXT_CHARS, staged_dir
-from autoannotator.models.specialists.runtime import available_cpus, configure_torch
+from autoannotator.models.specialists.runtime import available_cpus, configure_torch, threads_per_process
+from autoannotator.settings import Settings
 from tests import tiny
 
 LABELS = LabelSet.of(tiny.LABELS)
@@ -187,3 +188,36 @@ def test_train_config_validates():
 def test_thread_count_fits_the_machine():
     configure_torch()
     assert torch.get_num_threads() == available_cpus()
+
+
+def test_each_process_takes_its_share_of_the_cpus():
+    assert threads_per_process(cpus=16) == 16
+    assert threads_per_process(sharers=4, cpus=16) == 4  # 3 gunicorn workers + 1 label worker
+    assert threads_per_process(sharers=3, cpus=16) == 5
+    assert threads_per_process(sharers=5, cpus=2) == 1  # more processes than CPUs: one each
+    assert threads_per_process(threads=3, sharers=4, cpus=16) == 3  # set by hand, it wins
+
+
+def test_the_web_process_sizes_torch_and_blas_threads_from_its_settings(tmp_path, redis_url):
+    from threadpoolctl import threadpool_info
+
+    from autoannotator.service.app import create_app
+
+    env = {"AUTOANNOTATOR_MODEL_DIR": str(tmp_path), "AUTOANNOTATOR_REDIS_URL": redis_url}
+    try:
+        create_app(Settings.from_env({**env, "AUTOANNOTATOR_THREADS": "1"}))
+        assert torch.get_num_threads() == 1
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+        create_app(Settings.from_env({**env, "AUTOANNOTATOR_CPU_SHARERS": str(available_cpus())}))
+        assert torch.get_num_threads() == 1
+    finally:
+        configure_torch(available_cpus())
+    assert torch.get_num_threads() == available_cpus()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("AUTOANNOTATOR_THREADS", "-1"), ("AUTOANNOTATOR_CPU_SHARERS", "0")]
+)
+def test_thread_settings_refuse_what_means_nothing(name, value):
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({name: value})

@@ -150,6 +150,17 @@ class Settings:
     pool_lock_timeout_s: float = _setting(
         "AUTOANNOTATOR_POOL_LOCK_TIMEOUT", 120.0, "seconds a job waits for a project's pool lock"
     )
+    # CPU threads: a process that runs forward passes takes its share of the machine's CPUs.
+    threads: int = _setting(
+        "AUTOANNOTATOR_THREADS",
+        0,
+        "torch/BLAS threads per process (0: the usable CPUs divided by AUTOANNOTATOR_CPU_SHARERS)",
+    )
+    cpu_sharers: int = _setting(
+        "AUTOANNOTATOR_CPU_SHARERS",
+        1,
+        "processes on this machine that run forward passes at once (gunicorn workers + rq workers)",
+    )
     # Labelling runs: every new version predicts the project's unannotated tasks in the background.
     label_chunk: int = _setting(
         "AUTOANNOTATOR_LABEL_CHUNK",
@@ -191,6 +202,10 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env(name)} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"AUTOANNOTATOR_THREADS must be >= 0 (0: automatic), got {self.threads}")
+        if self.cpu_sharers < 1:
+            raise ValueError(f"AUTOANNOTATOR_CPU_SHARERS must be >= 1, got {self.cpu_sharers}")
         if self.label_pause_s < 0:
             raise ValueError(f"AUTOANNOTATOR_LABEL_PAUSE must be >= 0, got {self.label_pause_s}")
         if self.label_pause_s >= self.label_timeout_s:

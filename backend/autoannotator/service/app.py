@@ -33,6 +33,7 @@ from autoannotator.errors import (
     UnsupportedConfigError,
 )
 from autoannotator.labelstudio.client import basic_auth
+from autoannotator.models.specialists.runtime import configure_torch, threads_per_process
 from autoannotator.service import events
 from autoannotator.service.annotator import Annotator, PredictionBatch
 from autoannotator.service.context import Context
@@ -73,6 +74,7 @@ def create_app(
 ) -> Flask:
     _log_like_gunicorn()
     settings = settings or Settings.from_env()
+    configure_torch(threads_per_process(settings.threads, settings.cpu_sharers))
     projects = projects or ProjectModels(settings.model_dir)
     state = state or State.from_url(settings.redis_url, settings.review_mode)
     ctx = Context(settings, state, projects)

@@ -8,6 +8,7 @@ from rq import SimpleWorker, Worker
 from rq.worker import BaseWorker
 
 from autoannotator.errors import AutoAnnotatorError
+from autoannotator.models.specialists.runtime import configure_torch, threads_per_process
 from autoannotator.service import jobs
 from autoannotator.service.context import Context
 from autoannotator.settings import Settings
@@ -52,6 +53,8 @@ def run_worker(
     unknown = [q for q in queues if q not in QUEUES]
     if unknown or not queues:
         raise AutoAnnotatorError(f"unknown queues {unknown}; choose from {list(QUEUES)}")
+    threads = threads_per_process(settings.threads, settings.cpu_sharers)
+    configure_torch(threads)
     ctx = Context.from_settings(settings)
     if not ctx.state.ping():
         raise AutoAnnotatorError("Redis does not answer at AUTOANNOTATOR_REDIS_URL; start it or fix the URL")
@@ -67,10 +70,11 @@ def run_worker(
         worker_ttl=MAINTENANCE_INTERVAL_S + 15,
     )
     logger.info(
-        "worker %s on queues %s (%s), models in %s",
+        "worker %s on queues %s (%s), models in %s, %d CPU threads",
         worker.name,
         queues,
         "a forked child per job" if cls is Worker else "jobs in this process",
         settings.model_dir,
+        threads,
     )
     worker.work(burst=burst, with_scheduler=False)

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 
 logger = logging.getLogger(__name__)
 
@@ -21,19 +22,32 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def configure_torch(threads: int | None = None) -> None:
-    """Give torch one intra-op thread per usable CPU (or ``threads``), once.
+def threads_per_process(threads: int = 0, sharers: int = 1, cpus: int | None = None) -> int:
+    """``threads`` if set, else this process's share of the usable CPUs when ``sharers`` processes
+    on the machine (gunicorn workers, rq workers) run forward passes at the same time: each gets
+    ``cpus // sharers`` threads, at least one, so together they never ask for more than there is."""
+    if threads > 0:
+        return threads
+    return max(1, (cpus or available_cpus()) // max(1, sharers))
 
-    torch's default can exceed the CPUs a container grants, which makes small-batch inference slower
-    through oversubscription; inter-op parallelism buys nothing for one forward pass at a time.
+
+def configure_torch(threads: int | None = None) -> None:
+    """Give torch (and the BLAS/OpenMP pools numpy and scikit-learn use) ``threads`` intra-op
+    threads, by default one per usable CPU; the first call decides, unless ``threads`` is given.
+
+    torch's default can exceed the CPUs a container grants, and several processes each taking every
+    core oversubscribe them: threads spin while other processes want the same cores (the service
+    sizes it with :func:`threads_per_process`). Inter-op parallelism buys nothing for one forward
+    pass at a time.
     """
     global _configured
     if _configured and threads is None:
         return
     n = threads or available_cpus()
     torch.set_num_threads(n)
+    threadpool_limits(limits=n)
     _configured = True
-    logger.debug("torch uses %d threads", n)
+    logger.debug("torch and BLAS use %d threads", n)
 
 
 def default_device() -> torch.device:
