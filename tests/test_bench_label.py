@@ -77,6 +77,8 @@ def test_bench_label_measures_a_whole_run_and_stops_what_it_started(tmp_path: Pa
     assert result["raw"]["s"] > 0 and result["raw"]["tasks_per_s"] > 0
     assert result["speed_over_raw"] > 0
     assert result["speed_over_raw"] == pytest.approx(result["raw"]["s"] / result["run_s"], abs=1e-4)
+    assert result["forward_share"] == pytest.approx(run["forward_ms"] / 1000 / result["run_s"], abs=1e-3)
+    assert 0 < result["forward_share"] < 2  # two workers' forward passes overlap in time
     writes = result["ls_writes"]
     assert writes["tasks"] == 200 and writes["requests_each"] == 8 and writes["deleted"] == 200
     assert writes["import_predictions_s_per_1000"] > 0 and writes["set_data_field_s_per_1000"] > 0

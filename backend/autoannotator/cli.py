@@ -495,6 +495,13 @@ def _add_bench_label_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workers", type=int, default=1, help="label worker processes")
     p.add_argument(
+        "--cpu-sharers",
+        type=int,
+        default=None,
+        help="AUTOANNOTATOR_CPU_SHARERS of the workers: each takes CPUs / this many threads "
+        "(default: --workers, as a deployment sets it; 1 gives every worker every CPU)",
+    )
+    p.add_argument(
         "--chunk", type=int, default=d.label_chunk, help="tasks per labelling job (AUTOANNOTATOR_LABEL_CHUNK)"
     )
     p.add_argument("--policy", default=d.policy, help="routing policy the workers serve")
@@ -592,6 +599,7 @@ def _bench_label(args: argparse.Namespace) -> int:
         out=args.out or Path("runs") / time.strftime("bench-label-%Y%m%d-%H%M%S"),
         tasks=args.tasks,
         workers=args.workers,
+        cpu_sharers=args.cpu_sharers or args.workers,
         chunk=args.chunk,
         policy=args.policy,
         review_mode=args.review_mode,

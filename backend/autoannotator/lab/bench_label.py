@@ -68,6 +68,7 @@ from autoannotator.labelstudio.tasks import (
 )
 from autoannotator.learning.datasets import iter_jsonl
 from autoannotator.models.ensemble import load_ensemble, read_manifest
+from autoannotator.models.specialists.runtime import threads_per_process
 from autoannotator.settings import REVIEW_MODES, Settings
 from autoannotator.storage.label_runs import LabelRun, LabelRuns
 from autoannotator.storage.model_store import ProjectModels
@@ -148,6 +149,7 @@ class BenchLabelConfig:
     out: Path
     tasks: int = 2000
     workers: int = 1
+    cpu_sharers: int = 1  # the workers' AUTOANNOTATOR_CPU_SHARERS
     chunk: int = Settings().label_chunk
     policy: str = Settings().policy
     review_mode: str = Settings().review_mode
@@ -397,6 +399,7 @@ class _Bench:
                 "AUTOANNOTATOR_MODEL_DIR": str(store),
                 "AUTOANNOTATOR_REDIS_URL": self.redis_url,
                 "AUTOANNOTATOR_LABEL_CHUNK": str(self.config.chunk),
+                "AUTOANNOTATOR_CPU_SHARERS": str(self.config.cpu_sharers),
                 "AUTOANNOTATOR_POLICY": self.config.policy,
                 "AUTOANNOTATOR_REVIEW_MODE": self.config.review_mode,
                 "LABEL_STUDIO_URL": self.ls_url,
@@ -578,6 +581,8 @@ def run_bench_label(config: BenchLabelConfig, launcher: Launcher) -> dict[str, A
     result = {
         "tasks": config.tasks,
         "workers": config.workers,
+        "cpu_sharers": config.cpu_sharers,
+        "threads_per_worker": threads_per_process(0, config.cpu_sharers),
         "chunk": config.chunk,
         "policy": config.policy,
         "review_mode": config.review_mode,
@@ -596,6 +601,10 @@ def run_bench_label(config: BenchLabelConfig, launcher: Launcher) -> dict[str, A
         # The run's speed as a share of its limit, the raw forward pass of the same members on the
         # same texts: 1.0 means the run costs nothing beyond its forward passes.
         "speed_over_raw": round(raw["s"] / run_s, 4) if run_s > 0 else None,
+        # The same question asked inside the run: the share of its wall time that the workers spent
+        # in forward passes (one worker; with more, their sum). Unlike the raw pass above, timed
+        # in the very process and minutes that the run ran, so a busy machine moves both alike.
+        "forward_share": round(final.forward_ms / 1000 / run_s, 4) if run_s > 0 else None,
         "ls_writes": writes,
         "worker_memory": workers,
         # Resident memory of each label worker as the run went (every PROGRESS_EVERY_S): flat once
@@ -636,7 +645,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{w['set_data_field_s_per_1000']:.2f} s | {peaks} MiB |",
         "",
         f"Version {result['version']} ({', '.join(result['members'])}), policy {result['policy']}, review "
-        f"mode {result['review_mode']}, Label Studio {result['label_studio']['version']}: "
+        f"mode {result['review_mode']}, {result['threads_per_worker']} CPU thread(s) per label worker "
+        f"(AUTOANNOTATOR_CPU_SHARERS={result['cpu_sharers']}), "
+        f"Label Studio {result['label_studio']['version']}: "
         f"{run['done']:,} tasks done in {run['chunks']} chunks, {run['written']:,} predictions written, "
         f"{run['routed']:,} routed, {run['moved_in']:,} into the Needs review tab. Raw forward pass: "
         f"{result['raw']['s']:,.1f} s in this process (load {result['raw']['load_s']:.1f} s apart).",
@@ -646,7 +657,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             "Inside the run's chunks, summed over workers: reading tasks "
             f"{run['read_ms'] / 1000:,.1f} s, predicting and routing {run['predict_ms'] / 1000:,.1f} s "
             f"(forward passes {run['forward_ms'] / 1000:,.1f} s), writing predictions "
-            f"{run['write_ms'] / 1000:,.1f} s, moving the Needs review tab {run['tab_ms'] / 1000:,.1f} s."
+            f"{run['write_ms'] / 1000:,.1f} s, moving the Needs review tab {run['tab_ms'] / 1000:,.1f} s; "
+            f"forward passes / run wall time: {result['forward_share']:.2f}."
         )
     points = [p for p in result.get("worker_memory_trail", []) if p["rss_mb"] and None not in p["rss_mb"]]
     if points:
