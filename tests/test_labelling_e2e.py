@@ -174,6 +174,22 @@ def _done(state: State, uid: str) -> int:
     return run.done if run is not None else 0
 
 
+def _project_of_1200(ls: Any, ls_project: Any) -> Any:
+    """A new project with 1,200 unannotated tasks (20 variants of each seed sentence)."""
+    project = ls_project(CONFIG)
+    ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in _variants(20)])
+    return project
+
+
+def _serve_and_connect(ls: Any, project: Any, settings: Settings, app_url: str, note: str) -> str:
+    """Publish a version for ``project`` and connect it to the backend at ``app_url``: connecting a
+    project to a backend that has a version starts that version's run. Returns the project's uid."""
+    uid = f"{project.id}.{int(ls.projects.get(id=project.id).created_at.timestamp())}"
+    publish(settings.model_dir, uid, 1.0, note)
+    _connect(ls, project.id, app_url)
+    return uid
+
+
 def _spawn_label_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [str(WORKER), "worker", "--queues", "label", "--name", f"label-{os.getpid()}-{log.stem}"],
@@ -199,13 +215,9 @@ def test_a_label_worker_killed_mid_run_loses_nothing_once_a_worker_is_back(
     settings = Settings.from_env(env)
     ls = label_studio.client()
     state = State(redis_client, "human")
-    project = ls_project(CONFIG)
-    ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in _variants(20)])
+    project = _project_of_1200(ls, ls_project)
     with AppServer(create_app(settings)) as app:
-        uid = f"{project.id}.{int(ls.projects.get(id=project.id).created_at.timestamp())}"
-        publish(settings.model_dir, uid, 1.0, "a version before the project connects")
-        # Connecting a project to a backend that has a version starts that version's run.
-        _connect(ls, project.id, app.url)
+        uid = _serve_and_connect(ls, project, settings, app.url, "a version before the project connects")
         logs = tmp_path / "logs"
         logs.mkdir()
         first = _spawn_label_worker(env, logs / "first.log")
@@ -251,12 +263,9 @@ def test_label_studio_going_away_pauses_the_run_and_it_resumes(
         settings = Settings.from_env(env)
         ls = label_studio.client()
         state = State(redis_client, "human")
-        project = ls_project(CONFIG)
-        ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in _variants(20)])
+        project = _project_of_1200(ls, ls_project)
         with AppServer(create_app(settings)) as app, Workers(env, tmp_path / "logs") as workers:
-            uid = f"{project.id}.{int(ls.projects.get(id=project.id).created_at.timestamp())}"
-            publish(settings.model_dir, uid, 1.0, "served")
-            _connect(ls, project.id, app.url)
+            uid = _serve_and_connect(ls, project, settings, app.url, "served")
             wait_for("a few chunks", lambda: _done(state, uid) >= 100, 120, workers)
             proxy.off()
             paused = wait_for(
@@ -293,12 +302,9 @@ def test_retrieve_predictions_pressed_during_a_run_stores_each_tasks_version_onc
     settings = Settings.from_env(env)
     ls = label_studio.client()
     state = State(redis_client, "human")
-    project = ls_project(CONFIG)
-    ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in _variants(20)])
+    project = _project_of_1200(ls, ls_project)
     with AppServer(create_app(settings)) as app, Workers(env, tmp_path / "logs") as workers:
-        uid = f"{project.id}.{int(ls.projects.get(id=project.id).created_at.timestamp())}"
-        publish(settings.model_dir, uid, 1.0, "served")
-        _connect(ls, project.id, app.url)
+        uid = _serve_and_connect(ls, project, settings, app.url, "served")
         wait_for("a few chunks", lambda: _done(state, uid) >= 100, 120, workers)
         ls.actions.create(
             id="retrieve_tasks_predictions", project=project.id, selected_items={"all": True, "excluded": []}
