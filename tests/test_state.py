@@ -246,7 +246,14 @@ def _calls(state: State) -> dict[str, object]:
         "jobs_in_flight": lambda: state.jobs_in_flight(),
         "enqueue": lambda: state.enqueue("ingest", print, "x"),
         "lock": lambda: state.lock("pool", UID, timeout_s=1, wait_s=0).__enter__(),
+        "guard": lambda: _read_under_guard(state),
     }
+
+
+def _read_under_guard(state: State) -> None:
+    """What :mod:`.label_runs` does: its own Redis calls inside ``State.guard``."""
+    with state.guard():
+        state.redis.get("aa:anything")
 
 
 def test_every_method_says_redis_is_unavailable_naming_where_but_not_the_password():
