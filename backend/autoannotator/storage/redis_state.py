@@ -141,6 +141,8 @@ class State:
     def __init__(self, client: redis.Redis, default_mode: str) -> None:
         self.redis = client
         self.default_mode = default_mode
+        # Sent by its SHA (EVALSHA), the text only when Redis lacks it: /predict claims on every call.
+        self._claim_writes = client.register_script(_CLAIM_WRITES)
 
     @classmethod
     def from_url(cls, url: str, default_mode: str) -> State:
@@ -364,16 +366,9 @@ class State:
         stale = PREDICT_CLAIM_S if owner == "run" else run_stale_s
         key = self._k(uid, f"writes:{version}")
         with self.guard():
-            granted = self.redis.eval(
-                _CLAIM_WRITES,
-                1,
-                key,
-                owner,
-                f"{time.time() if now is None else now:.3f}",
-                stale,
-                WRITES_TTL_S,
-                *map(int, task_ids),
-            )
+            at = f"{time.time() if now is None else now:.3f}"
+            args: list[str | float] = [owner, at, stale, WRITES_TTL_S, *map(int, task_ids)]
+            granted = self._claim_writes(keys=[key], args=args)
         return {int(i) for i in granted}
 
     def get(self, uid: str, name: str) -> str | None:
