@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from autoannotator.core.labels import LabelSet
 from autoannotator.demo.config import DemoConfig
 from autoannotator.errors import AutoAnnotatorError, BadInputError
-from autoannotator.learning.coldstart import KINDS, ColdStartConfig
+from autoannotator.learning.recipes import KINDS, ColdStartConfig
 from autoannotator.models.specialists import TrainConfig
 
 if TYPE_CHECKING:

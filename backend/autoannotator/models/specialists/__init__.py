@@ -1,22 +1,21 @@
-"""Specialists: the small classifiers that vote. See ``base`` for the contract they share."""
+"""Specialists: the small classifiers that vote. See ``base`` for the contract they share.
+
+The torch-backed kinds load on first use (PEP 562), so that the contract, ``TrainConfig`` and the
+kinds' names can be read by a process that never runs a model (the CLI's parser, the web app's
+settings) without paying for importing torch.
+"""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from autoannotator.core.labels import LabelSet
-from autoannotator.errors import LabelMappingError
-from autoannotator.models.specialists.base import (
-    META_FILE,
-    Specialist,
-    SpecialistMeta,
-    TrainConfig,
-    read_meta,
-    staged_dir,
-)
-from autoannotator.models.specialists.linear import EmbeddingSpecialist, NgramSpecialist
-from autoannotator.models.specialists.transformer import TransformerSpecialist
+from autoannotator.models.specialists.base import Specialist, SpecialistMeta, TrainConfig
+
+if TYPE_CHECKING:
+    from autoannotator.models.specialists.linear import EmbeddingSpecialist, NgramSpecialist
+    from autoannotator.models.specialists.loading import import_member, load_specialist
+    from autoannotator.models.specialists.transformer import TransformerSpecialist
 
 __all__ = [
     "EmbeddingSpecialist",
@@ -29,41 +28,19 @@ __all__ = [
     "load_specialist",
 ]
 
-_LINEAR_KINDS = {EmbeddingSpecialist.kind: EmbeddingSpecialist, NgramSpecialist.kind: NgramSpecialist}
+_LAZY = {
+    "EmbeddingSpecialist": "linear",
+    "NgramSpecialist": "linear",
+    "TransformerSpecialist": "transformer",
+    "import_member": "loading",
+    "load_specialist": "loading",
+}
 
 
-def load_specialist(
-    source: str | Path, labels: LabelSet, label_mapping: dict[str, str] | None = None
-) -> Specialist:
-    """Load any specialist: a directory this package wrote, a plain HF model directory, or a hub id."""
-    path = Path(str(source))
-    if (path / META_FILE).is_file():
-        meta = read_meta(path)
-        if meta.kind in _LINEAR_KINDS:
-            spec = _LINEAR_KINDS[meta.kind].load(path)
-            if spec.labels != labels:
-                raise LabelMappingError(
-                    f"{path} was trained for labels {list(spec.labels.names)!r}, "
-                    f"not the project's {list(labels.names)!r}"
-                )
-            return spec
-    return TransformerSpecialist.load(source, labels, label_mapping)
-
-
-def import_member(
-    source: str | Path, labels: LabelSet, directory: Path, label_mapping: dict[str, str] | None = None
-) -> Specialist:
-    """Bring a given model into a version directory of its own and return it loaded from there.
-
-    A published version must hold every member it names, so that it can be reloaded, retrained or
-    rolled back to whatever happens to ``source`` later. Specialist directories are copied; anything
-    else (a plain HF directory, a hub id) is loaded, label-mapped and saved as a specialist.
-    """
-    path = Path(str(source))
-    if (path / META_FILE).is_file():
-        with staged_dir(directory) as tmp:
-            shutil.copytree(path, tmp, dirs_exist_ok=True)
-        return load_specialist(directory, labels, label_mapping)
-    spec = TransformerSpecialist.load(source, labels, label_mapping)
-    spec.save(directory)
-    return load_specialist(directory, labels)
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,51 @@
+"""Loading any specialist from its directory, and bringing a given model into a version."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from autoannotator.core.labels import LabelSet
+from autoannotator.errors import LabelMappingError
+from autoannotator.models.specialists.base import META_FILE, Specialist, read_meta, staged_dir
+from autoannotator.models.specialists.linear import EmbeddingSpecialist, NgramSpecialist
+from autoannotator.models.specialists.transformer import TransformerSpecialist
+
+_LINEAR_KINDS = {EmbeddingSpecialist.kind: EmbeddingSpecialist, NgramSpecialist.kind: NgramSpecialist}
+
+
+def load_specialist(
+    source: str | Path, labels: LabelSet, label_mapping: dict[str, str] | None = None
+) -> Specialist:
+    """Load any specialist: a directory this package wrote, a plain HF model directory, or a hub id."""
+    path = Path(str(source))
+    if (path / META_FILE).is_file():
+        meta = read_meta(path)
+        if meta.kind in _LINEAR_KINDS:
+            spec = _LINEAR_KINDS[meta.kind].load(path)
+            if spec.labels != labels:
+                raise LabelMappingError(
+                    f"{path} was trained for labels {list(spec.labels.names)!r}, "
+                    f"not the project's {list(labels.names)!r}"
+                )
+            return spec
+    return TransformerSpecialist.load(source, labels, label_mapping)
+
+
+def import_member(
+    source: str | Path, labels: LabelSet, directory: Path, label_mapping: dict[str, str] | None = None
+) -> Specialist:
+    """Bring a given model into a version directory of its own and return it loaded from there.
+
+    A published version must hold every member it names, so that it can be reloaded, retrained or
+    rolled back to whatever happens to ``source`` later. Specialist directories are copied; anything
+    else (a plain HF directory, a hub id) is loaded, label-mapped and saved as a specialist.
+    """
+    path = Path(str(source))
+    if (path / META_FILE).is_file():
+        with staged_dir(directory) as tmp:
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+        return load_specialist(directory, labels, label_mapping)
+    spec = TransformerSpecialist.load(source, labels, label_mapping)
+    spec.save(directory)
+    return load_specialist(directory, labels)

@@ -1,0 +1,42 @@
+"""What a process pays for at import: the CLI's parser loads no model library, the web app no lab.
+
+Each check runs in a fresh interpreter, since this test process has long since imported everything.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _modules_after(code: str) -> set[str]:
+    probe = f"{code}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    return set(out.stdout.split())
+
+
+def test_the_cli_parser_and_its_help_load_neither_torch_nor_transformers() -> None:
+    loaded = _modules_after("from autoannotator.cli import build_parser\nbuild_parser().format_help()")
+    assert "torch" not in loaded
+    assert "transformers" not in loaded
+    assert "autoannotator.learning.recipes" in loaded  # the kinds and recipe defaults were read
+
+
+def test_importing_the_web_app_loads_no_lab_and_no_plotting() -> None:
+    loaded = _modules_after("from autoannotator.service.app import create_app")
+    assert "autoannotator.service.app" in loaded
+    assert {
+        "matplotlib",
+        "autoannotator.lab",
+        "autoannotator.lab.simulate",
+        "autoannotator.demo",
+    } & loaded == set()
+
+
+def test_the_torch_backed_specialists_still_load_on_first_use() -> None:
+    loaded = _modules_after(
+        "import autoannotator.models.specialists as s\nassert s.TransformerSpecialist.kind == 'transformer'"
+    )
+    assert "autoannotator.models.specialists.transformer" in loaded
