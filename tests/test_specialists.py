@@ -17,7 +17,12 @@ from autoannotator.models.specialists import (
     load_specialist,
 )
 from autoannotator.models.specialists.base import MAX_TEXT_CHARS, staged_dir
-from autoannotator.models.specialists.runtime import available_cpus, configure_torch, threads_per_process
+from autoannotator.models.specialists.runtime import (
+    available_cpus,
+    configure_torch,
+    inference_mode,
+    threads_per_process,
+)
 from autoannotator.settings import Settings
 from tests import tiny
 
@@ -41,7 +46,8 @@ def test_hub_style_classifier_labels_are_mapped_into_project_order(tmp_path):
     assert probs.shape == (2, 3)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
     # Column order is the project's: the model's POS column (index 0) lands in "bullish" (index 1).
-    raw = torch.softmax(spec.model(**spec._encode(["shares rally"])).logits, -1).detach().numpy()[0]
+    with inference_mode(spec.device):  # the same precision as predict_proba's
+        raw = torch.softmax(spec.model(**spec._encode(["shares rally"])).logits.float(), -1).numpy()[0]
     np.testing.assert_allclose(probs[0], [raw[1], raw[0], raw[2]], atol=1e-6)
 
 

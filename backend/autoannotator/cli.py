@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.precision import PRECISIONS
 from autoannotator.demo.config import DemoConfig
 from autoannotator.errors import AutoAnnotatorError, BadInputError
 from autoannotator.learning.recipes import KINDS, ColdStartConfig
@@ -31,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     when it runs, not when the parser is built."""
     parser = argparse.ArgumentParser(prog="autoannotator", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="forward passes that label (not training steps): auto picks bf16 where the hardware "
+        "computes it natively, else fp32 (as AUTOANNOTATOR_PRECISION does for the service)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulation_commands(sub)
     _add_model_commands(sub)
@@ -47,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.precision != "auto":
+        from autoannotator.models.specialists.runtime import configure_precision
+
+        configure_precision(args.precision)
     try:
         return int(args.func(args))
     except AutoAnnotatorError as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autoannotator.core.limits import MAX_TEXT_CHARS
+from autoannotator.core.precision import PRECISIONS
 
 REVIEW_MODES = ("llm", "human", "off")
 # AUTOANNOTATOR_SPECIALISTS=catalog or catalog:K: the K best catalog models for the project (Eq. 1).
@@ -161,6 +162,12 @@ class Settings:
         1,
         "processes on this machine that run forward passes at once (gunicorn workers + rq workers)",
     )
+    precision: str = _setting(
+        "AUTOANNOTATOR_PRECISION",
+        "auto",
+        "forward passes that serve: auto (bf16 where the CPU or GPU computes it natively, else fp32; "
+        "fp16 on GPUs without bf16), fp32, bf16 or fp16; training stays fp32",
+    )
     # Labelling runs: every new version predicts the project's unannotated tasks in the background.
     label_chunk: int = _setting(
         "AUTOANNOTATOR_LABEL_CHUNK",
@@ -206,6 +213,8 @@ class Settings:
             raise ValueError(f"AUTOANNOTATOR_THREADS must be >= 0 (0: automatic), got {self.threads}")
         if self.cpu_sharers < 1:
             raise ValueError(f"AUTOANNOTATOR_CPU_SHARERS must be >= 1, got {self.cpu_sharers}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"AUTOANNOTATOR_PRECISION must be one of {PRECISIONS}, got {self.precision!r}")
         if self.label_pause_s < 0:
             raise ValueError(f"AUTOANNOTATOR_LABEL_PAUSE must be >= 0, got {self.label_pause_s}")
         if self.label_pause_s >= self.label_timeout_s:

@@ -15,6 +15,7 @@ from autoannotator.core.labels import LabelSet
 from autoannotator.errors import LabelMappingError, SpecialistLoadError
 from autoannotator.models.specialists import Specialist, load_specialist
 from autoannotator.models.specialists.base import check_texts
+from autoannotator.models.specialists.batching import shared_tokens
 
 ENSEMBLE_FILE = "ensemble.json"
 
@@ -50,10 +51,11 @@ class Ensemble:
         """``[k, n, L]``: each member's probabilities. Time per member is kept in ``timings``."""
         clean = check_texts(texts)
         out = np.zeros((self.k, len(clean), len(self.labels)))
-        for i, m in enumerate(self.members):
-            started = time.perf_counter()
-            out[i] = m.predict_proba(clean)
-            self.timings[m.name] = self.timings.get(m.name, 0.0) + time.perf_counter() - started
+        with shared_tokens():  # members on the same encoder tokenize each text once between them
+            for i, m in enumerate(self.members):
+                started = time.perf_counter()
+                out[i] = m.predict_proba(clean)
+                self.timings[m.name] = self.timings.get(m.name, 0.0) + time.perf_counter() - started
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from autoannotator.errors import (
     UnsupportedConfigError,
 )
 from autoannotator.labelstudio.client import basic_auth
-from autoannotator.models.specialists.runtime import configure_torch, threads_per_process
+from autoannotator.models.specialists.runtime import configure_precision, configure_torch, threads_per_process
 from autoannotator.service import events
 from autoannotator.service.annotator import Annotator, PredictionBatch
 from autoannotator.service.context import Context
@@ -75,6 +75,7 @@ def create_app(
     _log_like_gunicorn()
     settings = settings or Settings.from_env()
     configure_torch(threads_per_process(settings.threads, settings.cpu_sharers))
+    configure_precision(settings.precision)
     projects = projects or ProjectModels(settings.model_dir)
     state = state or State.from_url(settings.redis_url, settings.review_mode)
     ctx = Context(settings, state, projects)

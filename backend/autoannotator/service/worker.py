@@ -8,7 +8,7 @@ from rq import SimpleWorker, Worker
 from rq.worker import BaseWorker
 
 from autoannotator.errors import AutoAnnotatorError
-from autoannotator.models.specialists.runtime import configure_torch, threads_per_process
+from autoannotator.models.specialists.runtime import configure_precision, configure_torch, threads_per_process
 from autoannotator.service import jobs
 from autoannotator.service.context import Context
 from autoannotator.settings import Settings
@@ -55,6 +55,7 @@ def run_worker(
         raise AutoAnnotatorError(f"unknown queues {unknown}; choose from {list(QUEUES)}")
     threads = threads_per_process(settings.threads, settings.cpu_sharers)
     configure_torch(threads)
+    configure_precision(settings.precision)
     ctx = Context.from_settings(settings)
     if not ctx.state.ping():
         raise AutoAnnotatorError("Redis does not answer at AUTOANNOTATOR_REDIS_URL; start it or fix the URL")

@@ -17,7 +17,13 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from autoannotator.errors import SpecialistLoadError
-from autoannotator.models.specialists.runtime import configure_torch, default_device, usable_length
+from autoannotator.models.specialists.batching import length_batches, token_ids, tokenizer_key
+from autoannotator.models.specialists.runtime import (
+    configure_torch,
+    default_device,
+    inference_mode,
+    usable_length,
+)
 
 _ENCODERS: dict[tuple[str, int], Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()
@@ -67,6 +73,7 @@ class Encoder:
         except (OSError, ValueError) as exc:
             raise SpecialistLoadError(f"cannot load encoder {self.source!r}: {exc}") from exc
         self.max_length = usable_length(self.model, self.tokenizer, max_length)
+        self._tokenizer_key = tokenizer_key(self.tokenizer)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -107,26 +114,14 @@ class Encoder:
                     self._cache.popitem(last=False)
         return out
 
-    @torch.no_grad()
     def _forward(self, texts: Sequence[str]) -> np.ndarray:
-        chunks = []
-        # Sorting by length keeps padding (wasted compute) small within each batch.
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        for start in range(0, len(texts), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            enc = self.tokenizer(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            chunks.append((idx, pooled.float().cpu().numpy()))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for idx, vecs in chunks:
-            out[idx] = vecs
+        ids = token_ids(self.tokenizer, self._tokenizer_key, texts, self.max_length)
+        pad_id = self.tokenizer.pad_token_id or 0
+        with inference_mode(self.device):
+            for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device):
+                hidden = self.model(**batch).last_hidden_state.float()
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         return out

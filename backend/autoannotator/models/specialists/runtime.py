@@ -1,17 +1,24 @@
-"""Where specialists run: torch thread count and device, decided once per process, never at import."""
+"""Where specialists run: torch thread count, device and inference precision, decided once per
+process, never at import."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from threadpoolctl import threadpool_limits
 
+from autoannotator.core.precision import PRECISIONS
+
 logger = logging.getLogger(__name__)
 
 _configured = False
+
+_precision = "auto"
 
 
 def available_cpus() -> int:
@@ -66,3 +73,43 @@ def usable_length(model: Any, tokenizer: Any, wanted: int) -> int:
     if isinstance(tok_max, int) and tok_max < 1_000_000:  # "no limit" is a huge sentinel
         limits.append(tok_max)
     return min(limits)
+
+
+def configure_precision(precision: str) -> None:
+    """How forward passes that serve (not training steps) compute: ``fp32``, ``bf16``, ``fp16``, or
+    ``auto``: bf16 where the hardware computes it natively (a CPU with AVX512-BF16 or AMX, a GPU with
+    bf16), fp16 on other GPUs, fp32 on other CPUs. Weights stay fp32 (autocast), so fine-tuning is
+    unchanged and one copy of each model serves both."""
+    global _precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _precision = precision
+    logger.debug("inference precision: %s", precision)
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU has bf16 dot products (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower
+    than fp32. torch exposes the checks privately; without them the answer is no."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def inference_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision forward passes on ``device`` run in, or None for fp32."""
+    wanted = _precision
+    if wanted == "auto":
+        if device.type == "cuda":
+            wanted = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            wanted = "bf16" if device.type == "cpu" and native_cpu_bf16() else "fp32"
+    if wanted == "fp16" and device.type == "cpu":
+        wanted = "fp32"  # fp16 matmuls on a CPU are emulated: never faster, less exact
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
+
+
+@contextlib.contextmanager
+def inference_mode(device: torch.device) -> Iterator[None]:
+    """No autograd, and autocast to :func:`inference_dtype` where it is not fp32."""
+    dtype = inference_dtype(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        yield

@@ -30,8 +30,14 @@ from autoannotator.models.specialists.base import (
     staged_dir,
     write_meta,
 )
+from autoannotator.models.specialists.batching import length_batches, token_ids, tokenizer_key
 from autoannotator.models.specialists.encoder import resolve_model_source
-from autoannotator.models.specialists.runtime import configure_torch, default_device, usable_length
+from autoannotator.models.specialists.runtime import (
+    configure_torch,
+    default_device,
+    inference_mode,
+    usable_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,7 @@ class TransformerSpecialist(DescribedByMeta):
         self.max_length = self._fit_length(int((meta.train_config or {}).get("max_length", 128)))
         # Tokenizers emit inputs (token_type_ids) that some architectures do not accept.
         self._model_inputs = set(inspect.signature(model.forward).parameters)
+        self._tokenizer_key = tokenizer_key(tokenizer)
 
     # ----------------------------------------------------------------- loading
 
@@ -155,21 +162,21 @@ class TransformerSpecialist(DescribedByMeta):
         )
         return {k: v.to(self.device) for k, v in enc.items() if k in self._model_inputs}
 
-    @torch.no_grad()
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        """``[n, n_labels]`` probabilities in the project's label order."""
+        """``[n, n_labels]`` probabilities in the project's label order.
+
+        Batched by token length, in the process's inference precision (``runtime.inference_mode``).
+        """
         clean = check_texts(texts)
         if not clean:
             return np.zeros((0, len(self.labels)))
         self.model.eval()
-        n_model = len(self.targets)
-        out = np.zeros((len(clean), n_model), dtype=np.float64)
-        # Sorting by length keeps padding small inside each batch.
-        order = np.argsort([len(t) for t in clean], kind="stable")
-        for start in range(0, len(clean), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            logits = self.model(**self._encode([clean[i] for i in idx])).logits
-            out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        out = np.zeros((len(clean), len(self.targets)), dtype=np.float64)
+        ids = token_ids(self.tokenizer, self._tokenizer_key, clean, self.max_length)
+        pad_id = self.tokenizer.pad_token_id or 0
+        with inference_mode(self.device):
+            for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device):
+                out[idx] = torch.softmax(self.model(**batch).logits.float(), dim=-1).cpu().numpy()
         return project_columns(out, self.targets, len(self.labels))
 
     def save(self, directory: Path) -> None:

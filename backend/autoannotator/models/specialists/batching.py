@@ -1,0 +1,87 @@
+"""Texts into padded batches for a transformer's forward pass: tokenized once per ensemble call, batched
+by token length.
+
+Batches of texts of similar *token* length waste little compute on padding. Sorting by characters, as
+a first guess, leaves batches whose longest text has twice the tokens of its shortest (emoji, URLs and
+hashtags split into many tokens): measured on tweets, 1.5x the time per text (BENCHMARKS.md, section 6c).
+
+Members built on the same encoder share its tokenizer: the fine-tuned transformer and the frozen
+encoder under a linear head cut the same texts into the same tokens. Inside :func:`shared_tokens` (the
+ensemble wraps each call in it) a text is tokenized once per distinct tokenizer, whichever member asks
+first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+# (tokenizer key, max_length) -> text -> token ids; set only inside shared_tokens().
+_SHARED: contextvars.ContextVar[dict[tuple[str, int], dict[str, list[int]]] | None] = contextvars.ContextVar(
+    "autoannotator_shared_tokens", default=None
+)
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """What makes two tokenizers cut text the same way: a fast tokenizer's whole serialised pipeline
+    (vocabulary, normaliser, pre-tokeniser), else its class, vocabulary and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = repr(
+            (type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens)
+        )
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+@contextlib.contextmanager
+def shared_tokens() -> Iterator[None]:
+    """Within this block, members whose tokenizers are the same tokenize each text once between them."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def token_ids(tokenizer: Any, key: str, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Each text's token ids (special tokens included, truncated to ``max_length``), unpadded."""
+    shared = _SHARED.get()
+    memo = None if shared is None else shared.setdefault((key, max_length), {})
+    todo = list(dict.fromkeys(texts)) if memo is None else [t for t in dict.fromkeys(texts) if t not in memo]
+    found: dict[str, list[int]] = {}
+    if todo:
+        ids = tokenizer(todo, truncation=True, max_length=max_length, return_attention_mask=False)[
+            "input_ids"
+        ]
+        found = dict(zip(todo, ids, strict=True))
+        if memo is not None:
+            memo.update(found)
+    if memo is not None:
+        found = memo
+    return [found[t] for t in texts]
+
+
+def length_batches(
+    ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """``(positions, {"input_ids", "attention_mask"})`` per batch, texts ordered by token count so each
+    batch pads to a length its texts nearly share. ``positions`` index ``ids``."""
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(ids), batch_size):
+        idx = order[start : start + batch_size]
+        width = int(lengths[idx].max())
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            input_ids[row, : lengths[i]] = torch.as_tensor(ids[i], dtype=torch.long)
+            mask[row, : lengths[i]] = 1
+        yield idx, {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}

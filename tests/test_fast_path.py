@@ -1,0 +1,172 @@
+"""The serving forward path: batches by token length, one tokenization per tokenizer per ensemble
+call, and forward passes in reduced precision (bf16 autocast) with fp32 weights.
+
+Real tiny transformers throughout; the fine-tuned one is trained here so that its margins are those
+of a model that learned something (an untrained head answers ~1/3 everywhere, where any rounding
+flips a label).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from autoannotator.core.labels import LabelSet
+from autoannotator.models.ensemble import Ensemble
+from autoannotator.models.specialists import (
+    EmbeddingSpecialist,
+    NgramSpecialist,
+    TrainConfig,
+    TransformerSpecialist,
+    runtime,
+)
+from autoannotator.models.specialists.batching import length_batches, shared_tokens, token_ids, tokenizer_key
+from autoannotator.models.specialists.encoder import Encoder
+from autoannotator.settings import Settings
+from tests import tiny
+
+LABELS = LabelSet.of(tiny.LABELS)
+
+# bf16 keeps 8 bits of mantissa: a probability moves by at most a few hundredths on these models,
+# and a label changes only where two classes were within that of each other.
+BF16_PROB_TOLERANCE = 0.03
+BF16_MIN_AGREEMENT = 0.98
+
+
+@pytest.fixture
+def precision() -> Iterator[None]:
+    """Each test sets the precision it needs; the process's setting comes back afterwards."""
+    saved = runtime._precision
+    yield
+    runtime.configure_precision(saved)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tiny_encoder, tiny_corpus) -> TransformerSpecialist:
+    texts, ys = [t for t, _ in tiny_corpus[:180]], [y for _, y in tiny_corpus[:180]]
+    base = TransformerSpecialist.from_encoder(tiny_encoder, LABELS, name="tf")
+    config = TrainConfig(learning_rate=5e-3, epochs=6, batch_size=16, max_length=32, seed=0)
+    return base.fit(texts, ys, tmp_path_factory.mktemp("tuned") / "v1", config)
+
+
+def _one_by_one(spec: TransformerSpecialist, texts: list[str]) -> np.ndarray:
+    """The reference: each text alone through the model in fp32, no padding at all."""
+    rows = []
+    with torch.no_grad():
+        for text in texts:
+            logits = spec.model(**spec._encode([text])).logits
+            rows.append(torch.softmax(logits, -1)[0].numpy())
+    return np.asarray(rows)[:, np.argsort(spec.targets)]
+
+
+def test_token_length_batches_give_what_each_text_alone_gives(precision, tuned, tiny_corpus):
+    runtime.configure_precision("fp32")
+    texts = [t for t, _ in tiny_corpus[180:]] + ["rally " * 40, "a"]  # one truncated, one short
+    tuned.batch_size = 7  # batches of mixed lengths, a last one not full
+    try:
+        np.testing.assert_allclose(tuned.predict_proba(texts), _one_by_one(tuned, texts), atol=1e-5)
+    finally:
+        tuned.batch_size = 32
+
+
+def test_batches_group_texts_of_similar_token_counts_and_mask_the_padding():
+    ids = [[1] * n for n in (5, 2, 9, 3, 2, 7)]
+    seen = []
+    for idx, batch in length_batches(ids, 2, pad_id=0, device=torch.device("cpu")):
+        lengths = [len(ids[i]) for i in idx]
+        seen.extend(idx.tolist())
+        assert batch["input_ids"].shape == (len(idx), max(lengths))
+        assert batch["attention_mask"].sum(1).tolist() == lengths
+        assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
+    assert [len(ids[i]) for i in seen] == [2, 2, 3, 5, 7, 9]  # shortest first, every text once
+    assert sorted(seen) == list(range(len(ids)))
+
+
+def test_members_on_one_encoder_tokenize_each_text_once_per_ensemble_call(
+    monkeypatch, tmp_path, tiny_encoder, tiny_corpus
+):
+    texts, ys = [t for t, _ in tiny_corpus[:120]], [y for _, y in tiny_corpus[:120]]
+    emb = EmbeddingSpecialist.untrained(tiny_encoder, LABELS).fit(texts, ys, tmp_path / "emb")
+    clf = TransformerSpecialist.load(tiny.build_classifier(tmp_path / "clf", list(LABELS.names)), LABELS)
+    ngram = NgramSpecialist.untrained(LABELS).fit(texts, ys, tmp_path / "ng")
+    encoder = Encoder.shared(tiny_encoder, max_length=clf.max_length)
+    assert tokenizer_key(clf.tokenizer) == tokenizer_key(encoder.tokenizer)  # two folders, one tokenizer
+    calls: list[int] = []
+    cls = type(clf.tokenizer)
+    assert type(encoder.tokenizer) is cls
+    real = cls.__call__
+
+    def counted(self, batch, *args, **kwargs):
+        calls.append(len(batch))
+        return real(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", counted)
+    fresh = [f"{t} fresh{i}" for i, (t, _) in enumerate(tiny_corpus[120:150])]  # not in the encoder's cache
+    Ensemble([clf, emb, ngram], LABELS).predict_proba(fresh)
+    assert calls == [len(fresh)]  # one tokenization, by whichever member asked first
+    calls.clear()
+    clf.predict_proba(fresh[:5])  # outside an ensemble call nothing is shared or kept
+    clf.predict_proba(fresh[:5])
+    assert calls == [5, 5]
+
+
+def test_tokenizers_that_cut_text_differently_never_share(tmp_path):
+    a = tiny.save_tokenizer(tmp_path / "a")
+    b = tiny.save_tokenizer(tmp_path / "b")
+    assert tokenizer_key(a) == tokenizer_key(b)
+    b.add_tokens(["selloffs"])
+    assert tokenizer_key(a) != tokenizer_key(b)
+    with shared_tokens():
+        first = token_ids(a, tokenizer_key(a), ["big selloffs"], 16)
+        second = token_ids(b, tokenizer_key(b), ["big selloffs"], 16)
+    assert first != second
+
+
+def test_bf16_forward_passes_keep_the_labels_of_fp32_within_the_stated_tolerance(
+    precision, tuned, tiny_encoder, tiny_corpus
+):
+    texts = [t for t, _ in tiny_corpus]
+    runtime.configure_precision("fp32")
+    exact = tuned.predict_proba(texts)
+    emb_exact = Encoder(tiny_encoder)._forward(texts)
+    runtime.configure_precision("bf16")
+    reduced = tuned.predict_proba(texts)
+    emb_reduced = Encoder(tiny_encoder)._forward(texts)
+    assert not np.array_equal(exact, reduced)  # bf16 did run: the figures moved
+    assert np.abs(exact - reduced).max() <= BF16_PROB_TOLERANCE
+    assert (exact.argmax(1) == reduced.argmax(1)).mean() >= BF16_MIN_AGREEMENT
+    cosine = (emb_exact * emb_reduced).sum(1)  # unit vectors
+    assert cosine.min() > 0.99
+    assert next(tuned.model.parameters()).dtype == torch.float32  # weights stay fp32 for training
+
+
+def test_precision_follows_the_setting_and_the_hardware(precision, monkeypatch):
+    cpu = torch.device("cpu")
+    runtime.configure_precision("fp32")
+    assert runtime.inference_dtype(cpu) is None
+    runtime.configure_precision("bf16")
+    assert runtime.inference_dtype(cpu) is torch.bfloat16
+    runtime.configure_precision("fp16")
+    assert runtime.inference_dtype(cpu) is None  # fp16 on a CPU is emulated: fp32 instead
+    runtime.configure_precision("auto")
+    monkeypatch.setattr(runtime, "native_cpu_bf16", lambda: True)
+    assert runtime.inference_dtype(cpu) is torch.bfloat16
+    monkeypatch.setattr(runtime, "native_cpu_bf16", lambda: False)
+    assert runtime.inference_dtype(cpu) is None
+    with pytest.raises(ValueError, match="precision"):
+        runtime.configure_precision("int4")
+
+
+def test_the_web_process_applies_its_precision_setting_before_serving(precision, tmp_path, redis_url):
+    from autoannotator.service.app import create_app
+
+    env = {"AUTOANNOTATOR_MODEL_DIR": str(tmp_path), "AUTOANNOTATOR_REDIS_URL": redis_url}
+    create_app(Settings.from_env({**env, "AUTOANNOTATOR_PRECISION": "fp32"}))
+    assert runtime._precision == "fp32"
+    create_app(Settings.from_env({**env, "AUTOANNOTATOR_PRECISION": "bf16"}))
+    assert runtime.inference_dtype(torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(ValueError, match="AUTOANNOTATOR_PRECISION"):
+        Settings.from_env({"AUTOANNOTATOR_PRECISION": "int8"})
