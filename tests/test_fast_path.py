@@ -8,6 +8,7 @@ flips a label).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -170,3 +171,36 @@ def test_the_web_process_applies_its_precision_setting_before_serving(precision,
     assert runtime.inference_dtype(torch.device("cpu")) is torch.bfloat16
     with pytest.raises(ValueError, match="AUTOANNOTATOR_PRECISION"):
         Settings.from_env({"AUTOANNOTATOR_PRECISION": "int8"})
+
+
+def test_bench_precision_compares_one_version_in_two_precisions(
+    precision, tmp_path, tuned, tiny_encoder, tiny_corpus
+):
+    from autoannotator.lab.bench_precision import run_bench_precision
+    from autoannotator.storage.registry import Registry
+
+    texts, ys = [t for t, _ in tiny_corpus[:150]], [y for _, y in tiny_corpus[:150]]
+    registry = Registry(tmp_path / "trained")
+    version = registry.save_ensemble(
+        LABELS,
+        {
+            "m0-transformer": lambda d: (tuned.save(d), TransformerSpecialist.load(d, LABELS))[1],
+            "m1-embedding": lambda d: EmbeddingSpecialist.untrained(tiny_encoder, LABELS).fit(texts, ys, d),
+            "m2-ngram": lambda d: NgramSpecialist.untrained(LABELS).fit(texts, ys, d),
+        },
+        note="bench-precision test",
+    )
+    stream = tmp_path / "stream.jsonl"
+    stream.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in tiny_corpus[150:]))
+    result = run_bench_precision([registry.path(version)] * 2, [stream], ("fp32", "bf16"), "budget:0.2:mean")
+    first = result["versions"][0]["precisions"]
+    assert first["fp32"]["computes_in"] == "float32" and first["bf16"]["computes_in"] == "bfloat16"
+    assert all(m["agreement"] == 1.0 for m in first["fp32"]["members"].values())  # the reference itself
+    transformer, embedding, ngram = first["bf16"]["members"]  # vote order; keys are member names
+    assert first["bf16"]["members"][transformer]["max_abs_prob_change"] > 0  # bf16 did run
+    assert first["bf16"]["members"][ngram]["max_abs_prob_change"] == 0  # no forward pass to change
+    assert first["fp32"]["reviewed_share"] == pytest.approx(0.2, abs=0.02)
+    assert set(first["bf16"]["ms_per_text"]) == {transformer, embedding, ngram}
+    summary = result["summary"]["bf16"]
+    assert len(summary["accuracy_change_points"]) == 2 and summary["sd_change_points"] == 0.0  # same version
+    assert abs(summary["mean_change_points"]) <= 100 * (1 - BF16_MIN_AGREEMENT)

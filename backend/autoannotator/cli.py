@@ -481,6 +481,103 @@ def _add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
     p.set_defaults(func=_bench_predict)
     _add_bench_label_command(sub)
+    _add_bench_precision_command(sub)
+    _add_bench_peer_command(sub)
+
+
+def _add_bench_peer_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-peer",
+        help="our backend against Label Studio's official bert_classifier example, same requests",
+        description=(
+            "Serve --version-dir with our backend and its fine-tuned transformer member with the official "
+            "label-studio-ml-backend example bert_classifier (installed by you: --peer-dir is its folder, "
+            "--peer-python its environment's python), both under gunicorn; send both the same /predict "
+            "bodies, alternating: one-task p50/p95 and 100/1,000-task throughput pinned to one CPU and "
+            "unpinned, worker memory, and p50/p95 with concurrent clients against as many workers."
+        ),
+    )
+    p.add_argument("--version-dir", type=Path, required=True, help="a published version with a transformer")
+    p.add_argument("--data", type=Path, required=True, help="JSONL with a text field: the texts to label")
+    p.add_argument("--peer-dir", type=Path, required=True, help="label_studio_ml/examples/bert_classifier")
+    p.add_argument("--peer-python", type=Path, required=True, help="the python of the peer's environment")
+    p.add_argument("--single-n", type=int, default=40, help="one-task requests per server per setting")
+    p.add_argument("--batches", default="100,1000", help="comma-separated batch sizes")
+    p.add_argument("--repeats", type=int, default=3, help="requests per batch size per server (median)")
+    p.add_argument("--clients", type=int, default=3, help="concurrent clients, and workers per server")
+    p.add_argument("--concurrent-requests", type=int, default=60, help="one-task requests per round")
+    p.add_argument("--settings", default="pinned,unpinned,concurrent", help="which phases to run")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/13", help="flushed before and after")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
+    p.set_defaults(func=_bench_peer)
+
+
+def _bench_peer(args: argparse.Namespace) -> int:
+    from autoannotator.lab.bench_peer import PeerInstall, markdown_table, run_bench_peer
+    from autoannotator.learning.datasets import read_jsonl
+
+    texts = [r.text for r in read_jsonl(args.data)]
+    result = run_bench_peer(
+        args.version_dir,
+        texts,
+        PeerInstall(args.peer_dir.resolve(), args.peer_python.absolute()),
+        single_n=args.single_n,
+        batches=[int(b) for b in args.batches.split(",") if b.strip()],
+        repeats=args.repeats,
+        clients=args.clients,
+        concurrent_requests=args.concurrent_requests,
+        redis_url=args.redis_url,
+        settings=[x.strip() for x in args.settings.split(",") if x.strip()],
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print(markdown_table(result))
+    return 0
+
+
+def _add_bench_precision_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-precision",
+        help="the same versions labelling the same streams in each precision: labels, accuracy, time",
+        description=(
+            "Label --stream with each --version-dir once per precision (the first is the reference): each "
+            "member's agreement with the reference, the ensemble's accuracy when --policy sends its share "
+            "to a perfect reviewer, and ms per text per member in this process's threads; then the change "
+            "in accuracy over the versions, mean and spread."
+        ),
+    )
+    p.add_argument("--version-dir", type=Path, action="append", required=True, help="repeat per version")
+    p.add_argument(
+        "--stream", type=Path, action="append", required=True, help="labelled JSONL: one, or one per version"
+    )
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated; the first is the reference")
+    p.add_argument("--policy", default="budget:0.2:mean", help="routing policy spec (who is reviewed)")
+    p.add_argument("--n", type=int, default=None, help="only the first N texts of each stream")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the usable CPUs)")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
+    p.set_defaults(func=_bench_precision)
+
+
+def _bench_precision(args: argparse.Namespace) -> int:
+    from autoannotator.lab.bench_precision import run_bench_precision
+    from autoannotator.models.specialists.runtime import configure_torch
+
+    _quiet_libraries()
+    configure_torch(args.threads or None)
+    result = run_bench_precision(
+        args.version_dir,
+        args.stream,
+        precisions=[x.strip() for x in args.precisions.split(",") if x.strip()],
+        policy=args.policy,
+        n=args.n,
+    )
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
 
 
 def _add_bench_label_command(sub: argparse._SubParsersAction) -> None:

@@ -193,37 +193,57 @@ def server_env(model_dir: Path, redis_url: str, review_mode: str) -> dict[str, s
 
 
 @contextmanager
-def gunicorn_server(env: dict[str, str], log_path: Path, threads: int = 1) -> Iterator[Server]:
-    """gunicorn with one worker (``gthread`` with ``threads`` > 1, else ``sync``, as in the README)
-    serving the product's app; stopped on exit."""
+def gunicorn_server(
+    env: dict[str, str], log_path: Path, threads: int = 1, workers: int = 1
+) -> Iterator[Server]:
+    """gunicorn (``gthread`` with ``threads`` > 1, else ``sync``, as in the README) serving the
+    product's app; stopped on exit."""
+    with gunicorn(
+        "autoannotator.service.app:create_app()", env, log_path, workers=workers, threads=threads
+    ) as server:
+        yield server
+
+
+@contextmanager
+def gunicorn(
+    app: str,
+    env: dict[str, str],
+    log_path: Path,
+    *,
+    python: str = sys.executable,
+    cwd: Path | None = None,
+    workers: int = 1,
+    threads: int = 1,
+    options: Sequence[str] = (),
+    cpus: set[int] | None = None,
+) -> Iterator[Server]:
+    """Any WSGI ``app`` under gunicorn on a loopback socket bound here, run by ``python`` from ``cwd``,
+    pinned to ``cpus`` (every worker inherits the affinity) when given; stopped on exit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     sock.set_inheritable(True)
     host, port = sock.getsockname()[:2]
     command = [
-        sys.executable,
+        python,
         "-m",
         "gunicorn",
-        "--workers",
-        "1",
-        "--worker-class",
-        "gthread" if threads > 1 else "sync",
-        "--threads",
-        str(threads),
-        "--bind",
-        f"fd://{sock.fileno()}",
-        "--timeout",
-        str(int(REQUEST_TIMEOUT_S)),
-        "--graceful-timeout",
-        "10",
-        "--log-level",
-        "warning",
-        "autoannotator.service.app:create_app()",
+        *("--workers", str(workers), "--worker-class", "gthread" if threads > 1 else "sync"),
+        *("--threads", str(threads), "--bind", f"fd://{sock.fileno()}"),
+        *("--timeout", str(int(REQUEST_TIMEOUT_S)), "--graceful-timeout", "10", "--log-level", "warning"),
+        *options,
+        app,
     ]
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, pass_fds=(sock.fileno(),)
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(sock.fileno(),),
+            preexec_fn=pin,
         )
     sock.close()  # gunicorn holds its own copy
     server = Server(f"http://{host}:{port}", host, port, command, process, log_path)
@@ -240,15 +260,17 @@ def gunicorn_server(env: dict[str, str], log_path: Path, threads: int = 1) -> It
                 process.wait(timeout=10)
 
 
-def _worker_memory(server: Server) -> dict[str, Any]:
-    """The gunicorn worker's memory once every request has been served: what one web worker
-    holds for one project (``rss_mb``) and the most it held (``peak_rss_mb``, its largest batch)."""
+def worker_memory(server: Server) -> dict[str, Any]:
+    """The gunicorn workers' memory once every request has been served: what one web worker holds
+    for one project (``rss_mb``) and the most it held (``peak_rss_mb``, its largest batch); with
+    several workers, the largest of them."""
     try:
         with open(f"/proc/{server.process.pid}/task/{server.process.pid}/children") as fh:
             workers = [int(pid) for pid in fh.read().split()]
     except OSError:  # no /proc (not Linux): not measured
         return {}
-    return {"pid": workers[0], **process_memory_mb(workers[0])} if len(workers) == 1 else {}
+    measured = [{"pid": pid, **process_memory_mb(pid)} for pid in workers]
+    return max(measured, key=lambda m: m.get("rss_mb") or 0.0) if measured else {}
 
 
 def _wait_healthy(server: Server) -> None:
@@ -257,7 +279,7 @@ def _wait_healthy(server: Server) -> None:
         if server.process.poll() is not None:
             break
         try:
-            status, _, _ = _request(server, "GET", "/health", None, timeout=5)
+            status, _, _ = http_request(server, "GET", "/health", None, timeout=5)
             if status == 200:
                 return
         except OSError:
@@ -267,7 +289,7 @@ def _wait_healthy(server: Server) -> None:
     raise AutoAnnotatorError(f"gunicorn did not answer /health at {server.url}; its log ends:\n{tail}")
 
 
-def _request(
+def http_request(
     server: Server, method: str, path: str, body: bytes | None, timeout: float = REQUEST_TIMEOUT_S
 ) -> tuple[int, bytes, float]:
     """One request on a new connection (what a client without keep-alive pays): status, body and the
@@ -350,7 +372,7 @@ class _Probe:
         texts = self.texts.take(n)
         first = self._ids(n)
         started = time.perf_counter()
-        status, raw, forward = _request(
+        status, raw, forward = http_request(
             self.server, "POST", "/predict", predict_body(self.uid, self.xml, texts, first)
         )
         answer = json.loads(raw)
@@ -618,7 +640,7 @@ def run_bench_predict(
                 str(n): _components(probe, annotator, state, settings, n, single_n if n == 1 else repeats)
                 for n in (1, *batch_sizes)
             }
-            worker_memory = _worker_memory(server)
+            memory = worker_memory(server)
         result.update(
             {
                 "machine": machine(),
@@ -641,7 +663,7 @@ def run_bench_predict(
                 "repeats": repeats,
                 "components_mode": comp_mode,
                 "components_ms": components,
-                "worker_memory": worker_memory,
+                "worker_memory": memory,
             }
         )
         return result

@@ -52,6 +52,15 @@ def model_reference(source: str | Path) -> str:
     return str(path.resolve()) if path.is_dir() else text
 
 
+def clear_encoder_caches() -> None:
+    """Forget the vectors every shared encoder cached (after a change of precision, or to time the
+    forward pass itself)."""
+    with _ENCODERS_LOCK:
+        encoders = list(_ENCODERS.values())
+    for encoder in encoders:
+        encoder.clear_cache()
+
+
 class Encoder:
     """Mean-pooled, L2-normalised sentence embeddings from any Hugging Face encoder."""
 
@@ -86,6 +95,10 @@ class Encoder:
             if key not in _ENCODERS:
                 _ENCODERS[key] = cls(key[0], max_length=max_length)
             return _ENCODERS[key]
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
 
     @property
     def dim(self) -> int:
