@@ -3,7 +3,8 @@ by token length.
 
 Batches of texts of similar *token* length waste little compute on padding. Sorting by characters, as
 a first guess, leaves batches whose longest text has twice the tokens of its shortest (emoji, URLs and
-hashtags split into many tokens): measured on tweets, 1.5x the time per text (BENCHMARKS.md, section 6c).
+hashtags split into many tokens): measured on tweets, 1.3 to 1.5 times the time per text (BENCHMARKS.md,
+section 6c).
 
 Members built on the same encoder share its tokenizer: the fine-tuned transformer and the frozen
 encoder under a linear head cut the same texts into the same tokens. Inside :func:`shared_tokens` (the
