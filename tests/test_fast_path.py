@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,21 @@ def test_bench_precision_compares_one_version_in_two_precisions(
     summary = result["summary"]["bf16"]
     assert len(summary["accuracy_change_points"]) == 2 and summary["sd_change_points"] == 0.0  # same version
     assert abs(summary["mean_change_points"]) <= 100 * (1 - BF16_MIN_AGREEMENT)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(runtime._TRIM is None or not Path("/proc/self/status").exists(), reason="glibc on Linux")
+def test_freed_buffers_go_back_to_the_os_after_a_large_batch():
+    # 160 MB in 64 KiB blocks (below glibc's mmap threshold: they come from the heap), then one block
+    # kept above them, so the freed space sits below the heap's top where glibc does not trim it alone.
+    blocks = [bytearray(64 * 1024) for _ in range(2560)]
+    pin = bytearray(64 * 1024)
+    del blocks
+    before = _rss_mb()
+    runtime.release_freed_memory()
+    assert before - _rss_mb() > 100
+    assert len(pin) == 64 * 1024

@@ -16,8 +16,11 @@ from autoannotator.errors import LabelMappingError, SpecialistLoadError
 from autoannotator.models.specialists import Specialist, load_specialist
 from autoannotator.models.specialists.base import check_texts
 from autoannotator.models.specialists.batching import shared_tokens
+from autoannotator.models.specialists.runtime import release_freed_memory
 
 ENSEMBLE_FILE = "ensemble.json"
+# After a call with this many texts, the heap's freed activation buffers go back to the OS.
+RELEASE_AFTER_TEXTS = 256
 
 
 @dataclass
@@ -56,6 +59,8 @@ class Ensemble:
                 started = time.perf_counter()
                 out[i] = m.predict_proba(clean)
                 self.timings[m.name] = self.timings.get(m.name, 0.0) + time.perf_counter() - started
+        if len(clean) >= RELEASE_AFTER_TEXTS:
+            release_freed_memory()
         return out
 
     def describe(self) -> dict[str, Any]:
