@@ -66,6 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _write_result(out: Path | None, result: dict[str, Any]) -> str:
+    """A benchmark's result as indented JSON, also written to ``out`` (its folder made) when given."""
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return text
+
+
 def _quiet_libraries() -> None:
     """transformers' per-load reports and weight-loading bars drown our own progress bars."""
     import transformers
@@ -529,9 +538,7 @@ def _bench_peer(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         settings=[x.strip() for x in args.settings.split(",") if x.strip()],
     )
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    _write_result(args.out, result)
     print(markdown_table(result))
     return 0
 
@@ -572,11 +579,7 @@ def _bench_precision(args: argparse.Namespace) -> int:
         policy=args.policy,
         n=args.n,
     )
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    print(_write_result(args.out, result))
     return 0
 
 
@@ -652,10 +655,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         TrainConfig(epochs=args.epochs),
         repeats=args.repeats,
     )
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    print(_write_result(args.out, result))
     return 0
 
 
@@ -687,9 +687,7 @@ def _bench_predict(args: argparse.Namespace) -> int:
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    _write_result(args.out, result)
     print(markdown_table(result))
     return 0
 

@@ -87,6 +87,18 @@ def transformer_member(version_dir: Path) -> Path:
     raise AutoAnnotatorError(f"{version_dir} has no transformer member for the peer to serve")
 
 
+@dataclass(frozen=True)
+class _Bench:
+    """What every phase needs: the version, the peer, a scratch folder, Redis and the texts."""
+
+    version_dir: Path
+    peer: PeerInstall
+    work: Path
+    redis_url: str
+    pool: Sequence[str]
+    xml: str
+
+
 @dataclass
 class _Side:
     """One server under test and the request bodies it answers."""
@@ -169,21 +181,14 @@ def _concurrent(side: _Side, bodies: list[bytes], clients: int) -> list[float]:
 
 
 @contextmanager
-def _servers(
-    version_dir: Path,
-    peer: PeerInstall,
-    work: Path,
-    redis_url: str,
-    *,
-    pinned: bool,
-    workers: int,
-) -> Iterator[tuple[_Side, _Side]]:
+def _servers(bench: _Bench, *, pinned: bool, workers: int) -> Iterator[tuple[_Side, _Side]]:
     """Ours and the peer, each under gunicorn with ``workers`` workers; pinned: both on CPU 0."""
+    version_dir, peer, work = bench.version_dir, bench.peer, bench.work
     cpus = {0} if pinned else None
     tag = f"{'pinned' if pinned else 'unpinned'}-w{workers}"
     store = work / f"store-{tag}"
     model_store(version_dir, store, DEFAULT_UID)
-    ours_env = server_env(store, redis_url, "off")
+    ours_env = server_env(store, bench.redis_url, "off")
     ours_env["AUTOANNOTATOR_THREADS"] = "1" if pinned else "0"
     ours_env["AUTOANNOTATOR_CPU_SHARERS"] = str(workers)
     peer_dir = work / f"peer-models-{tag}"
@@ -222,21 +227,11 @@ def _servers(
 
 
 def _setting(
-    version_dir: Path,
-    peer: PeerInstall,
-    work: Path,
-    redis_url: str,
-    pool: Sequence[str],
-    xml: str,
-    *,
-    pinned: bool,
-    single_n: int,
-    batches: Sequence[int],
-    repeats: int,
+    bench: _Bench, *, pinned: bool, single_n: int, batches: Sequence[int], repeats: int
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    with _servers(version_dir, peer, work, redis_url, pinned=pinned, workers=1) as sides:
-        bodies = _Bodies(pool, DEFAULT_UID, xml)
+    with _servers(bench, pinned=pinned, workers=1) as sides:
+        bodies = _Bodies(bench.pool, DEFAULT_UID, bench.xml)
         _alternate(sides, bodies, 8, 2)  # warm-up: lazy loads, first-request costs
         single = _alternate(sides, bodies, 1, single_n)
         out["single_ms"] = {name: _ms(s) for name, s in single.items()}
@@ -250,21 +245,10 @@ def _setting(
     return out
 
 
-def _concurrency(
-    version_dir: Path,
-    peer: PeerInstall,
-    work: Path,
-    redis_url: str,
-    pool: Sequence[str],
-    xml: str,
-    *,
-    clients: int,
-    requests: int,
-    rounds: int,
-) -> dict[str, Any]:
+def _concurrency(bench: _Bench, *, clients: int, requests: int, rounds: int) -> dict[str, Any]:
     """Each server alone under the clients, in turns (never both at once: they would share the CPUs)."""
-    with _servers(version_dir, peer, work, redis_url, pinned=False, workers=clients) as sides:
-        bodies = _Bodies(pool, DEFAULT_UID, xml)
+    with _servers(bench, pinned=False, workers=clients) as sides:
+        bodies = _Bodies(bench.pool, DEFAULT_UID, bench.xml)
         seconds: dict[str, list[float]] = {s.name: [] for s in sides}
         for side in sides:  # warm every worker
             _concurrent(side, [bodies.next(1) for _ in range(4 * clients)], clients)
@@ -303,20 +287,18 @@ def run_bench_peer(
     }
     try:
         with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
-            work = Path(tmp)
+            bench = _Bench(version_dir, peer, Path(tmp), redis_url, texts, xml)
             for name in ("pinned", "unpinned"):
                 if name in settings:
                     logger.info("bench-peer: %s", name)
                     result[name] = _setting(
-                        version_dir, peer, work, redis_url, texts, xml,
-                        pinned=name == "pinned", single_n=single_n, batches=batches, repeats=repeats,
-                    )  # fmt: skip
+                        bench, pinned=name == "pinned", single_n=single_n, batches=batches, repeats=repeats
+                    )
             if "concurrent" in settings:
                 logger.info("bench-peer: %d clients against %d workers each", clients, clients)
                 result["concurrent"] = _concurrency(
-                    version_dir, peer, work, redis_url, texts, xml,
-                    clients=clients, requests=concurrent_requests, rounds=concurrent_rounds,
-                )  # fmt: skip
+                    bench, clients=clients, requests=concurrent_requests, rounds=concurrent_rounds
+                )
     finally:
         r.flushdb()
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -176,7 +176,8 @@ class TransformerSpecialist(DescribedByMeta):
         pad_id = self.tokenizer.pad_token_id or 0
         with inference_mode(self.device):
             for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device):
-                out[idx] = torch.softmax(self.model(**batch).logits.float(), dim=-1).cpu().numpy()
+                inputs = {k: v for k, v in batch.items() if k in self._model_inputs}
+                out[idx] = torch.softmax(self.model(**inputs).logits.float(), dim=-1).cpu().numpy()
         return project_columns(out, self.targets, len(self.labels))
 
     def save(self, directory: Path) -> None:
