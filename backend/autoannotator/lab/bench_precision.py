@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.core.policies import policy_from_spec
@@ -66,9 +67,7 @@ def bench_version(
     reference, _ = runs[precisions[0]]
     out: dict[str, Any] = {"version_dir": str(version_dir), "n": len(texts), "precisions": {}}
     for p, (probs, ms) in runs.items():
-        import torch  # only to name the dtype each precision resolved to on this machine
-
-        configure_precision(p)
+        configure_precision(p)  # to name the dtype each precision resolved to on this machine
         dtype = inference_dtype(torch.device("cpu"))
         out["precisions"][p] = {
             "computes_in": str(dtype or torch.float32).replace("torch.", ""),
