@@ -66,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _items(text: str) -> list[str]:
+    """A comma-separated option's items, stripped, empty ones dropped ("a, b," -> ["a", "b"])."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _write_result(out: Path | None, result: dict[str, Any]) -> str:
     """A benchmark's result as indented JSON, also written to ``out`` (its folder made) when given."""
     text = json.dumps(result, indent=2)
@@ -221,7 +226,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from autoannotator.lab.sweep import run_sweep
 
     config = _config(args, "sweep")
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    budgets = [float(b) for b in _items(args.budgets)]
     k = len(args.model) or len(config.cold_start.kinds)
     result = run_sweep(
         config, args.challenger, lambda gold, labels: _review_setup(args, gold, labels), k, budgets
@@ -254,7 +259,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
         contrastive_pairs=args.contrastive_pairs,
         cold_start=ColdStartConfig(
             encoder=args.encoder,
-            kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+            kinds=tuple(_items(args.kinds)),
             transformer_train=TrainConfig(
                 learning_rate=args.cold_lr, epochs=args.cold_epochs, seed=args.seed
             ),
@@ -379,7 +384,7 @@ def _select(args: argparse.Namespace) -> int:
     from autoannotator.models.specialists import load_specialist
 
     _quiet_libraries()
-    labels = LabelSet.of(x.strip() for x in args.labels.split(",") if x.strip())
+    labels = LabelSet.of(_items(args.labels))
     ranked = rank_candidates(
         args.task, labels, load_catalog(args.catalog), mean_pool_embedder(args.encoder), top_k=args.top_k
     )
@@ -531,12 +536,12 @@ def _bench_peer(args: argparse.Namespace) -> int:
         texts,
         PeerInstall(args.peer_dir.resolve(), args.peer_python.absolute()),
         single_n=args.single_n,
-        batches=[int(b) for b in args.batches.split(",") if b.strip()],
+        batches=[int(b) for b in _items(args.batches)],
         repeats=args.repeats,
         clients=args.clients,
         concurrent_requests=args.concurrent_requests,
         redis_url=args.redis_url,
-        settings=[x.strip() for x in args.settings.split(",") if x.strip()],
+        settings=_items(args.settings),
     )
     _write_result(args.out, result)
     print(markdown_table(result))
@@ -575,7 +580,7 @@ def _bench_precision(args: argparse.Namespace) -> int:
     result = run_bench_precision(
         args.version_dir,
         args.stream,
-        precisions=[x.strip() for x in args.precisions.split(",") if x.strip()],
+        precisions=_items(args.precisions),
         policy=args.policy,
         n=args.n,
     )
@@ -678,10 +683,10 @@ def _bench_predict(args: argparse.Namespace) -> int:
         result = run_bench_predict(
             args.version_dir,
             [r.text for r in rows],
-            batch_sizes=[int(b) for b in args.batches.split(",") if b.strip()],
+            batch_sizes=[int(b) for b in _items(args.batches)],
             single_n=args.single_n,
             repeats=args.repeats,
-            modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+            modes=_items(args.modes),
             redis_url=args.redis_url,
             threads=args.threads,
         )
@@ -759,7 +764,7 @@ def _worker(args: argparse.Namespace) -> int:
     from autoannotator.settings import Settings
 
     _quiet_libraries()
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    queues = _items(args.queues)
     run_worker(Settings.from_env(), queues, args.isolate, name=args.name, burst=args.burst)
     return 0
 
@@ -909,7 +914,7 @@ def _demo(args: argparse.Namespace) -> int:
     from autoannotator.core.policies import policy_from_spec
     from autoannotator.demo.run import run
 
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    kinds = tuple(_items(args.kinds))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise AutoAnnotatorError(f"unknown specialist kinds {unknown}; choose from {list(KINDS)}")
