@@ -33,10 +33,9 @@ from autoannotator.errors import (
     UnsupportedConfigError,
 )
 from autoannotator.labelstudio.client import basic_auth
-from autoannotator.models.specialists.runtime import configure_precision, configure_torch, threads_per_process
 from autoannotator.service import events
 from autoannotator.service.annotator import Annotator, PredictionBatch
-from autoannotator.service.context import Context
+from autoannotator.service.context import Context, configure_runtime
 from autoannotator.service.labelling import answers_beside_runs
 from autoannotator.service.queueing import dispatch_review, request_labelling
 from autoannotator.service.status import (
@@ -74,8 +73,7 @@ def create_app(
 ) -> Flask:
     _log_like_gunicorn()
     settings = settings or Settings.from_env()
-    configure_torch(threads_per_process(settings.threads, settings.cpu_sharers))
-    configure_precision(settings.precision)
+    configure_runtime(settings)
     projects = projects or ProjectModels(settings.model_dir)
     state = state or State.from_url(settings.redis_url, settings.review_mode)
     ctx = Context(settings, state, projects)

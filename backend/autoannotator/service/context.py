@@ -20,6 +20,7 @@ from autoannotator.errors import LockTimeoutError, NotConfiguredError
 from autoannotator.labelstudio.client import connect
 from autoannotator.labelstudio.config import ProjectConfig
 from autoannotator.learning.pool import VerifiedPool
+from autoannotator.models.specialists.runtime import configure_precision, configure_torch, threads_per_process
 from autoannotator.review.llm import ReviewCache
 from autoannotator.service.annotator import Annotator, project_config
 from autoannotator.settings import Settings
@@ -27,6 +28,17 @@ from autoannotator.storage.model_store import ProjectModels
 from autoannotator.storage.redis_state import ProjectInfo, State
 
 logger = logging.getLogger(__name__)
+
+
+def configure_runtime(settings: Settings) -> int:
+    """Size this process's torch/BLAS threads and set its inference precision from ``settings``,
+    before its first forward pass; every serving process (web, worker) calls it once. Returns the
+    thread count."""
+    threads = threads_per_process(settings.threads, settings.cpu_sharers)
+    configure_torch(threads)
+    configure_precision(settings.precision)
+    return threads
+
 
 # A holder writes a few bulk field updates (0.2 s per 1,000 tasks each); a dead one frees it then.
 TASK_DATA_LOCK_WAIT_S = 60.0

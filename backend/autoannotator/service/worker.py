@@ -8,9 +8,8 @@ from rq import SimpleWorker, Worker
 from rq.worker import BaseWorker
 
 from autoannotator.errors import AutoAnnotatorError
-from autoannotator.models.specialists.runtime import configure_precision, configure_torch, threads_per_process
 from autoannotator.service import jobs
-from autoannotator.service.context import Context
+from autoannotator.service.context import Context, configure_runtime
 from autoannotator.settings import Settings
 from autoannotator.storage.redis_state import QUEUES
 
@@ -53,9 +52,7 @@ def run_worker(
     unknown = [q for q in queues if q not in QUEUES]
     if unknown or not queues:
         raise AutoAnnotatorError(f"unknown queues {unknown}; choose from {list(QUEUES)}")
-    threads = threads_per_process(settings.threads, settings.cpu_sharers)
-    configure_torch(threads)
-    configure_precision(settings.precision)
+    threads = configure_runtime(settings)
     ctx = Context.from_settings(settings)
     if not ctx.state.ping():
         raise AutoAnnotatorError("Redis does not answer at AUTOANNOTATOR_REDIS_URL; start it or fix the URL")
