@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -89,9 +90,11 @@ def configure_precision(precision: str) -> None:
     logger.debug("inference precision: %s", precision)
 
 
+@functools.cache
 def native_cpu_bf16() -> bool:
     """Whether this CPU has bf16 dot products (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower
-    than fp32. torch exposes the checks privately; without them the answer is no."""
+        than fp32. torch exposes the checks privately; without them the answer is no. Asked once per process:
+    every forward pass consults it."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
