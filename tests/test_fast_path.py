@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.errors import TrainingError
 from autoannotator.models.ensemble import Ensemble
 from autoannotator.models.specialists import (
     EmbeddingSpecialist,
@@ -25,7 +26,13 @@ from autoannotator.models.specialists import (
     TransformerSpecialist,
     runtime,
 )
-from autoannotator.models.specialists.batching import length_batches, shared_tokens, token_ids, tokenizer_key
+from autoannotator.models.specialists.batching import (
+    PAD_MULTIPLE,
+    length_batches,
+    shared_tokens,
+    token_ids,
+    tokenizer_key,
+)
 from autoannotator.models.specialists.encoder import Encoder
 from autoannotator.settings import Settings
 from tests import tiny
@@ -75,16 +82,20 @@ def test_token_length_batches_give_what_each_text_alone_gives(precision, tuned, 
 
 
 def test_batches_group_texts_of_similar_token_counts_and_mask_the_padding():
-    ids = [[1] * n for n in (5, 2, 9, 3, 2, 7)]
+    ids = [[1] * n for n in (5, 2, 9, 3, 2, 7, 12)]
     seen = []
-    for idx, batch in length_batches(ids, 2, pad_id=0, device=torch.device("cpu")):
+    widths = []
+    for idx, batch in length_batches(ids, 2, pad_id=0, device=torch.device("cpu"), max_width=12):
         lengths = [len(ids[i]) for i in idx]
         seen.extend(idx.tolist())
-        assert batch["input_ids"].shape == (len(idx), max(lengths))
+        widths.append(batch["input_ids"].shape[1])
+        assert batch["input_ids"].shape[0] == len(idx)
         assert batch["attention_mask"].sum(1).tolist() == lengths
         assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
-    assert [len(ids[i]) for i in seen] == [2, 2, 3, 5, 7, 9]  # shortest first, every text once
+    assert [len(ids[i]) for i in seen] == [2, 2, 3, 5, 7, 9, 12]  # shortest first, every text once
     assert sorted(seen) == list(range(len(ids)))
+    # Widths rounded up to a multiple of PAD_MULTIPLE (few distinct shapes), never past max_width.
+    assert PAD_MULTIPLE == 8 and widths == [8, 8, 12, 12]
 
 
 def test_members_on_one_encoder_tokenize_each_text_once_per_ensemble_call(
@@ -143,6 +154,34 @@ def test_bf16_forward_passes_keep_the_labels_of_fp32_within_the_stated_tolerance
     cosine = (emb_exact * emb_reduced).sum(1)  # unit vectors
     assert cosine.min() > 0.99
     assert next(tuned.model.parameters()).dtype == torch.float32  # weights stay fp32 for training
+
+
+def test_a_member_loaded_to_serve_keeps_bf16_weights_and_refuses_to_be_trained(
+    precision, tuned, tiny_encoder, tiny_corpus, tmp_path
+):
+    texts, ys = [t for t, _ in tiny_corpus], [y for _, y in tiny_corpus]
+    assert tuned.directory is not None
+    runtime.configure_precision("bf16")
+    served = TransformerSpecialist.load(tuned.directory, LABELS, serving=True)
+    assert {p.dtype for p in served.model.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in served.model.parameters())
+    # Against fp32 weights under the same autocast: the same labels within bf16's tolerance.
+    reference, got = tuned.predict_proba(texts), served.predict_proba(texts)
+    assert np.abs(reference - got).max() <= BF16_PROB_TOLERANCE
+    assert (reference.argmax(1) == got.argmax(1)).mean() >= BF16_MIN_AGREEMENT
+    with pytest.raises(TrainingError, match="serving=False"):
+        served.fit(texts[:20], ys[:20], tmp_path / "never")
+    with pytest.raises(TrainingError, match="serving=False"):
+        served.save(tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    # The frozen encoder is held once per dtype: a change of precision loads it anew.
+    in_bf16 = Encoder.shared(tiny_encoder)
+    assert next(in_bf16.model.parameters()).dtype == torch.bfloat16
+    runtime.configure_precision("fp32")
+    in_fp32 = Encoder.shared(tiny_encoder)
+    assert in_fp32 is not in_bf16 and next(in_fp32.model.parameters()).dtype == torch.float32
+    fp32_served = TransformerSpecialist.load(tuned.directory, LABELS, serving=True)
+    assert next(fp32_served.model.parameters()).dtype == torch.float32  # serving in fp32: fp32 weights
 
 
 def test_precision_follows_the_setting_and_the_hardware(precision, monkeypatch):

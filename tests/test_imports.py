@@ -24,10 +24,12 @@ def test_the_cli_parser_and_its_help_load_neither_torch_nor_transformers() -> No
     assert "autoannotator.learning.recipes" in loaded  # the kinds and recipe defaults were read
 
 
-def test_importing_the_web_app_loads_no_lab_and_no_plotting() -> None:
+def test_importing_the_web_app_loads_no_lab_no_plotting_and_no_llm_client() -> None:
     loaded = _modules_after("from autoannotator.service.app import create_app")
     assert "autoannotator.service.app" in loaded
+    assert "autoannotator.review.llm" in loaded  # prices and the answer cache, read by /status
     assert {
+        "openai",  # 13 MB per web worker; only review jobs call an LLM
         "matplotlib",
         "autoannotator.lab",
         "autoannotator.lab.simulate",

@@ -62,8 +62,12 @@ def bench_version(
     examples = read_jsonl(stream_file)[:n] if n else read_jsonl(stream_file)
     texts = [e.text for e in examples]
     gold = np.asarray(labels.indices([e.label for e in examples]))
-    ensemble = load_ensemble(version_dir, labels)
-    runs = {p: _label_pass(ensemble, texts, p) for p in precisions}
+    runs = {}
+    for p in precisions:
+        # Loaded anew per precision, as a serving process loads it: weights in the forward's dtype.
+        configure_precision(p)
+        ensemble = load_ensemble(version_dir, labels, serving=True)
+        runs[p] = _label_pass(ensemble, texts, p)
     reference, _ = runs[precisions[0]]
     out: dict[str, Any] = {"version_dir": str(version_dir), "n": len(texts), "precisions": {}}
     for p, (probs, ms) in runs.items():

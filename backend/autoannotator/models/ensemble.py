@@ -74,11 +74,12 @@ class Ensemble:
         }
 
 
-def load_ensemble(directory: Path, labels: LabelSet) -> Ensemble:
-    """Load a published ensemble directory: ``ensemble.json`` names member sub-directories in vote order."""
+def load_ensemble(directory: Path, labels: LabelSet, *, serving: bool = False) -> Ensemble:
+    """Load a published ensemble directory: ``ensemble.json`` names member sub-directories in vote order.
+    ``serving``: to predict only, with weights in the forward passes' precision (it cannot be retrained)."""
     directory = Path(directory)
     desc = json.loads((directory / ENSEMBLE_FILE).read_text())
-    members = [load_specialist(directory / sub, labels) for sub in desc["members"]]
+    members = [load_specialist(directory / sub, labels, serving=serving) for sub in desc["members"]]
     return Ensemble(members, labels, version=str(desc["version"]))
 
 

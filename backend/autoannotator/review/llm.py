@@ -28,15 +28,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
 from tqdm.auto import tqdm
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.errors import ReviewError
 from autoannotator.models.specialists.base import clip_text
 from autoannotator.review.base import ReviewItem, ReviewOutcome, ReviewStatus, parse_answer
+
+if TYPE_CHECKING:  # the web app reads prices and the cache from here; only review jobs call an LLM
+    import openai
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +221,8 @@ def make_openai_client(base_url: str, api_key: str | None, timeout: float) -> op
     ``openai`` library would fall back to reading ``OPENAI_API_KEY`` from the environment. The
     library's own retries are off: :class:`LLMReviewer` does its own.
     """
+    import openai
+
     return openai.OpenAI(base_url=base_url, api_key=api_key or "no-key", timeout=timeout, max_retries=0)
 
 
@@ -370,6 +374,8 @@ class LLMReviewer:
             {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": text},
         ]
+        import openai
+
         detail = ""
         for attempt in range(self.max_retries + 1):
             retry_after = None

@@ -126,7 +126,7 @@ def _after_training(
         except Exception as exc:  # the version serves regardless; the next /setup starts the run
             logger.warning("project %s: labelling run of %s not queued: %s", uid, served, exc)
     try:
-        ensemble = registry.load(served, labels)
+        ensemble = registry.load(served, labels, serving=True)
         write_holdout_tradeoff(
             registry.root, served, ensemble, snapshot.holdout_items(), labels, ctx.settings.policy
         )

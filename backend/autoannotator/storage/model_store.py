@@ -62,6 +62,6 @@ class ProjectModels:
             served = self._served.get(project)
             if served is None or served.version != version or served.labels != labels:
                 logger.info("project %s: loading version %s", project, version)
-                served = registry.load(version, labels)
+                served = registry.load(version, labels, serving=True)
                 self._served[project] = served
         return served

@@ -244,12 +244,13 @@ class Registry:
         self._number(name)
         return name
 
-    def load(self, version: str, labels: LabelSet) -> Ensemble:
+    def load(self, version: str, labels: LabelSet, *, serving: bool = False) -> Ensemble:
+        """A version's ensemble; ``serving`` to predict only, weights in the forward passes' precision."""
         directory = self.path(version)
         if not directory.is_dir():
             known = ", ".join(self.versions()) or "none"
             raise SpecialistLoadError(f"no version {version!r} under {self.versions_dir} (known: {known})")
-        return load_ensemble(directory, labels)
+        return load_ensemble(directory, labels, serving=serving)
 
     def manifest(self, version: str) -> dict[str, Any]:
         return read_manifest(self.path(version))

@@ -29,6 +29,13 @@ _SHARED: contextvars.ContextVar[dict[tuple[str, int], dict[str, list[int]]] | No
 )
 
 
+# Batch widths are rounded up to a multiple of this. oneDNN compiles and caches kernels per input
+# shape (up to 1,024 of them), so a long-lived worker that sees every width from 1 to 128 keeps
+# hundreds of kernels: measured, 140 MB of a web worker's memory after 1,000 texts. Eight times fewer
+# widths keep it to a few MB, for ~4 padding tokens per text (BENCHMARKS.md, section 7).
+PAD_MULTIPLE = 8
+
+
 def tokenizer_key(tokenizer: Any) -> str:
     """What makes two tokenizers cut text the same way: a fast tokenizer's whole serialised pipeline
     (vocabulary, normaliser, pre-tokeniser), else its class, vocabulary and special tokens."""
@@ -71,15 +78,17 @@ def token_ids(tokenizer: Any, key: str, texts: Sequence[str], max_length: int) -
 
 
 def length_batches(
-    ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device
+    ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device, max_width: int
 ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """``(positions, {"input_ids", "attention_mask"})`` per batch, texts ordered by token count so each
-    batch pads to a length its texts nearly share. ``positions`` index ``ids``."""
+    batch pads to a length its texts nearly share, rounded up to a multiple of :data:`PAD_MULTIPLE`
+    (never beyond ``max_width``, the model's usable length). ``positions`` index ``ids``."""
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     order = np.argsort(lengths, kind="stable")
     for start in range(0, len(ids), batch_size):
         idx = order[start : start + batch_size]
-        width = int(lengths[idx].max())
+        longest = int(lengths[idx].max())
+        width = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(max_width, longest))
         input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):

@@ -23,9 +23,10 @@ from autoannotator.models.specialists.runtime import (
     default_device,
     inference_mode,
     usable_length,
+    weights_dtype,
 )
 
-_ENCODERS: dict[tuple[str, int], Encoder] = {}
+_ENCODERS: dict[tuple[str, int, torch.dtype], Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
@@ -62,7 +63,11 @@ def clear_encoder_caches() -> None:
 
 
 class Encoder:
-    """Mean-pooled, L2-normalised sentence embeddings from any Hugging Face encoder."""
+    """Mean-pooled, L2-normalised sentence embeddings from any Hugging Face encoder.
+
+    It is never trained, so it holds its weights in the precision its forward passes compute in
+    (:func:`~autoannotator.models.specialists.runtime.weights_dtype`), chosen when it loads.
+    """
 
     def __init__(
         self,
@@ -78,7 +83,8 @@ class Encoder:
         self.device = default_device()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.source)
-            self.model = AutoModel.from_pretrained(self.source).to(self.device).eval()
+            self.model = AutoModel.from_pretrained(self.source, dtype=weights_dtype(self.device))
+            self.model.to(self.device).eval().requires_grad_(False)
         except (OSError, ValueError) as exc:
             raise SpecialistLoadError(f"cannot load encoder {self.source!r}: {exc}") from exc
         self.max_length = usable_length(self.model, self.tokenizer, max_length)
@@ -89,8 +95,9 @@ class Encoder:
 
     @classmethod
     def shared(cls, source: str | Path, max_length: int = 128) -> Encoder:
-        """One encoder per (model, max_length) per process, so k specialists never load it k times."""
-        key = (resolve_model_source(source), max_length)
+        """One encoder per (model, max_length, weights dtype) per process, so k specialists never load
+        it k times; a change of precision (a benchmark's) loads it once more in the new dtype."""
+        key = (resolve_model_source(source), max_length, weights_dtype(default_device()))
         with _ENCODERS_LOCK:
             if key not in _ENCODERS:
                 _ENCODERS[key] = cls(key[0], max_length=max_length)
@@ -132,7 +139,7 @@ class Encoder:
         ids = token_ids(self.tokenizer, self._tokenizer_key, texts, self.max_length)
         pad_id = self.tokenizer.pad_token_id or 0
         with inference_mode(self.device):
-            for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device):
+            for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device, self.max_length):
                 hidden = self.model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

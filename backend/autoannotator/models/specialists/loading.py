@@ -15,9 +15,15 @@ _LINEAR_KINDS = {EmbeddingSpecialist.kind: EmbeddingSpecialist, NgramSpecialist.
 
 
 def load_specialist(
-    source: str | Path, labels: LabelSet, label_mapping: dict[str, str] | None = None
+    source: str | Path,
+    labels: LabelSet,
+    label_mapping: dict[str, str] | None = None,
+    *,
+    serving: bool = False,
 ) -> Specialist:
-    """Load any specialist: a directory this package wrote, a plain HF model directory, or a hub id."""
+    """Load any specialist: a directory this package wrote, a plain HF model directory, or a hub id.
+    ``serving``: for predictions only, weights in the forward passes' precision (see
+    :meth:`TransformerSpecialist.load`)."""
     path = Path(str(source))
     if (path / META_FILE).is_file():
         meta = read_meta(path)
@@ -29,7 +35,7 @@ def load_specialist(
                     f"not the project's {list(labels.names)!r}"
                 )
             return spec
-    return TransformerSpecialist.load(source, labels, label_mapping)
+    return TransformerSpecialist.load(source, labels, label_mapping, serving=serving)
 
 
 def import_member(

@@ -112,6 +112,18 @@ def inference_dtype(device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
 
 
+def weights_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a model that only serves keeps its weights in: the one its forward passes compute in.
+
+    In bf16 a MiniLM takes 45 MB instead of 90, and autocast has nothing left to cast; the results are
+    those of fp32 weights under autocast to the bf16 resolution, since autocast rounds each weight to
+    bf16 before using it (the embeddings and norms, which it would have kept in fp32, move the
+    probabilities by at most 0.02: BENCHMARKS.md, section 6c). Models that will be fine-tuned stay
+    fp32.
+    """
+    return inference_dtype(device) or torch.float32
+
+
 @contextlib.contextmanager
 def inference_mode(device: torch.device) -> Iterator[None]:
     """No autograd, and autocast to :func:`inference_dtype` where it is not fp32."""

@@ -37,6 +37,7 @@ from autoannotator.models.specialists.runtime import (
     default_device,
     inference_mode,
     usable_length,
+    weights_dtype,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,18 +84,22 @@ class TransformerSpecialist(DescribedByMeta):
         name: str | None = None,
         max_length: int = 128,
         batch_size: int = 32,
+        serving: bool = False,
     ) -> TransformerSpecialist:
         """Load a classifier from a hub id, a plain model directory or a specialist directory.
 
         The model's own labels (``config.id2label``) are mapped onto ``labels``; a model whose
-        labels cannot be mapped is refused with a message naming the missing labels.
+        labels cannot be mapped is refused with a message naming the missing labels. ``serving``
+        keeps the weights in the precision forward passes run in (half the memory in bf16); such a
+        specialist predicts but cannot be fine-tuned or saved.
         """
         configure_torch()
         src = resolve_model_source(source)
         meta = read_meta(Path(src)) if (Path(src) / META_FILE).is_file() else None
+        dtype = weights_dtype(default_device()) if serving else torch.float32
         try:
             tokenizer = AutoTokenizer.from_pretrained(src)
-            model = AutoModelForSequenceClassification.from_pretrained(src)
+            model = AutoModelForSequenceClassification.from_pretrained(src, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise SpecialistLoadError(
                 f"cannot load classifier {src!r}: {exc}. A hub id needs network access "
@@ -114,6 +119,8 @@ class TransformerSpecialist(DescribedByMeta):
         else:
             meta = replace(meta, labels=labels.names, name=name or meta.name)
         model.to(default_device()).eval()
+        if serving:
+            model.requires_grad_(False)
         directory = Path(src) if Path(src).is_dir() else None
         return cls(model, tokenizer, meta, targets, directory, batch_size)
 
@@ -151,6 +158,14 @@ class TransformerSpecialist(DescribedByMeta):
         )
         return cls(model, tokenizer, meta, list(range(len(labels))), None, batch_size)
 
+    def _check_trainable(self, what: str) -> None:
+        dtype = next(self.model.parameters()).dtype
+        if dtype != torch.float32:
+            raise TrainingError(
+                f"{self.name!r} was loaded to serve, with {str(dtype).replace('torch.', '')} weights: "
+                f"load it with serving=False to {what} it"
+            )
+
     def _fit_length(self, wanted: int) -> int:
         return usable_length(self.model, self.tokenizer, wanted)
 
@@ -175,7 +190,7 @@ class TransformerSpecialist(DescribedByMeta):
         ids = token_ids(self.tokenizer, self._tokenizer_key, clean, self.max_length)
         pad_id = self.tokenizer.pad_token_id or 0
         with inference_mode(self.device):
-            for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device):
+            for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device, self.max_length):
                 inputs = {k: v for k, v in batch.items() if k in self._model_inputs}
                 out[idx] = torch.softmax(self.model(**inputs).logits.float(), dim=-1).cpu().numpy()
         return project_columns(out, self.targets, len(self.labels))
@@ -186,6 +201,7 @@ class TransformerSpecialist(DescribedByMeta):
         Only one-to-one label mappings can be saved this way (several model labels folded into one
         project label keep their original names, so the mapping would be lost on reload).
         """
+        self._check_trainable("save")
         if sorted(self.targets) != list(range(len(self.labels))):
             raise TrainingError(
                 f"{self.name!r} folds several model labels into one; keep loading it from its source"
@@ -213,6 +229,7 @@ class TransformerSpecialist(DescribedByMeta):
         decay (not on biases and norms), epochs, batch size, max length, linear warm-up then decay,
         and the seed that fixes initial shuffling.
         """
+        self._check_trainable("fine-tune")
         config = config or TrainConfig()
         y = check_training_data(texts, labels, self.labels)
         clean = check_texts(texts)
