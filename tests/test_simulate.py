@@ -108,6 +108,49 @@ def test_paper_epsilon_rule_without_retraining(tmp_path, data, tiny_encoder):
     assert report["final"]["review_share"] == pytest.approx(point["share"])
 
 
+def test_target_policy_reviews_everything_until_it_can_certify_then_accepts_what_it_certified(
+    tmp_path, data, tiny_encoder
+):
+    report, _ = run(
+        tmp_path, data, tiny_encoder, "--policy", "target:0.7", "--audit-share", "0.4", "--chunk-size", "30"
+    )
+    g = report["guarantee"]
+    assert g["target"] == 0.7 and g["calibration_seeds"] == 12  # 20% of the 60 seeds, kept out
+    first = g["certificates"][0]
+    # 12 labels cannot certify 0.7 for any of 3 labels (it takes 13 right of 13 at delta/3)
+    assert first["calibration"] == 12 and first["thresholds"] == [None, None, None]
+    assert 0 not in first["needed"]  # each label says it needs more (or that more would not help: None)
+    # The first chunk is reviewed whole; later chunks calibrate on the audit as it grows.
+    calib = [c["calibration"] for c in g["certificates"]]
+    assert calib == sorted(calib) and calib[-1] > 12
+    assert report["final"]["review_share"] < 1.0, "nothing was ever certified"
+    assert g["accepted_share"] == pytest.approx(1 - report["final"]["review_share"], abs=1e-4)
+    # Seeds (cold start and calibration), reviews, and the audit's labels of accepted items.
+    assert report["final"]["human_labels_total"] == 60 + report["final"]["reviewed"] + g["audit_extra_labels"]
+    assert 0.25 < g["audit_share_of_stream"] < 0.55
+    assert g["audit"]["n"] == g["audit_extra_labels"]
+    low, high = g["audit"]["interval"]
+    assert low <= g["audit"]["estimate"] <= high
+    assert 0 <= g["oracle_review_share"] < 1
+    assert isinstance(g["reached"], bool)
+    assert report["config"]["n_seed"] == 60
+
+
+def test_an_audit_under_a_budget_policy_estimates_the_accepted_accuracy(tmp_path, data, tiny_encoder):
+    report, _ = run(
+        tmp_path, data, tiny_encoder, "--policy", "budget:0.2:mean", "--audit-share", "0.5", "--no-retrain"
+    )
+    g = report["guarantee"]
+    assert g["target"] is None and g["calibration_seeds"] == 0
+    assert "oracle_review_share" not in g
+    # Without retraining one version served: the audit's estimate is of that version's accepted labels.
+    (version,) = g["per_version"]
+    assert g["per_version"][version]["audit"] == g["audit"]
+    truth, (low, high) = g["accepted_accuracy"], g["audit"]["interval"]
+    assert g["audit"]["n"] > 40 and high - low < 0.35
+    assert low - 0.1 <= truth <= high + 0.1  # an unbiased sample lands near the truth
+
+
 def test_noisy_reviewer_is_worse_than_the_oracle(tmp_path, data, tiny_encoder):
     oracle, _ = run(tmp_path / "a", data, tiny_encoder, "--policy", "budget:0.4:mean", "--no-retrain")
     noisy, _ = run(tmp_path / "b", data, tiny_encoder, "--policy", "budget:0.4:mean", "--review", "noisy:0.5",

@@ -105,7 +105,8 @@ def _add_simulation_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--policy",
         default="budget:0.2:mean",
-        help="routing policy spec: epsilon:0.34 | mean:0.8 | weighted:0.8 | margin:0.2 | budget:0.2:mean ...",
+        help="routing policy spec: epsilon:0.34 | mean:0.8 | weighted:0.8 | margin:0.2 | budget:0.2:mean | "
+        "target:0.95 ...",
     )
     p.set_defaults(func=_simulate)
 
@@ -132,6 +133,20 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_review_args(p)
     _add_specialist_args(p)
     p.add_argument("--max-stream", type=int, default=None, help="use only the first N stream items")
+    p.add_argument(
+        "--audit-share",
+        type=float,
+        default=0.0,
+        help="chance that a streamed item is drawn into the audit: a person labels it, whatever its route, "
+        "and no version trains on it (the target policy calibrates on these labels)",
+    )
+    p.add_argument(
+        "--calibration-seeds",
+        type=float,
+        default=None,
+        help="share of the seed labels kept out of the cold start to calibrate the target policy "
+        "(default 0.2 with a target:A policy, else 0)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -273,8 +288,16 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
             seed=args.seed,
         ),
         max_stream=args.max_stream,
+        calibration_seeds=_calibration_seeds(args),
+        audit_share=args.audit_share,
         seed=args.seed,
     )
+
+
+def _calibration_seeds(args: argparse.Namespace) -> float:
+    if args.calibration_seeds is not None:
+        return float(args.calibration_seeds)
+    return 0.2 if str(getattr(args, "policy", "")).strip().lower().startswith("target") else 0.0
 
 
 def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelSet) -> ReviewSetup:

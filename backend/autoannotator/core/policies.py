@@ -20,6 +20,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from autoannotator.core.consensus import consensus
+from autoannotator.core.guarantee import DEFAULT_DELTA, Certificate, certify_per_class
 
 # U is a multiple of 1/k held in floating point (1 - 2/3 != 1/3 exactly); epsilon is compared with
 # this slack so that epsilon = 1/3 means "one vote in three", as the paper intends.
@@ -210,6 +211,64 @@ class Budget:
         return Decision(d.labels, d.confidence, review)
 
 
+@dataclass(frozen=True)
+class TargetAccuracy:
+    """Accept only where the accepted labels are certified to be at least ``target`` right.
+
+    Label = argmax of the members' mean probability, confidence = that mean, as in
+    :class:`MeanProbability`; but the threshold is not given, it is *earned*: :meth:`calibrated`
+    certifies one per label on calibration items (:func:`autoannotator.core.guarantee.certify_per_class`,
+    confidence ``1 - delta`` for all labels together). A label without a certified threshold, and
+    every label before any calibration, goes to review: with too little evidence the policy reviews
+    everything rather than guess. The spec (``target:0.95`` or ``target:0.95:0.1``) names the goal,
+    not the thresholds, which belong to one version and its calibration labels.
+    """
+
+    target: float
+    delta: float = DEFAULT_DELTA
+    thresholds: tuple[float | None, ...] = ()
+    kind: ClassVar[str] = "target"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise ValueError(f"target must be in (0, 1), got {self.target!r}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        for t in self.thresholds:
+            if t is not None:
+                _check_unit("threshold", t)
+
+    @property
+    def name(self) -> str:
+        suffix = "" if self.delta == DEFAULT_DELTA else f":{_num(self.delta)}"
+        return f"{self.kind}:{_num(self.target)}{suffix}"
+
+    def decide(self, probs: np.ndarray, weights: np.ndarray | None = None) -> Decision:
+        proba = consensus(probs).mean_proba
+        labels = proba.argmax(axis=1)
+        confidence = np.clip(proba.max(axis=1), 0.0, 1.0)
+        if not self.thresholds:
+            return Decision(labels, confidence, np.ones(labels.shape, dtype=bool))
+        if len(self.thresholds) != proba.shape[1]:
+            raise ValueError(
+                f"{len(self.thresholds)} certified thresholds for {proba.shape[1]} labels: "
+                "calibrate the policy on this label set"
+            )
+        cut = np.array([np.inf if t is None else t for t in self.thresholds])
+        return Decision(labels, confidence, confidence < cut[labels])
+
+    def calibrated(self, probs: np.ndarray, gold: np.ndarray) -> tuple[TargetAccuracy, list[Certificate]]:
+        """This policy with thresholds certified on calibration items (members' ``probs``
+        ``[k, n, L]`` and their ``gold`` label indices), and the certificate of each label."""
+        gold = np.asarray(gold, dtype=np.int64)
+        proba = consensus(probs).mean_proba
+        predicted = proba.argmax(axis=1)
+        certs = certify_per_class(
+            proba.max(axis=1), predicted, predicted == gold, proba.shape[1], self.target, self.delta
+        )
+        return TargetAccuracy(self.target, self.delta, tuple(c.threshold for c in certs)), certs
+
+
 def threshold_for_share(confidence: np.ndarray, share: float) -> float:
     """A threshold that makes ``confidence < threshold`` route about ``share`` of these items.
 
@@ -244,9 +303,10 @@ _THRESHOLD_POLICIES: dict[str, Callable[[float], Policy]] = {
     p.kind: p for p in (MeanProbability, WeightedVote, Margin)
 }
 SPEC_HELP = (
-    "epsilon[:E] | mean:T | weighted:T | margin:T | budget:F|N:BASE "
+    "epsilon[:E] | mean:T | weighted:T | margin:T | budget:F|N:BASE | target:A[:D] "
     "(T, E, F decimals in [0, 1]; N an integer count; "
-    "BASE one of epsilon, mean, weighted, margin, its threshold optional)"
+    "BASE one of epsilon, mean, weighted, margin, its threshold optional; "
+    "A the accuracy auto-accepted labels must reach and D the risk of missing it, both in (0, 1))"
 )
 
 
@@ -269,6 +329,12 @@ def _parse(spec: str, parts: list[str], *, as_base: bool) -> Policy:
         return Budget(base, fraction=_unit_arg(spec, "budget fraction", args[0]))
     if kind == "epsilon" and len(args) <= 1:
         return EpsilonRule(_unit_arg(spec, "epsilon", args[0])) if args else EpsilonRule()
+    if kind == "target" and not as_base and 1 <= len(args) <= 2:
+        target = _unit_arg(spec, "target accuracy", args[0])
+        delta = _unit_arg(spec, "delta", args[1]) if len(args) == 2 else DEFAULT_DELTA
+        if not (0.0 < target < 1.0 and 0.0 < delta < 1.0):
+            raise ValueError(f"bad policy spec {spec!r}: target and delta must lie strictly between 0 and 1")
+        return TargetAccuracy(target, delta)
     if kind in _THRESHOLD_POLICIES and (len(args) == 1 or (as_base and not args)):
         # A budget ignores its base's threshold, so "budget:0.2:mean" needs none.
         return _THRESHOLD_POLICIES[kind](_unit_arg(spec, "threshold", args[0]) if args else 0.0)

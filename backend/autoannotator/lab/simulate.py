@@ -11,6 +11,14 @@
 4. Report: final-label accuracy and macro-F1, share reviewed, human labels, LLM usage and cost,
    time per stage, accuracy per retraining cycle, and baselines from the same run (each cold-start
    specialist alone, their plain majority vote, the LLM alone when one is configured).
+
+The target-accuracy policy (``target:0.95``) and the audit: a share of the seed labels is kept out of
+the cold start, and every streamed item is drawn into the audit with probability ``audit_share``,
+whatever its route; a person labels it. These labels are a fair sample of the stream and no version
+trains on them, so they are what the policy certifies its thresholds on, chunk by chunk, for the
+version serving; the labels of routed items are not (the router chose them for being hard). The
+report's ``guarantee`` section sets the accuracy of what was auto-accepted, against gold, beside the
+target, the audit's estimate of it and the share an oracle would have reviewed for the same target.
 """
 
 from __future__ import annotations
@@ -28,9 +36,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from autoannotator.core.consensus import consensus, member_weights
+from autoannotator.core.guarantee import Certificate, accuracy_interval, oracle_review_share
 from autoannotator.core.labels import LabelSet
 from autoannotator.core.metrics import accuracy, macro_f1, tradeoff
-from autoannotator.core.policies import Policy
+from autoannotator.core.policies import Decision, Policy, TargetAccuracy
 from autoannotator.errors import BadInputError
 from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.datasets import Example, read_jsonl
@@ -61,6 +70,10 @@ class SimulationConfig:
     contrastive_pairs: int = 0
     refine_train: TrainConfig = field(default_factory=TrainConfig)
     holdout_fraction: float = 0.2
+    # Share of the seed labels kept out of the cold start to calibrate the target policy with.
+    calibration_seeds: float = 0.0
+    # Chance that a streamed item is drawn into the audit (a person labels it, no version trains on it).
+    audit_share: float = 0.0
     max_stream: int | None = None
     labels: tuple[str, ...] | None = None
     seed: int = 0
@@ -76,6 +89,10 @@ class SimulationConfig:
             raise ValueError("holdout_fraction must be in [0, 1)")
         if self.contrastive_pairs < 0:
             raise ValueError("contrastive_pairs must be >= 0")
+        if not 0 <= self.calibration_seeds < 1:
+            raise ValueError("calibration_seeds must be in [0, 1)")
+        if not 0 <= self.audit_share <= 1:
+            raise ValueError("audit_share must be in [0, 1]")
 
 
 @dataclass
@@ -117,6 +134,50 @@ class ReviewSetup:
     usage: Callable[[], dict[str, Any]] | None = None
 
 
+@dataclass
+class CalibrationSet:
+    """Labels that represent the stream and that no version was trained on: the seeds kept out of
+    the cold start (Label Studio's order stands for a random draw) and the audit's. Each version's
+    probabilities on them are computed once and extended as the audit grows."""
+
+    texts: list[str] = field(default_factory=list)
+    gold: list[int] = field(default_factory=list)
+    _probs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def add(self, text: str, gold: int) -> None:
+        self.texts.append(text)
+        self.gold.append(gold)
+
+    def probs(self, ensemble: Ensemble) -> np.ndarray:
+        have = self._probs.get(ensemble.version)
+        done = 0 if have is None else have.shape[1]
+        if done < len(self.texts):
+            new = ensemble.predict_proba(self.texts[done:])
+            have = new if have is None else np.concatenate([have, new], axis=1)
+            self._probs = {ensemble.version: have}  # older versions serve no more
+        assert have is not None
+        return have
+
+
+def _route(
+    policy: Policy,
+    ensemble: Ensemble,
+    probs: np.ndarray,
+    weights: np.ndarray | None,
+    calibration: CalibrationSet,
+) -> tuple[Decision, list[Certificate]]:
+    """The policy's decision on a chunk; a target policy is first calibrated on what there is."""
+    if not isinstance(policy, TargetAccuracy):
+        return policy.decide(probs, weights), []
+    if not len(calibration):
+        return policy.decide(probs), []
+    active, certs = policy.calibrated(calibration.probs(ensemble), np.asarray(calibration.gold))
+    return active.decide(probs), certs
+
+
 def run_simulation(
     config: SimulationConfig,
     policy: Policy,
@@ -135,6 +196,11 @@ def run_simulation(
         stream = stream[: config.max_stream]
     labels = _label_set(config, seed_all, stream)
     seed = _sample_seed(seed_all, config.n_seed, config.seed)
+    calibration = CalibrationSet()
+    n_calibration = round(config.calibration_seeds * len(seed))
+    for e in seed[len(seed) - n_calibration :]:
+        calibration.add(e.text, labels.index(e.label))
+    seed = seed[: len(seed) - n_calibration]
     gold = {e.key: e.label for e in stream}
     review = make_review(gold, labels)
     reviewer = review.reviewer
@@ -172,6 +238,12 @@ def run_simulation(
     gold_idx = np.asarray(labels.indices([e.label for e in stream]))
     cycles: list[dict[str, Any]] = []
     weights: np.ndarray | None = None
+    served_pred = np.full(n, -1)  # the ensemble's own label, whatever the route
+    served_conf = np.zeros(n)
+    audited = np.zeros(n, dtype=bool)
+    reviewer_right = np.zeros(n, dtype=bool)  # on audited routed items: did the reviewer agree with people
+    audit_rng = np.random.default_rng(config.seed + 1)
+    certificates: list[dict[str, Any]] = []
 
     bar = tqdm(total=n, desc="stream", unit="item")
     for start in range(0, n, config.chunk_size):
@@ -180,8 +252,13 @@ def run_simulation(
         texts = [e.text for e in chunk]
         t = time.perf_counter()
         probs = ensemble.predict_proba(texts)
-        decision = policy.decide(probs, weights)
+        decision, certs = _route(policy, ensemble, probs, weights, calibration)
         timer.add("predict_and_route", t)
+        if certs:
+            certificates.append(_certificates_summary(int(start), ensemble.version, len(calibration), certs))
+        served_pred[idx] = decision.labels
+        served_conf[idx] = decision.confidence
+        audited[idx] = audit_rng.random(len(chunk)) < config.audit_share
         if ensemble is initial:
             initial_probs[:, idx] = probs
         else:  # the baselines are the cold-start members', whatever serves now
@@ -204,13 +281,21 @@ def run_simulation(
             if outcome.status is ReviewStatus.LABELLED and outcome.label is not None:
                 final[i] = labels.index(outcome.label)
                 by_reviewer[i] = True
-                verified.setdefault(reviewer_source, []).append((e.key, e.text, outcome.label))
+                reviewer_right[i] = outcome.label == gold[e.key]
+                if not audited[i]:
+                    verified.setdefault(reviewer_source, []).append((e.key, e.text, outcome.label))
             else:
                 final[i] = labels.index(gold[e.key])
                 by_human[i] = True
-                verified.setdefault(Source.HUMAN, []).append((e.key, e.text, gold[e.key]))
+                if not audited[i]:
+                    verified.setdefault(Source.HUMAN, []).append((e.key, e.text, gold[e.key]))
         for source, rows in verified.items():
             pool.add_many(rows, source)
+        # The audit: a person labels every drawn item; the label is final, joins the calibration
+        # set and never the training pool.
+        for i in idx[audited[idx]]:
+            final[i] = gold_idx[i]
+            calibration.add(stream[i].text, int(gold_idx[i]))
         bar.update(len(chunk))
 
         if config.retrain and pool.growth_since_training() >= config.beta:
@@ -234,6 +319,20 @@ def run_simulation(
 
     report = _report(
         config=config,
+        guarantee=_guarantee_report(
+            policy=policy,
+            gold_idx=gold_idx,
+            served_pred=served_pred,
+            served_conf=served_conf,
+            routed=routed,
+            audited=audited,
+            by_reviewer=by_reviewer,
+            reviewer_right=reviewer_right,
+            served_by=served_by,
+            n_calibration_seeds=n_calibration,
+            certificates=certificates,
+            human_reviewer=review.human,
+        ),
         policy=policy,
         reviewer=reviewer,
         labels=labels,
@@ -249,7 +348,7 @@ def run_simulation(
         cycles=cycles,
         start_report=start_report,
         timer=timer,
-        n_seed=len(seed),
+        n_seed=len(seed) + n_calibration,
         human_reviewer=review.human,
     )
     if review.usage is not None:
@@ -274,6 +373,77 @@ def run_simulation(
     report["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - started_all, 2)}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _certificates_summary(
+    start: int, version: str, n_calibration: int, certs: Sequence[Certificate]
+) -> dict[str, Any]:
+    return {
+        "from_item": start,
+        "version": version,
+        "calibration": n_calibration,
+        "thresholds": [c.threshold for c in certs],
+        "needed": [c.needed for c in certs],
+    }
+
+
+def _audit_estimate(correct: np.ndarray) -> dict[str, Any]:
+    k, m = int(correct.sum()), int(correct.size)
+    low, high = accuracy_interval(k, m)
+    return {"n": m, "estimate": round(k / m, 4) if m else None, "interval": [round(low, 4), round(high, 4)]}
+
+
+def _guarantee_report(
+    *,
+    policy: Policy,
+    gold_idx: np.ndarray,
+    served_pred: np.ndarray,
+    served_conf: np.ndarray,
+    routed: np.ndarray,
+    audited: np.ndarray,
+    by_reviewer: np.ndarray,
+    reviewer_right: np.ndarray,
+    served_by: list[str],
+    n_calibration_seeds: int,
+    certificates: list[dict[str, Any]],
+    human_reviewer: bool,
+) -> dict[str, Any] | None:
+    """What the target policy promised against what it delivered, and the audit's view of it."""
+    if not isinstance(policy, TargetAccuracy) and not audited.any():
+        return None
+    accepted = ~routed
+    right = served_pred == gold_idx
+    out: dict[str, Any] = {
+        "target": policy.target if isinstance(policy, TargetAccuracy) else None,
+        "delta": policy.delta if isinstance(policy, TargetAccuracy) else None,
+        "accepted_share": round(float(accepted.mean()), 4),
+        "accepted_accuracy": round(float(right[accepted].mean()), 4) if accepted.any() else None,
+        "review_share": round(float(routed.mean()), 4),
+        "audit_share_of_stream": round(float(audited.mean()), 4),
+        # People's labels the audit adds: accepted items, and routed ones a machine reviewed.
+        "audit_extra_labels": int((audited & (accepted | (by_reviewer & (not human_reviewer)))).sum()),
+        "calibration_seeds": n_calibration_seeds,
+        "audit": _audit_estimate(right[audited & accepted]),
+        "per_version": {},
+        "certificates": certificates,
+    }
+    if isinstance(policy, TargetAccuracy):
+        oracle = oracle_review_share(served_conf, right, policy.target)
+        out["oracle_review_share"] = round(oracle, 4)
+        out["review_to_oracle"] = round(float(routed.mean()) / oracle, 3) if oracle > 0 else None
+        out["reached"] = bool(accepted.any() and right[accepted].mean() >= policy.target)
+    checked = audited & routed & by_reviewer
+    if checked.any():  # how often the (LLM) reviewer agreed with people on audited routed items
+        out["reviewer_agreement"] = _audit_estimate(reviewer_right[checked])
+    versions = np.asarray(served_by)
+    for v in dict.fromkeys(served_by):
+        mine = accepted & (versions == v)
+        out["per_version"][v] = {
+            "accepted": int(mine.sum()),
+            "accepted_accuracy": round(float(right[mine].mean()), 4) if mine.any() else None,
+            "audit": _audit_estimate(right[mine & audited]),
+        }
+    return out
 
 
 def _holdout_weights(ensemble: Ensemble, pool: VerifiedPool, labels: LabelSet) -> np.ndarray | None:
@@ -307,6 +477,7 @@ def _result_summary(result: Any) -> dict[str, Any]:
 def _report(
     *,
     config: SimulationConfig,
+    guarantee: dict[str, Any] | None,
     policy: Policy,
     reviewer: Reviewer,
     labels: LabelSet,
@@ -384,8 +555,11 @@ def _report(
             "accepted_accuracy": accuracy(gold_idx[accepted], final[accepted]) if accepted.any() else None,
             "reviewer_labelled": int(by_reviewer.sum()),
             "human_fallbacks": int(by_human.sum()),
-            "human_labels_total": n_seed + human_reviews,
+            "human_labels_total": n_seed
+            + human_reviews
+            + int((guarantee or {}).get("audit_extra_labels", 0)),
         },
+        "guarantee": guarantee,
         "baselines": baselines,
         "cycles": cycles,
         "per_version": per_version,
