@@ -24,6 +24,7 @@ answered with an error, so tests can count calls and read what was sent.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -134,9 +135,13 @@ class OpenAIServer:
         answer: Callable[[str], str] | None = None,
         *,
         usage: Callable[[dict[str, Any], str], Usage] | None = None,
+        probability: Callable[[str], float] | None = None,
     ) -> None:
         self._answer = answer
         self._usage = usage or rough_usage
+        # With ``probability`` (user text -> the answer's probability) the server returns token
+        # log-probabilities when a request asks for them; without it, never (as many endpoints do).
+        self._probability = probability
         self._lock = threading.Lock()
         self._script: deque[Reply] = deque()
         self._always: Reply | None = None
@@ -264,6 +269,9 @@ class OpenAIServer:
         else:
             content = keyword_answer(record.system_prompt, text)
         prompt_tokens, completion_tokens = reply.usage or self._usage(body, content)
+        logprobs = None
+        if body.get("logprobs") and self._probability is not None:
+            logprobs = {"content": _tokens(content, self._probability(text)), "refusal": None}
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
@@ -273,7 +281,7 @@ class OpenAIServer:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": content, "refusal": None},
-                    "logprobs": None,
+                    "logprobs": logprobs,
                     "finish_reason": "stop",
                 }
             ],
@@ -283,6 +291,14 @@ class OpenAIServer:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+
+def _tokens(content: str, probability: float) -> list[dict[str, Any]]:
+    """The answer as two tokens whose log-probabilities add up to log(``probability``)."""
+    half = max(1, len(content) // 2)
+    pieces = [p for p in (content[:half], content[half:]) if p]
+    each = math.log(probability) / len(pieces)
+    return [{"token": p, "logprob": each, "bytes": list(p.encode()), "top_logprobs": []} for p in pieces]
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 429: "rate_limit_exceeded"}

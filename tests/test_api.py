@@ -178,6 +178,8 @@ def test_settings_from_environment_keep_secrets_out_of_repr(tmp_path):
         Settings.from_env({"AUTOANNOTATOR_MAX_TEXT_CHARS": "many"})
     with pytest.raises(ValueError, match="BASIC_AUTH_USER and BASIC_AUTH_PASS"):
         Settings.from_env({"BASIC_AUTH_USER": "u"})
+    with pytest.raises(ValueError, match="simulate"):  # not served until the audit is
+        Settings.from_env({"AUTOANNOTATOR_POLICY": "target:0.95"})
     table = settings_table()
     assert (
         "| `BASIC_AUTH_PASS` | (empty) | its password |" in table

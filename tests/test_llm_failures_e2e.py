@@ -155,3 +155,51 @@ def _gave_up(workers: Workers, task_id: int) -> str:
     found = re.findall(rf"task {task_id} goes to the human queue: LLM failed \((.*)\)$", log, re.M)
     assert len(found) == 1, workers.logs()
     return re.sub(r"^(HTTP \d+): .*?(\(gave up)", r"\1: \2", found[0])
+
+
+def test_an_unsure_llm_answer_goes_to_needs_review_and_a_sure_one_is_accepted(
+    tmp_path: Path, label_studio: Any, ls_project: Any, redis_client: Any, redis_url: str
+) -> None:
+    """The third tier: with AUTOANNOTATOR_LLM_MIN_CONFIDENCE set, the backend asks for token
+    log-probabilities; an answer below the floor goes to a person, marked as unsure."""
+    texts = list(CLEAR)[:4]
+    unsure = set(texts[2:])
+    with OpenAIServer(
+        answer=CLEAR.__getitem__, probability=lambda text: 0.4 if text in unsure else 0.97
+    ) as llm:
+        env = backend_env(
+            tmp_path / "models",
+            label_studio,
+            redis_url,
+            AUTOANNOTATOR_REVIEW_MODE="llm",
+            AUTOANNOTATOR_POLICY="budget:1.0:mean",  # every predicted task is routed to review
+            AUTOANNOTATOR_LLM_BASE_URL=llm.base_url,
+            AUTOANNOTATOR_LLM_MODEL="gpt-4o-mini",
+            AUTOANNOTATOR_LLM_API_KEY="sk-e2e-unsure",
+            AUTOANNOTATOR_LLM_MIN_CONFIDENCE="0.8",
+        )
+        settings = Settings.from_env(env)
+        ls = label_studio.client()
+        with AppServer(create_app(settings)) as app, Workers(env, tmp_path / "logs") as workers:
+            project = ls_project(CONFIG)
+            uid = connect(ls, project.id, app.url)
+            publish(settings.model_dir, uid, c=1.0, note="served")
+            drain(redis_client, workers)
+            ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in texts])
+            drain(redis_client, workers)
+            assert not failed_jobs(redis_client), failed_jobs(redis_client)
+            assert all(r.body.get("logprobs") is True for r in llm.completions)
+            tasks = {t.data["text"]: t for t in ls.tasks.list(project=project.id, fields="all")}
+            for text in texts:
+                data = tasks[text].data
+                if text in unsure:
+                    assert data.get("aa_review") == "human (LLM unsure)", data
+                    assert data.get("aa_needs_review") == 1 and "aa_llm_label" not in data, data
+                else:
+                    assert data.get("aa_llm_label") == CLEAR[text], data
+                    assert not data.get("aa_needs_review"), data
+            counters = _counters(app.app.test_client(), _auth(), uid)
+            assert counters == {**counters, "reviewed_llm": 2, "llm_failures": 2, "reviewed_human_queue": 2}
+            root = ProjectModels(settings.model_dir).registry(uid).root
+            pooled = VerifiedPool(LABELS, path=root / "pool.jsonl")
+            assert sorted(it.text for it in pooled.items()) == sorted(set(texts) - unsure)

@@ -578,3 +578,52 @@ def test_the_server_answers_like_openai_and_records_requests(server: OpenAIServe
         ("POST", "/v1/embeddings", 404),
     ]
     assert len(server.completions) == 1
+
+
+# -- the third tier: an unsure LLM answer goes to a person ----------------------------------------
+
+
+def test_an_answer_below_the_floor_goes_to_a_person_when_the_endpoint_gives_logprobs(tmp_path: Path) -> None:
+    sure = {"Shares surge on bullish guidance": 0.97, "Stock drifts, outlook bullish maybe": 0.55}
+    items = [ReviewItem(key, text) for key, text in zip("ab", sure, strict=True)]
+    with OpenAIServer(probability=lambda text: sure[text]) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k")
+        cache = ReviewCache(tmp_path / "cache.jsonl")
+        rev = reviewer(client, min_confidence=0.8, cache=cache)
+        confident, unsure = rev.review(items)
+        assert confident.status is ReviewStatus.LABELLED and confident.label == "bullish"
+        assert confident.confidence == pytest.approx(0.97)
+        assert unsure.status is ReviewStatus.UNSURE and unsure.label is None and unsure.needs_human
+        assert unsure.raw_answer == "bullish" and unsure.confidence == pytest.approx(0.55)
+        assert "0.55" in unsure.detail and "0.8" in unsure.detail
+        assert rev.usage.unsure == 1 and rev.usage.failures == 0
+        assert all(r.body.get("logprobs") is True for r in server.completions)
+        # The probability is cached with the answer: a new reviewer decides the same without asking.
+        again = reviewer(client, min_confidence=0.8, cache=ReviewCache(tmp_path / "cache.jsonl"))
+        assert [o.status for o in again.review(items)] == [
+            ReviewStatus.LABELLED,
+            ReviewStatus.UNSURE,
+        ]
+        assert len(server.completions) == 2
+
+
+def test_without_logprobs_from_the_endpoint_every_label_is_accepted_as_today(server: OpenAIServer) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key="k")  # this server never sends logprobs
+    outcome = one(reviewer(client, min_confidence=0.9), "Shares surge as the company posts bullish guidance")
+    assert outcome.status is ReviewStatus.LABELLED and outcome.confidence is None
+    assert server.completions[0].body.get("logprobs") is True  # asked, not given
+
+
+def test_without_a_floor_logprobs_are_not_even_asked_for(client: openai.OpenAI, server: OpenAIServer) -> None:
+    assert one(reviewer(client), "bullish news").status is ReviewStatus.LABELLED
+    assert "logprobs" not in server.completions[0].body  # some endpoints refuse the parameter
+
+
+def test_an_answer_cached_without_its_probability_is_asked_again_once_a_floor_is_set(tmp_path: Path) -> None:
+    with OpenAIServer(probability=lambda text: 0.3) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k")
+        path = tmp_path / "cache.jsonl"
+        assert one(reviewer(client, cache=ReviewCache(path)), "bullish news").status is ReviewStatus.LABELLED
+        floor = reviewer(client, min_confidence=0.5, cache=ReviewCache(path))
+        assert one(floor, "bullish news").status is ReviewStatus.UNSURE
+        assert len(server.completions) == 2

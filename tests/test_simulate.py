@@ -232,10 +232,15 @@ def test_sweep_runs_every_epsilon_point_and_the_challenger_at_the_same_shares(
         "sweep", "--seed-file", str(seed), "--stream-file", str(stream), "--out", str(out),
         "--n-seed", "60", "--chunk-size", "45", "--beta", "30", "--encoder", str(tiny_encoder),
         "--cold-lr", "5e-3", "--cold-epochs", "4", "--kinds", "transformer,embedding-linear,ngram-linear",
-        "--budgets", "0.15",
+        "--budgets", "0.15", "--targets", "0.7", "--audit-share", "0.3",
     ]  # fmt: skip
     assert main(argv) == 0
     result = json.loads((out / "sweep.json").read_text())
+    (target,) = [r for r in result["runs"] if r["rule"] == "target"]
+    assert target["policy"] == "target:0.7" and target["target"] == 0.7
+    assert {"accepted_accuracy", "reached", "oracle_review_share", "review_to_oracle", "audit"} <= set(target)
+    # With a target in the sweep, every run keeps the same 20% of the seeds out of its cold start.
+    assert json.loads((out / "eps-1" / "report.json").read_text())["guarantee"]["calibration_seeds"] == 12
     eps = [r for r in result["runs"] if r["rule"] == "epsilon"]
     challengers = [r for r in result["runs"] if r["rule"] == "challenger"]
     assert [r["policy"] for r in eps] == ["epsilon:0.3333333333333333", "epsilon:0.6666666666666666"]

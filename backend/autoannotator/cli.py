@@ -124,6 +124,11 @@ def _add_simulation_commands(sub: argparse._SubParsersAction) -> None:
         "--challenger", default="mean", help="base policy of the budget runs: mean | margin | weighted"
     )
     p.add_argument("--budgets", default="0.1,0.2,0.3", help="extra review shares for the challenger")
+    p.add_argument(
+        "--targets",
+        default="",
+        help="comma-separated accuracies: also run the target-accuracy policy at each (e.g. 0.9,0.95)",
+    )
     p.set_defaults(func=_sweep)
 
 
@@ -145,7 +150,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="share of the seed labels kept out of the cold start to calibrate the target policy "
-        "(default 0.2 with a target:A policy, else 0)",
+        "(default 0.2 with a target:A policy or sweep --targets, else 0)",
     )
     p.add_argument("--seed", type=int, default=0)
 
@@ -177,6 +182,12 @@ def _add_review_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="name of the variable holding the key")
     p.add_argument("--llm-concurrency", type=int, default=4)
     p.add_argument("--llm-timeout", type=float, default=30.0, help="seconds per LLM request before a retry")
+    p.add_argument(
+        "--llm-min-confidence",
+        type=float,
+        default=0.0,
+        help="an LLM label below this probability (from token log-probabilities) goes to a person",
+    )
     p.add_argument(
         "--llm-price",
         default=None,
@@ -242,9 +253,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
     config = _config(args, "sweep")
     budgets = [float(b) for b in _items(args.budgets)]
+    targets = [float(t) for t in _items(args.targets)]
     k = len(args.model) or len(config.cold_start.kinds)
     result = run_sweep(
-        config, args.challenger, lambda gold, labels: _review_setup(args, gold, labels), k, budgets
+        config, args.challenger, lambda gold, labels: _review_setup(args, gold, labels), k, budgets, targets
     )
     rows = [
         f"{r['rule']:<10} {r['policy']:<28} reviewed {r['review_share']:6.1%}  accuracy {r['accuracy']:.4f}"
@@ -297,7 +309,8 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
 def _calibration_seeds(args: argparse.Namespace) -> float:
     if args.calibration_seeds is not None:
         return float(args.calibration_seeds)
-    return 0.2 if str(getattr(args, "policy", "")).strip().lower().startswith("target") else 0.0
+    targeted = str(getattr(args, "policy", "")).strip().lower().startswith("target")
+    return 0.2 if targeted or _items(getattr(args, "targets", "") or "") else 0.0
 
 
 def _review_setup(args: argparse.Namespace, gold: dict[str, str], labels: LabelSet) -> ReviewSetup:
@@ -338,6 +351,7 @@ def _llm_reviewer(args: argparse.Namespace, labels: LabelSet) -> LLMReviewer:
         timeout_s=args.llm_timeout,
         max_concurrency=args.llm_concurrency,
         cache=ReviewCache(Path(args.out) / "llm-cache.jsonl"),
+        min_confidence=args.llm_min_confidence,
     )
 
 

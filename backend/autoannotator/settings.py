@@ -129,6 +129,12 @@ class Settings:
     llm_api_key: str = _setting("AUTOANNOTATOR_LLM_API_KEY", "", "the LLM endpoint's key", secret=True)
     llm_timeout_s: float = _setting("AUTOANNOTATOR_LLM_TIMEOUT", 30.0, "seconds per LLM request")
     llm_concurrency: int = _setting("AUTOANNOTATOR_LLM_CONCURRENCY", 4, "LLM requests in flight per worker")
+    llm_min_confidence: float = _setting(
+        "AUTOANNOTATOR_LLM_MIN_CONFIDENCE",
+        0.0,
+        "an LLM label whose probability (from the endpoint's token log-probabilities) is below this goes "
+        "to the human queue; 0 accepts every label, as do endpoints that return no log-probabilities",
+    )
     llm_price: tuple[str, ...] = _setting(
         "AUTOANNOTATOR_LLM_PRICE",
         (),
@@ -193,6 +199,12 @@ class Settings:
             raise ValueError(f"AUTOANNOTATOR_MAX_TEXT_CHARS must be >= 1, got {self.max_text_chars}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_password):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.policy.strip().lower().startswith("target"):
+            raise ValueError(
+                f"AUTOANNOTATOR_POLICY={self.policy!r}: the target-accuracy policy runs in `autoannotator "
+                "simulate` so far; the service does not yet gather the audit labels it certifies on, so "
+                "it would send every task to review"
+            )
         if self.review_mode not in REVIEW_MODES:
             raise ValueError(
                 f"AUTOANNOTATOR_REVIEW_MODE must be one of {REVIEW_MODES}, got {self.review_mode!r}"
@@ -230,6 +242,10 @@ class Settings:
         for name in ("llm_timeout_s", "refine_lr", "cold_start_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_env(name)} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.llm_min_confidence < 1.0:
+            raise ValueError(
+                f"AUTOANNOTATOR_LLM_MIN_CONFIDENCE must be in [0, 1), got {self.llm_min_confidence}"
+            )
         if self.llm_price:
             self.llm_prices()  # refuses a malformed price now, not at the first review
         self.catalog_top_k()  # refuses a malformed catalog:K now, not at the first training

@@ -4,7 +4,8 @@ With k members the ε rule has only k - 1 operating points (review the items wit
 k - 1 votes short of unanimity). The sweep runs the full protocol (retraining on) at each of them,
 then runs the challenger policy as a review budget at the share each ε run reviewed (rounded down to
 whole items per chunk, so the challenger never reviews more), plus
-any extra budgets asked for. All runs share one cold start, so they differ only in routing.
+any extra budgets asked for, and the target-accuracy policy at each target asked for (with the
+run's audit). All runs share one cold start, so they differ only in routing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from autoannotator.core.labels import LabelSet
-from autoannotator.core.policies import EpsilonRule, policy_from_spec
+from autoannotator.core.policies import EpsilonRule, TargetAccuracy, policy_from_spec
 from autoannotator.lab.simulate import ReviewSetup, SimulationConfig, run_simulation
 
 logger = logging.getLogger(__name__)
@@ -43,14 +44,22 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _target_summary(report: dict[str, Any]) -> dict[str, Any]:
+    g = report["guarantee"]
+    keys = ("target", "accepted_accuracy", "reached", "oracle_review_share", "review_to_oracle", "audit")
+    return {**_summary(report), "rule": "target", **{k: g.get(k) for k in keys}}
+
+
 def run_sweep(
     config: SimulationConfig,
     challenger: str,
     make_review: Callable[[dict[str, str], LabelSet], ReviewSetup],
     k: int,
     extra_budgets: Sequence[float] = (),
+    targets: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """Run every ε operating point, the challenger at the same shares, and the extra budgets."""
+    """Run every ε operating point, the challenger at the same shares, the extra budgets, and the
+    target policy at each target."""
     out = Path(config.out_dir)
     first = run_simulation(replace(config, out_dir=out / "eps-1"), EpsilonRule(1 / k), make_review)
     if config.models:
@@ -72,6 +81,11 @@ def run_sweep(
         policy = policy_from_spec(f"budget:{budget}:{challenger}")
         rep = run_simulation(replace(shared, out_dir=out / f"challenger-{i}"), policy, make_review)
         runs.append({**_summary(rep), "rule": "challenger"})
+    for target in targets:
+        rep = run_simulation(
+            replace(shared, out_dir=out / f"target-{target:g}"), TargetAccuracy(target), make_review
+        )
+        runs.append(_target_summary(rep))
     result = {
         "stream_file": str(config.stream_file),
         "n_seed": config.n_seed,
@@ -92,11 +106,16 @@ def plot_sweep(result: dict[str, Any], path: Path) -> Path:
             pts = sorted((r["review_share"], r[metric]) for r in result["runs"] if r["rule"] == rule)
             label = "paper's ε rule" if rule == "epsilon" else f"budget over {result['challenger']}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+        for r in result["runs"]:
+            if r["rule"] == "target":
+                ax.plot(r["review_share"], r[metric], "D", color="tab:green")
+                ax.annotate(f"target {r['target']:g}", (r["review_share"], r[metric]), fontsize=8,
+                            xytext=(4, -10), textcoords="offset points")  # fmt: skip
         vote = result["baselines"]["majority_vote"][metric]
         ax.axhline(vote, color="grey", lw=1, ls=":", label="majority vote, no review")
         ax.set_xlabel("share of the stream reviewed")
         ax.set_ylabel(metric.replace("_", "-"))
-        ax.set_xlim(0, max(0.5, max(r["review_share"] for r in result["runs"]) + 0.05))
+        ax.set_xlim(0, min(1.02, max(0.5, max(r["review_share"] for r in result["runs"]) + 0.05)))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{result['stream_file']} — {result['n_seed']} seed labels, oracle review, retraining on")

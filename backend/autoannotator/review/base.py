@@ -31,6 +31,9 @@ class ReviewStatus(StrEnum):
     """The reviewer answered, but not with exactly one project label; the item goes to a human."""
     FAILED = "failed"
     """No usable answer (timeouts, errors after retries, unknown item); the item goes to a human."""
+    UNSURE = "unsure"
+    """The reviewer named a label but gave it a probability below the set floor; the item goes to a
+    human (the LLM's third tier: accept, ask a person, or the ensemble's own label)."""
 
 
 def _letters(text: str) -> str:
@@ -70,7 +73,7 @@ class ReviewOutcome:
     """A reviewer's verdict on one item, with what it cost.
 
     ``label`` is a project label when ``status`` is ``LABELLED`` and None otherwise: an outcome that
-    is ``OFF_LABEL`` or ``FAILED`` is meant for the human queue, never for the verified pool.
+    is ``OFF_LABEL``, ``UNSURE`` or ``FAILED`` is meant for the human queue, never for the verified pool.
     ``raw_answer`` keeps what the reviewer actually said (for audit, and to show the human);
     ``detail`` says why an item failed. ``cached`` outcomes cost nothing: the answer was reused.
     """
@@ -85,6 +88,7 @@ class ReviewOutcome:
     completion_tokens: int = 0
     cost: float = 0.0
     cached: bool = False
+    confidence: float | None = None  # the answer's probability, where the reviewer reports one
 
     def __post_init__(self) -> None:
         if (self.status is ReviewStatus.LABELLED) != (self.label is not None):

@@ -19,6 +19,7 @@ import email.utils
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -115,8 +116,8 @@ class LLMUsage:
     """Running totals of one reviewer: what the LLM review has cost so far.
 
     ``calls`` counts HTTP requests sent, retries included (that is what rate limits and bills see);
-    ``cache_hits`` counts items answered without a request; ``failures`` and ``off_label`` count
-    items that went to the human queue for each reason.
+    ``cache_hits`` counts items answered without a request; ``failures``, ``off_label`` and
+    ``unsure`` count items that went to the human queue for each reason.
     """
 
     calls: int = 0
@@ -126,6 +127,7 @@ class LLMUsage:
     cost: float = 0.0
     failures: int = 0
     off_label: int = 0
+    unsure: int = 0
 
 
 class ReviewCache:
@@ -140,6 +142,7 @@ class ReviewCache:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self._answers: dict[str, str] = {}
+        self._confidences: dict[str, float] = {}
         self._lock = threading.Lock()
         # How far the file has been read (whole lines only), and which file it was.
         self._offset = 0
@@ -169,6 +172,8 @@ class ReviewCache:
             try:
                 entry = json.loads(line)
                 self._answers[str(entry["key"])] = str(entry["answer"])
+                if entry.get("confidence") is not None:
+                    self._confidences[str(entry["key"])] = float(entry["confidence"])
             except (ValueError, KeyError, TypeError):
                 skipped += int(bool(line.strip()))
         if skipped:
@@ -201,13 +206,23 @@ class ReviewCache:
         with self._lock:
             return self._answers.get(key)
 
-    def put(self, key: str, answer: str) -> None:
+    def confidence(self, key: str) -> float | None:
+        """The cached answer's probability, when the endpoint reported one."""
+        with self._lock:
+            return self._confidences.get(key)
+
+    def put(self, key: str, answer: str, confidence: float | None = None) -> None:
+        entry: dict[str, Any] = {"key": key, "answer": answer}
+        if confidence is not None:
+            entry["confidence"] = confidence
         with self._lock:
             self._answers[key] = answer
+            if confidence is not None:
+                self._confidences[key] = confidence
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with self.path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "answer": answer}) + "\n")
+                    f.write(json.dumps(entry) + "\n")
 
     def __len__(self) -> int:
         with self._lock:
@@ -243,6 +258,21 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
         return None
 
 
+def answer_probability(response: Any) -> float | None:
+    """The probability the model gave its whole answer: exp of the sum of its tokens'
+    log-probabilities; None when the endpoint sent none (not asked, or not supported)."""
+    try:
+        tokens = response.choices[0].logprobs.content
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if not tokens:
+        return None
+    try:
+        return math.exp(sum(float(t.logprob) for t in tokens))
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def _read(response: Any) -> tuple[str, int, int]:
     """Content and token counts of a chat completion; :class:`ReviewError` when it is not one."""
     try:
@@ -263,6 +293,10 @@ class LLMReviewer:
     are retried ``max_retries`` times with exponential backoff and jitter (or after ``Retry-After``),
     never waiting more than ``max_backoff_s``; other 4xx fail at once, since asking again cannot
     help. ``prices`` defaults to :meth:`PriceTable.default`.
+
+    ``min_confidence`` > 0 asks the endpoint for token log-probabilities: an answer whose probability
+    is below it is ``UNSURE`` and goes to a person. Where the endpoint returns none, every answer
+    counts as sure, as with ``min_confidence`` = 0.
     """
 
     def __init__(
@@ -281,6 +315,7 @@ class LLMReviewer:
         temperature: float = 0.0,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         name: str | None = None,
+        min_confidence: float = 0.0,
     ) -> None:
         if not model.strip():
             raise ValueError("model must be a model name, got an empty string")
@@ -294,6 +329,8 @@ class LLMReviewer:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens!r}")
+        if not 0.0 <= min_confidence < 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence!r}")
         self.name = name or f"llm:{model}"
         self.model = model
         self.labels = labels
@@ -306,6 +343,9 @@ class LLMReviewer:
         self.cache = cache
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.min_confidence = min_confidence
+        # Asked for only when they decide something: some endpoints refuse the parameter.
+        self._logprobs: dict[str, Any] = {"logprobs": True} if min_confidence > 0 else {}
         self.system_prompt = system_prompt(labels)
         # The library's retries would multiply ours (4 x 3 requests per item); ours are the only ones.
         self._client = client.with_options(max_retries=0, timeout=timeout_s)
@@ -331,7 +371,7 @@ class LLMReviewer:
         keys = [ReviewCache.key(self.model, self.system_prompt, text) for text in texts]
         first: dict[str, int] = {}  # cache key -> index of the one item whose text is asked
         for i, key in enumerate(keys):
-            if key not in first and (self.cache is None or self.cache.get(key) is None):
+            if key not in first and not self._cached(key):
                 first[key] = i
         logger.info("%s: reviewing %d items, %d to ask the model", self.name, len(items), len(first))
         fresh: dict[str, ReviewOutcome] = {}
@@ -353,11 +393,22 @@ class LLMReviewer:
                 outcomes.append(self._from_cache(item, key, fresh.get(key)))
         return outcomes
 
+    def _cached(self, key: str) -> bool:
+        """Whether the cache can answer: it holds the answer and, when answers need a probability,
+        the probability too (an answer cached before the floor was set is asked again)."""
+        if self.cache is None or self.cache.get(key) is None:
+            return False
+        return self.min_confidence == 0 or self.cache.confidence(key) is not None
+
     def _from_cache(self, item: ReviewItem, key: str, fresh: ReviewOutcome | None) -> ReviewOutcome:
         """A free outcome: from the persistent cache, or a repeat of a text asked in this batch."""
-        answer = fresh.raw_answer if fresh is not None else self.cache.get(key) if self.cache else None
+        if fresh is not None:
+            answer, confidence = fresh.raw_answer, fresh.confidence
+        else:
+            answer = self.cache.get(key) if self.cache else None
+            confidence = self.cache.confidence(key) if self.cache else None
         self._add(cache_hits=1)
-        return self._verdict(item, answer or "", 0, 0, 0.0, cached=True)
+        return self._verdict(item, answer or "", 0, 0, 0.0, cached=True, confidence=confidence)
 
     def _ask_safely(self, item: ReviewItem, text: str) -> ReviewOutcome:
         """The boundary for one item: whatever goes wrong, the batch gets an outcome for it."""
@@ -387,8 +438,10 @@ class LLMReviewer:
                         messages=messages,
                         temperature=self.temperature,
                         max_tokens=self.max_tokens,
+                        **self._logprobs,
                     )
                 content, prompt_tokens, completion_tokens = _read(response)
+                confidence = answer_probability(response) if self.min_confidence > 0 else None
             except openai.APIStatusError as exc:
                 detail = f"HTTP {exc.status_code}: {exc.message}"
                 if exc.status_code not in (408, 429) and exc.status_code < 500:
@@ -408,9 +461,11 @@ class LLMReviewer:
             else:
                 cost = self._cost(prompt_tokens, completion_tokens)
                 self._add(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost)
-                outcome = self._verdict(item, content, prompt_tokens, completion_tokens, cost, cached=False)
+                outcome = self._verdict(
+                    item, content, prompt_tokens, completion_tokens, cost, cached=False, confidence=confidence
+                )
                 if self.cache is not None:
-                    self.cache.put(ReviewCache.key(self.model, self.system_prompt, text), content)
+                    self.cache.put(ReviewCache.key(self.model, self.system_prompt, text), content, confidence)
                 return outcome
             if attempt < self.max_retries:
                 delay = self._delay(attempt, retry_after)
@@ -452,11 +507,28 @@ class LLMReviewer:
         cost: float,
         *,
         cached: bool,
+        confidence: float | None = None,
     ) -> ReviewOutcome:
         label = parse_answer(answer, self.labels)
         status = ReviewStatus.LABELLED if label is not None else ReviewStatus.OFF_LABEL
         if label is None:
             self._add(off_label=1)
+        elif confidence is not None and confidence < self.min_confidence:
+            self._add(unsure=1)
+            return ReviewOutcome(
+                key=item.key,
+                label=None,
+                status=ReviewStatus.UNSURE,
+                reviewer=self.name,
+                raw_answer=answer[:MAX_RAW_ANSWER_CHARS],
+                detail=f"the model gave {label!r} a probability of {confidence:.2f}, "
+                f"below the floor of {self.min_confidence:g}",
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cost=cost,
+                cached=cached,
+                confidence=confidence,
+            )
         return ReviewOutcome(
             key=item.key,
             label=label,
@@ -472,6 +544,7 @@ class LLMReviewer:
             completion_tokens=completion_tokens,
             cost=cost,
             cached=cached,
+            confidence=confidence,
         )
 
     def _failed(self, item: ReviewItem, detail: str) -> ReviewOutcome:
@@ -490,6 +563,7 @@ def build_reviewer(
     timeout_s: float = 30.0,
     max_concurrency: int = 4,
     cache: ReviewCache | None = None,
+    min_confidence: float = 0.0,
 ) -> LLMReviewer:
     """The LLM reviewer as the workers and ``autoannotator simulate --review llm`` build it: the
     built-in price table, with ``model`` repriced when ``price`` (input, output per million tokens)
@@ -505,4 +579,5 @@ def build_reviewer(
         max_concurrency=max_concurrency,
         timeout_s=timeout_s,
         cache=cache,
+        min_confidence=min_confidence,
     )

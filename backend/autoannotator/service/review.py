@@ -188,6 +188,7 @@ def llm_reviewer(ctx: Context, uid: str, labels: LabelSet) -> LLMReviewer:
         timeout_s=s.llm_timeout_s,
         max_concurrency=s.llm_concurrency,
         cache=ctx.review_cache(uid),
+        min_confidence=s.llm_min_confidence,
     )
 
 

@@ -29,7 +29,7 @@ _HELP = {
     "reviewed_human_queue": "routed tasks put in the Needs review tab (human mode or LLM fallback)",
     "llm_calls": "LLM requests sent (retries included)",
     "llm_cache_hits": "routed tasks answered from the LLM cache",
-    "llm_failures": "routed tasks the LLM could not label (off-label, errors): sent to humans",
+    "llm_failures": "routed tasks the LLM could not label (off-label, unsure, errors): sent to humans",
     "llm_prompt_tokens": "LLM prompt tokens",
     "llm_completion_tokens": "LLM completion tokens",
     "llm_cost_usd": "LLM cost in US dollars (from the price table)",
