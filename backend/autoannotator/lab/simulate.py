@@ -431,7 +431,8 @@ def _guarantee_report(
         oracle = oracle_review_share(served_conf, right, policy.target)
         out["oracle_review_share"] = round(oracle, 4)
         out["review_to_oracle"] = round(float(routed.mean()) / oracle, 3) if oracle > 0 else None
-        out["reached"] = bool(accepted.any() and right[accepted].mean() >= policy.target)
+        # None when nothing was accepted: the target then holds vacuously, at the price of reviewing all.
+        out["reached"] = bool(right[accepted].mean() >= policy.target) if accepted.any() else None
     checked = audited & routed & by_reviewer
     if checked.any():  # how often the (LLM) reviewer agreed with people on audited routed items
         out["reviewer_agreement"] = _audit_estimate(reviewer_right[checked])
