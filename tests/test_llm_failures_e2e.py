@@ -35,6 +35,23 @@ RATE_LIMITED = list(CLEAR)[:3]
 TOO_SLOW = list(CLEAR)[3:5]
 
 
+def _llm_env(
+    tmp_path: Path, label_studio: Any, redis_url: str, llm: OpenAIServer, **extra: str
+) -> dict[str, str]:
+    """The backend in llm mode against the local server, every predicted task routed to review."""
+    return backend_env(
+        tmp_path / "models",
+        label_studio,
+        redis_url,
+        AUTOANNOTATOR_REVIEW_MODE="llm",
+        AUTOANNOTATOR_POLICY="budget:1.0:mean",
+        AUTOANNOTATOR_LLM_BASE_URL=llm.base_url,
+        AUTOANNOTATOR_LLM_MODEL="gpt-4o-mini",
+        AUTOANNOTATOR_LLM_API_KEY="sk-e2e-llm",
+        **extra,
+    )
+
+
 def _check_fell_back(ls: Any, project_id: int, texts: list[str]) -> dict[str, Any]:
     """Each task is flagged for humans as an LLM failure and keeps the ensemble's prediction."""
     tasks = {t.data["text"]: t for t in ls.tasks.list(project=project_id, fields="all")}
@@ -52,17 +69,7 @@ def test_llm_rate_limited_forever_or_timing_out_sends_routed_tasks_to_needs_revi
     tmp_path: Path, label_studio: Any, ls_project: Any, redis_client: Any, redis_url: str
 ) -> None:
     with OpenAIServer() as llm:
-        env = backend_env(
-            tmp_path / "models",
-            label_studio,
-            redis_url,
-            AUTOANNOTATOR_REVIEW_MODE="llm",
-            AUTOANNOTATOR_POLICY="budget:1.0:mean",  # every predicted task is routed to review
-            AUTOANNOTATOR_LLM_BASE_URL=llm.base_url,
-            AUTOANNOTATOR_LLM_MODEL="gpt-4o-mini",
-            AUTOANNOTATOR_LLM_API_KEY="sk-e2e-failures",
-            AUTOANNOTATOR_LLM_TIMEOUT=str(TIMEOUT_S),
-        )
+        env = _llm_env(tmp_path, label_studio, redis_url, llm, AUTOANNOTATOR_LLM_TIMEOUT=str(TIMEOUT_S))
         settings = Settings.from_env(env)
         ls = label_studio.client()
         with AppServer(create_app(settings)) as app, Workers(env, tmp_path / "logs") as workers:
@@ -167,17 +174,7 @@ def test_an_unsure_llm_answer_goes_to_needs_review_and_a_sure_one_is_accepted(
     with OpenAIServer(
         answer=CLEAR.__getitem__, probability=lambda text: 0.4 if text in unsure else 0.97
     ) as llm:
-        env = backend_env(
-            tmp_path / "models",
-            label_studio,
-            redis_url,
-            AUTOANNOTATOR_REVIEW_MODE="llm",
-            AUTOANNOTATOR_POLICY="budget:1.0:mean",  # every predicted task is routed to review
-            AUTOANNOTATOR_LLM_BASE_URL=llm.base_url,
-            AUTOANNOTATOR_LLM_MODEL="gpt-4o-mini",
-            AUTOANNOTATOR_LLM_API_KEY="sk-e2e-unsure",
-            AUTOANNOTATOR_LLM_MIN_CONFIDENCE="0.8",
-        )
+        env = _llm_env(tmp_path, label_studio, redis_url, llm, AUTOANNOTATOR_LLM_MIN_CONFIDENCE="0.8")
         settings = Settings.from_env(env)
         ls = label_studio.client()
         with AppServer(create_app(settings)) as app, Workers(env, tmp_path / "logs") as workers:
