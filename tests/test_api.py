@@ -178,8 +178,11 @@ def test_settings_from_environment_keep_secrets_out_of_repr(tmp_path):
         Settings.from_env({"AUTOANNOTATOR_MAX_TEXT_CHARS": "many"})
     with pytest.raises(ValueError, match="BASIC_AUTH_USER and BASIC_AUTH_PASS"):
         Settings.from_env({"BASIC_AUTH_USER": "u"})
-    with pytest.raises(ValueError, match="simulate"):  # not served until the audit is
+    with pytest.raises(ValueError, match="AUTOANNOTATOR_AUDIT_SHARE > 0"):  # certified on audit labels
         Settings.from_env({"AUTOANNOTATOR_POLICY": "target:0.95"})
+    assert Settings.from_env({"AUTOANNOTATOR_POLICY": "target:0.95", "AUTOANNOTATOR_AUDIT_SHARE": "0.05"})
+    with pytest.raises(ValueError, match="AUTOANNOTATOR_AUDIT_SHARE must be in"):
+        Settings.from_env({"AUTOANNOTATOR_AUDIT_SHARE": "0.9"})
     table = settings_table()
     assert (
         "| `BASIC_AUTH_PASS` | (empty) | its password |" in table
@@ -337,6 +340,9 @@ def test_settings_page_shows_and_switches_the_review_mode(rq_redis, published, a
         "review_mode": "human",
         "modes": ["llm", "human", "off"],
         "default": "human",
+        "policy": "mean:0.99",
+        "audit_share": 0.0,
+        "defaults": {"policy": "mean:0.99", "audit_share": 0.0},
     }
     page = c.get(url, headers={**AUTH, "Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
     assert page.status_code == 200 and page.mimetype == "text/html"
@@ -356,6 +362,59 @@ def test_settings_page_shows_and_switches_the_review_mode(rq_redis, published, a
     r = c.post(url, data={"review_mode": "off"}, headers=AUTH)
     assert r.status_code == 200 and "review mode is off" in r.get_data(as_text=True)
     assert c.get(url, headers=AUTH).get_json()["review_mode"] == "off"
+
+
+def test_a_project_chooses_its_own_policy_and_audit_share_and_predict_draws_its_audit(
+    rq_redis, published, app_client
+):
+    """Per project, with no restart: a target policy without an audit is refused; with one, the
+    uncalibrated target routes every task, and the audit draws about its share of the tasks, each
+    drawn task handed to the review job with its mark (version, route, label)."""
+    root, version = published
+    c = app_client(root, basic_auth_user="pm", basic_auth_password="s3cret", policy="mean:0.0")
+    url = f"/projects/{PROJECT}/settings"
+    r = c.post(url, json={"policy": "target:0.9"}, headers=AUTH)
+    assert r.status_code == 400 and "audit share > 0" in r.get_json()["error"]
+    assert c.post(url, json={"policy": "target:2"}, headers=AUTH).status_code == 400
+    assert c.post(url, json={"audit_share": 0.9}, headers=AUTH).status_code == 400
+    tasks = [{"id": 100 + i, "data": {"tweet": f"shares move {i} points"}} for i in range(60)]
+
+    def predict() -> tuple[list, list]:
+        Queue("review", connection=rq_redis).empty()
+        r = c.post(
+            "/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG}, headers=AUTH
+        )
+        assert r.status_code == 200
+        (job,) = jobs_in(rq_redis, "review")
+        return job.args[3], job.args[5]
+
+    # mean:0 accepts everything and nothing is audited: no review job at all.
+    r = c.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG}, headers=AUTH)
+    assert r.status_code == 200 and jobs_in(rq_redis, "review") == []
+
+    r = c.post(url, json={"policy": "target:0.9", "audit_share": 0.25}, headers=AUTH)
+    assert r.status_code == 200
+    assert (r.get_json()["policy"], r.get_json()["audit_share"]) == ("target:0.9", 0.25)
+    routed, audited = predict()
+    assert len(routed) == 60  # uncalibrated: everything goes to review
+    assert 5 <= len(audited) <= 25  # about a quarter, drawn by task and version
+    for a in audited:
+        assert a.mark.startswith(f"{version} routed: ") and a.mark.endswith(a.task.label)
+    again = predict()[1]
+    assert [a.task.task_id for a in again] == [a.task.task_id for a in audited]  # the same draw
+
+    # Back to a threshold policy that accepts everything: the audit goes on, marked "accepted".
+    r = c.post(url, json={"policy": "mean:0.0"}, headers=AUTH)
+    routed, audited = predict()
+    assert routed == [] and {a.mark.split(":")[0] for a in audited} == {f"{version} accepted"}
+    # A task already carrying its mark is not drawn again; an empty policy is the environment's.
+    marked = {a.task.task_id: a.mark for a in audited}
+    tasks = [{**t, "data": {**t["data"], "aa_audit": marked.get(t["id"], "")}} for t in tasks]
+    Queue("review", connection=rq_redis).empty()
+    r = c.post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": CONFIG}, headers=AUTH)
+    assert r.status_code == 200 and jobs_in(rq_redis, "review") == []
+    r = c.post(url, json={"policy": "", "audit_share": 0}, headers=AUTH)
+    assert r.get_json()["policy"] == "mean:0.0" and r.get_json()["audit_share"] == 0.0
 
 
 def test_settings_refuse_an_invalid_mode_and_changes_without_authentication(rq_redis, tmp_path, app_client):
@@ -403,7 +462,8 @@ def test_uncertain_tasks_are_handed_to_one_review_job(rq_redis, published, tiny_
     tasks.append({"id": 200, "data": {"text": "no tweet field"}})  # no text: no prediction, no review
     results = _routed_predict(c, tasks)
     (job,) = jobs_in(rq_redis, "review")
-    uid, job_version, mode, routed, cleared = job.args
+    uid, job_version, mode, routed, cleared, audited = job.args
+    assert audited == []  # no audit share set
     assert (uid, job_version, mode, cleared) == (PROJECT, version, "human", [])
     assert [e.task_id for e in routed] == [t["id"] for t in tasks[:6]]
     for entry, task, result in zip(routed, tasks, results, strict=False):
@@ -464,7 +524,7 @@ def test_a_flagged_task_no_longer_routed_is_cleared(rq_redis, published, tiny_co
     plain = {"id": 10, "data": {"tweet": tiny_corpus[1][0], "aa_needs_review": False}}
     _routed_predict(c, [flagged, plain])
     (job,) = jobs_in(rq_redis, "review")  # even in mode off the stale flag is taken down
-    assert job.args == (PROJECT, version, "off", [], [ClearedTask(9, flagged["data"])])
+    assert job.args == (PROJECT, version, "off", [], [ClearedTask(9, flagged["data"])], [])
     rq_redis.flushdb()
     _routed_predict(c, [plain])
     assert jobs_in(rq_redis, "review") == []

@@ -21,6 +21,7 @@ from autoannotator.errors import (
 )
 from autoannotator.labelstudio.config import parse_label_config
 from autoannotator.labelstudio.fields import votes_text
+from autoannotator.learning.audit import AuditLog
 from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.learning.refine import RefineConfig
@@ -638,3 +639,87 @@ def test_training_hyperparameters_come_from_the_settings(make_ctx, tiny_encoder)
 def test_bad_training_hyperparameters_are_refused_at_startup(env, value):
     with pytest.raises(ValueError, match=env):
         Settings.from_env({env: value})
+
+
+# ---------------------------------------------------------------------------- the live audit
+
+
+def audit(task_id: int, text: str, label: str, mark: str, **data: str) -> str:
+    task = {"id": task_id, "data": {"text": text, "aa_audit": mark, **data}}
+    return jobs.ingest_annotation(UID, task, choice(label))
+
+
+def test_an_audit_label_goes_to_the_audit_log_never_to_the_pool(ctx):
+    _seed_and_publish(ctx)
+    pool = pool_of(ctx)
+    size = len(pool)
+    text, label = corpus(1, seed=11)[0]
+    other = next(name for name in LABELS.names if name != label)
+    # The LLM had labelled the task before it was drawn: its label leaves the pool too.
+    with ctx.pool(UID, LABELS) as shared:
+        shared.add("task:900", text, other, Source.LLM)
+    out = audit(900, text, label, f"v0001 routed: {label}", aa_review="llm", aa_llm_label=other)
+    assert out == f"task 900: audit label {label} of v0001 (confirmed)"
+    assert len(pool_of(ctx)) == size and pool_of(ctx).get("task:900") is None
+    (record,) = AuditLog(ctx.audit_path(UID)).records()
+    assert (record.gold, record.version, record.route, record.predicted, record.llm_label) == (
+        label,
+        "v0001",
+        "routed",
+        label,
+        other,
+    )
+    assert audit(901, "shares jump", other, f"v0001 accepted: {label}").endswith(f"(corrects {label})")
+    assert ctx.state.counters(UID)["audit_labels"] == 2
+    status = project_status(ctx, UID)["routing"]
+    assert status["policy"] == "mean:0.75" and "target" not in status
+    overall = status["audit"]["overall"]
+    assert (overall["accepted"], overall["correct"], overall["llm_reviewed"], overall["llm_agreed"]) == (
+        1,
+        0,
+        1,
+        0,
+    )
+    assert Queue("ingest", connection=ctx.state.redis).jobs == []  # no target: nothing to calibrate
+
+
+def test_a_target_policy_is_certified_on_audit_labels_and_then_accepts_what_it_certified(make_ctx):
+    ctx = make_ctx(AUTOANNOTATOR_POLICY="target:0.7", AUTOANNOTATOR_AUDIT_SHARE="0.2")
+    _seed_and_publish(ctx)
+    # Published under a target: calibrated at once, on no audit labels, so nothing is certified.
+    stored = json.loads(ctx.state.routing(UID)[2])
+    assert stored["version"] == "v0001" and stored["thresholds"] == [None, None, None]
+    routing = project_status(ctx, UID)["routing"]
+    assert routing["target"] == 0.7 and "not certified for v0001 yet (0 audit labels)" in routing["message"]
+    texts = ["shares surge to record gains", "stock plunge after losses"]
+    batch = ctx.annotator.predict(UID, [{"id": i, "data": {"text": t}} for i, t in enumerate(texts)], CONFIG)
+    assert len(batch.routed) == 2  # uncertified: everything is reviewed
+
+    ensemble = ctx.models.ensemble(UID, LABELS)
+    items = corpus(120, seed=21)
+    predicted = ensemble.predict_proba([t for t, _ in items]).mean(axis=0).argmax(axis=1)
+    for i, ((text, gold), p) in enumerate(zip(items, predicted, strict=True)):
+        audit(1000 + i, text, gold, f"v0001 accepted: {LABELS.names[int(p)]}")
+    queued = Queue("ingest", connection=ctx.state.redis).jobs
+    assert [j.func_name for j in queued] == [JOBS + "calibrate_project"]  # one job for 120 labels
+    out = jobs.calibrate_project(UID)
+    assert out.startswith("target:0.7 for v0001 on 120 audit labels: certified [")
+    stored = json.loads(ctx.state.routing(UID)[2])
+    certified = [t for t in stored["thresholds"] if t is not None]
+    assert certified and stored["calibration"] == 120
+    assert json.loads((ctx.models.registry(UID).root / "calibration.json").read_text()) == stored
+    ctx.routing.forget(UID)
+    batch = ctx.annotator.predict(
+        UID, [{"id": 2000 + i, "data": {"text": t}} for i, (t, _) in enumerate(corpus(40, seed=5))], CONFIG
+    )
+    assert len(batch.routed) < 40  # certified labels above their thresholds are accepted
+    routing = project_status(ctx, UID)["routing"]
+    assert routing["calibration"]["version"] == "v0001" and "certified" in routing["message"]
+    audited = routing["audit"]["overall"]
+    assert audited["accepted"] == 120 and audited["low"] <= audited["accuracy"] <= audited["high"]
+
+    # A project that leaves the target has its calibration removed.
+    ctx.state.set_routing(UID, "mean:0.5", None)
+    assert jobs.calibrate_project(UID) == "policy mean:0.5: nothing to calibrate"
+    assert ctx.state.routing(UID)[2] is None
+    assert not (ctx.models.registry(UID).root / "calibration.json").exists()

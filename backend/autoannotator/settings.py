@@ -36,7 +36,16 @@ class Settings:
         "where every project's model versions live (share it between workers)",
     )
     policy: str = _setting(
-        "AUTOANNOTATOR_POLICY", "mean:0.75", "routing policy spec (epsilon:0.34, mean:0.75, margin:0.2, ...)"
+        "AUTOANNOTATOR_POLICY",
+        "mean:0.75",
+        "default routing policy spec (epsilon:0.34, mean:0.75, budget:0.2:mean, target:0.95, ...; "
+        "set per project at /projects/<uid>/settings)",
+    )
+    audit_share: float = _setting(
+        "AUTOANNOTATOR_AUDIT_SHARE",
+        0.0,
+        "default share of predicted tasks drawn for the live audit (a person labels them, to measure "
+        "the auto-accepted labels; a target policy needs it > 0)",
     )
     max_text_chars: int = _setting(
         "AUTOANNOTATOR_MAX_TEXT_CHARS", MAX_TEXT_CHARS, "longer task texts are clipped"
@@ -199,11 +208,12 @@ class Settings:
             raise ValueError(f"AUTOANNOTATOR_MAX_TEXT_CHARS must be >= 1, got {self.max_text_chars}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_password):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
-        if self.policy.strip().lower().startswith("target"):
+        if not 0.0 <= self.audit_share <= 0.5:
+            raise ValueError(f"AUTOANNOTATOR_AUDIT_SHARE must be in [0, 0.5], got {self.audit_share}")
+        if self.policy.strip().lower().startswith("target") and self.audit_share <= 0.0:
             raise ValueError(
-                f"AUTOANNOTATOR_POLICY={self.policy!r}: the target-accuracy policy runs in `autoannotator "
-                "simulate` so far; the service does not yet gather the audit labels it certifies on, so "
-                "it would send every task to review"
+                f"AUTOANNOTATOR_POLICY={self.policy!r}: a target policy is certified on audit labels; "
+                "set AUTOANNOTATOR_AUDIT_SHARE > 0 too (for example 0.05), or it would review every task"
             )
         if self.review_mode not in REVIEW_MODES:
             raise ValueError(

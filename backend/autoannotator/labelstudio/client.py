@@ -12,13 +12,13 @@ import base64
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from label_studio_sdk import LabelStudio
 
 from autoannotator.labelstudio.config import ProjectConfig, annotation_label, extract_texts
-from autoannotator.labelstudio.fields import LLM_LABEL, REVIEWED_BY, pool_key
+from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, REVIEWED_BY, pool_key
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,9 @@ class StoredLabel:
     key: str
     text: str
     label: str
+    task_id: int = 0
+    audit: str | None = None  # the task's audit mark: its label is an audit label, not the pool's
+    data: Mapping[str, Any] = field(default_factory=dict)
 
 
 def read_labels(
@@ -134,10 +137,11 @@ def read_labels(
             key=lambda a: str(a.get("updated_at") or a.get("created_at") or ""),
         )
         labels = [lab for a in annotations if (lab := annotation_label(a, config)) is not None]
+        audit = str(data[AUDIT]) if data.get(AUDIT) else None
         if labels:
-            human.append(StoredLabel(key, found.text or "", labels[-1]))
+            human.append(StoredLabel(key, found.text or "", labels[-1], int(task.id), audit, data))
         elif data.get(REVIEWED_BY) == "llm" and data.get(LLM_LABEL) in config.labels:
-            llm.append(StoredLabel(key, found.text or "", str(data[LLM_LABEL])))
+            llm.append(StoredLabel(key, found.text or "", str(data[LLM_LABEL]), int(task.id), audit, data))
     return human, llm
 
 

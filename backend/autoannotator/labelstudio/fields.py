@@ -16,6 +16,10 @@ NEEDS_REVIEW = "aa_needs_review"  # 1 while the task waits for a person in the r
 VOTES = "aa_votes"  # the specialists' votes, e.g. "Positive 2 · Negative 1"
 REVIEWED_BY = "aa_review"  # "llm", "human", or "human (LLM timeout)" when the LLM could not label it
 LLM_LABEL = "aa_llm_label"  # the LLM's label, kept in the task so a Redis flush loses nothing
+# Set on a task drawn for the live audit: "v0003 accepted: Positive", the version whose label a
+# person checks, its route and its label (see autoannotator.learning.audit). An audited task waits
+# in the Needs review tab like a routed one; this column tells the two apart.
+AUDIT = "aa_audit"
 
 # NEEDS_REVIEW's values. Numbers, not booleans: Label Studio's bulk update of a data field (see
 # labelstudio.tasks.set_data_field) writes strings or numbers, and the tab filters on the number.
@@ -52,6 +56,19 @@ class RoutedTask:
 
     def key(self) -> str:
         return pool_key(self.task_id)
+
+
+def audited(data: Mapping[str, Any]) -> bool:
+    """Whether the task's data marks it for the audit (it then stays in the tab until annotated)."""
+    return bool(data.get(AUDIT))
+
+
+@dataclass(frozen=True)
+class AuditedTask:
+    """A task ``/predict`` (or a labelling run) drew for the audit, and the mark to write on it."""
+
+    task: RoutedTask
+    mark: str  # the AUDIT field's value
 
 
 @dataclass(frozen=True)

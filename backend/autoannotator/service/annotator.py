@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -30,7 +30,9 @@ from autoannotator.labelstudio.config import (
     parse_label_config,
     prediction,
 )
-from autoannotator.labelstudio.fields import ClearedTask, RoutedTask, in_tab
+from autoannotator.labelstudio.fields import AUDIT, AuditedTask, ClearedTask, RoutedTask, audited, in_tab
+from autoannotator.learning.audit import ACCEPTED, ROUTED, AuditMark, drawn
+from autoannotator.service.routing import Routing
 from autoannotator.storage.model_store import WAITING_VERSION, ProjectModels
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class PredictionBatch:
     results: list[dict[str, Any]]
     routed: list[RoutedTask] = field(default_factory=list)
     cleared: list[ClearedTask] = field(default_factory=list)
+    audited: list[AuditedTask] = field(default_factory=list)  # newly drawn for the audit
     unlabelled: int = 0  # tasks without usable text
     invalid: int = 0  # our predictions that failed validation and went out empty
     timings: Mapping[str, float] = field(default_factory=dict)
@@ -67,13 +70,30 @@ class PredictionBatch:
         return len(self.results)
 
 
-class Annotator:
-    """The request path of one web process: its model store, routing policy and text limit."""
+RoutingFn = Callable[[str, str, int], Routing]
+"""(project uid, served version, number of labels) -> the project's routing for that version."""
 
-    def __init__(self, models: ProjectModels, policy: Policy, max_text_chars: int) -> None:
+
+class Annotator:
+    """The request path of one web process: its model store, routing and text limit.
+
+    ``routing`` gives each project's policy and audit share
+    (:class:`~autoannotator.service.routing.ProjectRouting`); without it every project is routed by
+    ``policy`` and nothing is audited (benchmarks, tests).
+    """
+
+    def __init__(
+        self, models: ProjectModels, policy: Policy, max_text_chars: int, routing: RoutingFn | None = None
+    ) -> None:
         self.models = models
         self.policy = policy
         self.max_text_chars = max_text_chars
+        self.routing = routing
+
+    def routing_for(self, uid: str, version: str, labels: int) -> Routing:
+        if self.routing is None:
+            return Routing(self.policy.name, self.policy, 0.0)
+        return self.routing(uid, version, labels)
 
     def predict(self, project: object, tasks: Sequence[Any], label_config: str) -> PredictionBatch:
         """One prediction per task of ``project`` (Label Studio's ``<id>.<created_at>`` uid, checked);
@@ -97,13 +117,15 @@ class Annotator:
         good = [i for i, t in enumerate(texts) if t.ok]
         routed: list[RoutedTask] = []
         cleared: list[ClearedTask] = []
+        drawn_now: list[AuditedTask] = []
         votes: dict[int, str] = {}
         invalid = 0
         if ensemble is not None and good:
             clock.lap("load")
             probs = ensemble.predict_proba([texts[i].text or "" for i in good])
             clock.lap("forward")
-            decision = self.policy.decide(probs)
+            routing = self.routing_for(uid, version, len(config.labels))
+            decision = routing.policy.decide(probs)
             clock.lap("policy")
             member_votes = probs.argmax(axis=2)  # [k, n]
             for j, i in enumerate(good):
@@ -122,13 +144,28 @@ class Annotator:
                 if routed_task is None:
                     continue
                 votes[int(routed_task.task_id)] = routed_task.votes_text
-                if bool(decision.review[j]):
+                review = bool(decision.review[j])
+                audit = drawn(routed_task.task_id, version, routing.audit_share)
+                if audit:
+                    mark = AuditMark(version, ROUTED if review else ACCEPTED, label).value
+                    if routed_task.data.get(AUDIT) != mark:
+                        drawn_now.append(AuditedTask(routed_task, mark))
+                if review:
                     routed.append(routed_task)
-                elif in_tab(routed_task.data):
+                elif in_tab(routed_task.data) and not audit and not audited(routed_task.data):
                     cleared.append(ClearedTask(routed_task.task_id, routed_task.data))
             clock.lap("build")
         return PredictionBatch(
-            uid, version, results, routed, cleared, len(tasks) - len(good), invalid, clock.laps, votes
+            uid,
+            version,
+            results,
+            routed,
+            cleared,
+            drawn_now,
+            len(tasks) - len(good),
+            invalid,
+            clock.laps,
+            votes,
         )
 
 

@@ -35,17 +35,20 @@ from autoannotator.errors import (
 from autoannotator.labelstudio.client import basic_auth
 from autoannotator.service import events
 from autoannotator.service.annotator import Annotator, PredictionBatch
+from autoannotator.service.calibration import request_calibration
 from autoannotator.service.context import Context, configure_runtime
 from autoannotator.service.labelling import answers_beside_runs
 from autoannotator.service.queueing import dispatch_review, request_labelling
+from autoannotator.service.routing import check_routing, is_target
 from autoannotator.service.status import (
     metrics_response,
     project_status,
+    routing_status,
     service_status,
     settings_page,
     status_page,
 )
-from autoannotator.service.status_plot import read_holdout_tradeoff
+from autoannotator.service.status_plot import read_holdout_tradeoff, render_audit
 from autoannotator.service.status_plot import render as render_status_plot
 from autoannotator.settings import REVIEW_MODES, Settings
 from autoannotator.storage.model_store import ProjectModels
@@ -143,6 +146,7 @@ def _after_predictions(services: Services, batch: PredictionBatch) -> None:
             batch.cleared,
             predictions=batch.n,
             invalid=batch.invalid,
+            audited=batch.audited,
         )
     except Exception:  # after the answer: nobody to tell but the log
         logger.exception("project %s: %d routed tasks not queued for review", batch.uid, len(batch.routed))
@@ -175,25 +179,68 @@ def train() -> Response:
 
 @routes.route("/projects/<uid>/settings", methods=["GET", "POST", "PUT"])
 def project_settings(uid: str) -> Response | tuple[Response, int]:
+    """The project's review mode, routing policy and audit share: a form, or JSON. Each field given
+    is applied (an empty ``policy`` goes back to the environment's); the others stay."""
     uid = ProjectModels.check_project(uid)
-    s, state = _services().settings, _services().ctx.state
+    s, ctx = _services().settings, _services().ctx
+    state = ctx.state
     if request.method != "GET":
         if not s.basic_auth_user:
             error = "changing settings needs authentication: set BASIC_AUTH_USER and BASIC_AUTH_PASS"
             return jsonify({"error": error}), 403
-        given = request.get_json(silent=True) if request.is_json else request.form
-        mode = str((given or {}).get("review_mode", "")).strip().lower()
-        if mode not in REVIEW_MODES:
-            raise BadInputError(f"review_mode must be one of {list(REVIEW_MODES)}, got {mode!r:.40}")
-        state.set_mode(uid, mode)
+        given = (request.get_json(silent=True) if request.is_json else request.form) or {}
+        _apply_settings(ctx, uid, given)
         if not request.is_json:
-            return Response(settings_page(uid, mode, REVIEW_MODES, saved=True), mimetype="text/html")
-    mode = state.mode(uid)
+            return Response(_settings_html(ctx, uid, saved=True), mimetype="text/html")
     if request.method == "GET" and request.accept_mimetypes.best == "text/html":
-        return Response(settings_page(uid, mode, REVIEW_MODES), mimetype="text/html")
+        return Response(_settings_html(ctx, uid), mimetype="text/html")
+    spec, share, _ = ctx.routing.choice(uid)
     return jsonify(
-        {"project": uid, "review_mode": mode, "modes": list(REVIEW_MODES), "default": s.review_mode}
+        {
+            "project": uid,
+            "review_mode": state.mode(uid),
+            "modes": list(REVIEW_MODES),
+            "default": s.review_mode,
+            "policy": spec,
+            "audit_share": share,
+            "defaults": {"policy": s.policy, "audit_share": s.audit_share},
+        }
     )
+
+
+def _apply_settings(ctx: Context, uid: str, given: Any) -> None:
+    """Validate every given field first, then apply them; a target policy is certified at once."""
+    if not any(name in given for name in ("review_mode", "policy", "audit_share")):
+        raise BadInputError("give one or more of review_mode, policy and audit_share")
+    mode = str(given.get("review_mode", "")).strip().lower() if "review_mode" in given else None
+    if mode is not None and mode not in REVIEW_MODES:
+        raise BadInputError(f"review_mode must be one of {list(REVIEW_MODES)}, got {mode!r:.40}")
+    routing = None
+    if "policy" in given or "audit_share" in given:
+        stored_spec, stored_share, _ = ctx.routing.choice(uid)
+        spec = str(given.get("policy", stored_spec)).strip() or ctx.settings.policy
+        try:
+            share = float(given.get("audit_share", stored_share))
+            routing = check_routing(spec, share)
+        except ValueError as exc:
+            raise BadInputError(str(exc)) from exc
+    if mode is not None:
+        ctx.state.set_mode(uid, mode)
+    if routing is not None:
+        spec, share = routing
+        ctx.state.set_routing(
+            uid,
+            None if spec == ctx.settings.policy else spec,
+            None if share == ctx.settings.audit_share else share,
+        )
+        ctx.routing.forget(uid)
+        if is_target(spec) and ctx.state.info(uid) is not None:
+            request_calibration(ctx, uid, f"policy {spec} chosen")
+
+
+def _settings_html(ctx: Context, uid: str, saved: bool = False) -> str:
+    spec, share, _ = ctx.routing.choice(uid)
+    return settings_page(uid, ctx.state.mode(uid), REVIEW_MODES, saved=saved, policy=spec, audit_share=share)
 
 
 @routes.post("/projects/<uid>/label")
@@ -234,6 +281,15 @@ def status_png(uid: str) -> Response:
     uid = ProjectModels.check_project(uid)
     curve = read_holdout_tradeoff(ctx.models.registry(uid).root)
     return Response(render_status_plot(project_status(ctx, uid), curve), mimetype="image/png")
+
+
+@routes.get("/projects/<uid>/audit.png")
+def audit_png(uid: str) -> Response:
+    """The live audit per version: audited accuracy of auto-accepted labels, interval, target."""
+    ctx = _services().ctx
+    uid = ProjectModels.check_project(uid)
+    version = ctx.models.registry(uid).current()
+    return Response(render_audit(routing_status(ctx, uid, version)), mimetype="image/png")
 
 
 @routes.get("/metrics")

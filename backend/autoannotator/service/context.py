@@ -23,6 +23,7 @@ from autoannotator.learning.pool import VerifiedPool
 from autoannotator.models.specialists.runtime import configure_precision, configure_torch, threads_per_process
 from autoannotator.review.llm import ReviewCache
 from autoannotator.service.annotator import Annotator, project_config
+from autoannotator.service.routing import ProjectRouting
 from autoannotator.settings import Settings
 from autoannotator.storage.model_store import ProjectModels
 from autoannotator.storage.redis_state import ProjectInfo, State
@@ -55,6 +56,7 @@ class Context:
     _pools: dict[str, VerifiedPool] = field(default_factory=dict, repr=False)
     _review_caches: dict[str, ReviewCache] = field(default_factory=dict, repr=False)
     _annotator: Annotator | None = field(default=None, repr=False)
+    _routing: ProjectRouting | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:
@@ -65,13 +67,25 @@ class Context:
         )
 
     @property
+    def routing(self) -> ProjectRouting:
+        """Each project's policy, audit share and calibration, as this process last read them."""
+        if self._routing is None:
+            self._routing = ProjectRouting(self.state, self.settings)
+        return self._routing
+
+    @property
     def annotator(self) -> Annotator:
         """What ``/predict`` runs, with this process's model store: labelling runs predict and route
         with it, so a run and ``/predict`` agree on every task."""
         if self._annotator is None:
             s = self.settings
-            self._annotator = Annotator(self.models, policy_from_spec(s.policy), s.max_text_chars)
+            self._annotator = Annotator(
+                self.models, policy_from_spec(s.policy), s.max_text_chars, routing=self.routing
+            )
         return self._annotator
+
+    def audit_path(self, uid: str) -> Path:
+        return self.models.registry(uid).root / "audit.jsonl"
 
     def config(self, info: ProjectInfo) -> ProjectConfig:
         return project_config(info.label_config)[0]

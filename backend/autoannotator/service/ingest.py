@@ -1,21 +1,28 @@
 """Verified labels in: a human annotation from the webhook, or the whole project from Label Studio.
 
 Both end by asking whether the pool now warrants a training (:func:`maybe_train`): the first
-version once the seed is complete, a refinement whenever the pool grew by β.
+version once the seed is complete, a refinement whenever the pool grew by β. The annotation of a
+task drawn for the audit goes to the project's audit log instead, never to the pool
+(:mod:`autoannotator.learning.audit` says why), and a target policy is certified again on it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
-from autoannotator.labelstudio.client import basic_auth, read_labels, secure_webhooks
+from autoannotator.core.labels import LabelSet
+from autoannotator.labelstudio.client import StoredLabel, basic_auth, read_labels, secure_webhooks
 from autoannotator.labelstudio.config import annotation_label, extract_texts
-from autoannotator.labelstudio.fields import pool_key
+from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, REVIEWED_BY, pool_key
+from autoannotator.learning.audit import AuditLog, AuditMark, AuditRecord
 from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.pool import Source, VerifiedPool
+from autoannotator.service.calibration import request_calibration
 from autoannotator.service.context import Context
 from autoannotator.service.queueing import request_training
+from autoannotator.service.routing import is_target
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +42,39 @@ def ingest_annotation(ctx: Context, uid: str, task: dict[str, Any], annotation: 
     label = annotation_label(annotation, config)
     if label is None:
         return "ignored: cancelled or no choice for our control"
+    data = task.get("data") or {}
+    mark = AuditMark.parse(data.get(AUDIT))
+    if mark is not None:
+        record = audit_record(int(text.task_id), text.text or "", label, mark, data, config.labels)
+        with ctx.pool(uid, config.labels) as pool:
+            AuditLog(ctx.audit_path(uid)).add(record)
+            pool.remove([pool_key(text.task_id)])  # no version may train on an audited task
+        ctx.state.count(uid, audit_labels=1)
+        _after_audit(ctx, uid)
+        verdict = "confirmed" if record.correct else f"corrects {mark.label}"
+        return f"task {text.task_id}: audit label {label} of {mark.version} ({verdict})"
     with ctx.pool(uid, config.labels) as pool:
         changed = pool.add(pool_key(text.task_id), text.text or "", label, Source.HUMAN)
         if changed:
             ctx.state.count(uid, human_labels=1)
         maybe_train(ctx, uid, pool)
     return f"task {text.task_id}: {label} ({'new' if changed else 'unchanged'})"
+
+
+def audit_record(
+    task_id: int, text: str, gold: str, mark: AuditMark, data: Mapping[str, Any], labels: LabelSet
+) -> AuditRecord:
+    """The audit label of a task, with what the audited version said and, if the LLM labelled the
+    task, the LLM's label."""
+    llm = data.get(LLM_LABEL) if data.get(REVIEWED_BY) == "llm" and data.get(LLM_LABEL) in labels else None
+    return AuditRecord(task_id, text, gold, mark.version, mark.route, mark.label, llm)
+
+
+def _after_audit(ctx: Context, uid: str) -> None:
+    """A target policy is certified again with the new audit labels."""
+    spec, _, _ = ctx.routing.choice(uid)
+    if is_target(spec):
+        request_calibration(ctx, uid, "new audit labels")
 
 
 def sync_project(ctx: Context, uid: str) -> str:
@@ -55,6 +89,9 @@ def sync_project(ctx: Context, uid: str) -> str:
     if s.basic_auth_user:
         secure_webhooks(ls, info.project_id, basic_auth(s.basic_auth_user, s.basic_auth_password))
     human, llm = read_labels(ls, info.project_id, config, s.max_text_chars)
+    audits = _audit_labels(ctx, uid, human, config.labels)
+    human = [x for x in human if x.audit is None]
+    llm = [x for x in llm if x.audit is None]
     rebuilt = not ctx.pool_path(uid).exists()
     annotated = {x.key for x in human}
     with ctx.pool(uid, config.labels) as pool:
@@ -67,9 +104,11 @@ def sync_project(ctx: Context, uid: str) -> str:
             # The log held the "trained up to" mark; without it every label would look new and
             # start a retraining on old data. Growth counts from the rebuild instead.
             pool.mark_trained()
+        pool.remove(key for key in audits if pool.get(key) is not None)
         maybe_train(ctx, uid, pool)
         size = len(pool)
     ctx.state.put(uid, "synced", "done")
+    _after_audit(ctx, uid)  # after a Redis flush the web processes have no thresholds
     logger.info(
         "project %s: synced from Label Studio: %d human, %d LLM labels, %d changed, %d deleted",
         uid,
@@ -80,8 +119,24 @@ def sync_project(ctx: Context, uid: str) -> str:
     )
     return (
         f"{len(human)} human and {len(llm)} LLM labels read, {added} changed the pool, "
-        f"{deleted} deleted annotations left it ({size} in all)"
+        f"{deleted} deleted annotations left it ({size} in all); {len(audits)} audit labels"
     )
+
+
+def _audit_labels(ctx: Context, uid: str, human: list[StoredLabel], labels: LabelSet) -> set[str]:
+    """Record the audit labels the log lacks (annotations whose webhook was lost); their pool keys."""
+    log = AuditLog(ctx.audit_path(uid))
+    known = {(r.task_id, r.gold, r.version) for r in log.records()}
+    keys = set()
+    for x in human:
+        mark = AuditMark.parse(x.audit)
+        if mark is None:
+            continue
+        keys.add(x.key)
+        record = audit_record(x.task_id, x.text, x.label, mark, x.data, labels)
+        if (record.task_id, record.gold, record.version) not in known:
+            log.add(record)
+    return keys
 
 
 def maybe_train(ctx: Context, uid: str, pool: VerifiedPool) -> None:

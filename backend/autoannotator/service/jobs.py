@@ -7,7 +7,8 @@ other machines and share one Redis and one model store. Jobs are queued by
 ids and plain values, and each one is idempotent.
 
 - :func:`ingest_annotation`, :func:`sync_project`: verified labels in (:mod:`.ingest`);
-- :func:`review_routed`: the tasks a ``/predict`` routed to review (:mod:`.review`);
+- :func:`review_routed`: the tasks a ``/predict`` routed to review or drew for the audit (:mod:`.review`);
+- :func:`calibrate_project`: a target policy's thresholds for the served version (:mod:`.calibration`);
 - :func:`train_project`: a project's first version or its next (:mod:`.training`);
 - :func:`plan_labelling`, :func:`label_chunk`: a labelling run of the whole project (:mod:`.labelling`).
 
@@ -22,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from autoannotator.labelstudio.fields import ClearedTask, RoutedTask
-from autoannotator.service import ingest, labelling, review, training
+from autoannotator.labelstudio.fields import AuditedTask, ClearedTask, RoutedTask
+from autoannotator.service import calibration, ingest, labelling, review, training
 from autoannotator.service.context import Context
 from autoannotator.settings import Settings
 
@@ -54,9 +55,18 @@ def sync_project(uid: str) -> str:
 
 
 def review_routed(
-    uid: str, version: str, mode: str, routed: Sequence[RoutedTask], cleared: Sequence[ClearedTask]
+    uid: str,
+    version: str,
+    mode: str,
+    routed: Sequence[RoutedTask],
+    cleared: Sequence[ClearedTask],
+    audited: Sequence[AuditedTask] = (),
 ) -> str:
-    return review.review_routed(process_context(), uid, version, mode, routed, cleared)
+    return review.review_routed(process_context(), uid, version, mode, routed, cleared, audited)
+
+
+def calibrate_project(uid: str) -> str:
+    return calibration.recalibrate(process_context(), uid)
 
 
 def train_project(uid: str, force: bool = False) -> str:

@@ -53,7 +53,9 @@ from autoannotator.labelstudio.fields import (
     OUT_OF_TAB,
     REVIEWED_BY,
     VOTES,
+    AuditedTask,
     RoutedTask,
+    audited,
     in_tab,
 )
 from autoannotator.labelstudio.review_tab import align_model_version
@@ -68,7 +70,7 @@ from autoannotator.labelstudio.tasks import (
 from autoannotator.service.annotator import PredictionBatch
 from autoannotator.service.context import Context
 from autoannotator.service.queueing import JOBS, enqueue_chunk
-from autoannotator.service.review import prepare_tab
+from autoannotator.service.review import mark_audits, prepare_tab
 from autoannotator.settings import Settings
 from autoannotator.storage.label_runs import LabelRun, LabelRuns
 from autoannotator.storage.redis_state import ProjectInfo, State
@@ -193,7 +195,7 @@ def _label(
         _align(ctx, ls, uid, info, run.version)
     imported = time.perf_counter()
     routed = [r for r in batch.routed if int(r.task_id) not in llm]
-    tab = _update_tab(ctx, ls, uid, info, run, tasks, routed, batch.votes, llm)
+    tab = _update_tab(ctx, ls, uid, info, run, tasks, routed, batch.votes, llm, batch.audited)
     ms = _milliseconds(started, read, predicted, imported, time.perf_counter())
     return {
         "done": len(ids),
@@ -236,20 +238,23 @@ def _update_tab(
     routed: Sequence[RoutedTask],
     votes: Mapping[int, str],
     llm: Mapping[int, str],
+    audit: Sequence[AuditedTask] = (),
 ) -> dict[str, int]:
-    """The Needs review tab after this chunk: exactly the tasks the version routes (human mode);
-    in llm mode routed tasks go to a review job instead. Returns the tab's moves."""
+    """The Needs review tab after this chunk: exactly the tasks the version routes (human mode)
+    and those waiting for the audit (any mode); in llm mode routed tasks go to a review job
+    instead. Returns the tab's moves."""
     prepare_tab(ctx, ls, uid, info)
     data = {int(t["id"]): dict(t.get("data") or {}) for t in tasks}
     mode = ctx.state.mode(uid)
-    routed_ids = {int(r.task_id) for r in routed}
-    entering = [i for i in routed_ids if not in_tab(data[i])] if mode == "human" else []
-    keep = routed_ids if mode == "human" else set()
-    leaving = [i for i, d in data.items() if in_tab(d) and i not in keep]
-    # Votes are written where a reviewer sees them: tasks in the tab after this chunk, and those
-    # leaving it (their old votes would mislead); nobody reviews the others (as with /predict).
-    shown = keep | set(leaving)
     with ctx.task_data(uid):
+        data.update(mark_audits(ls, info.project_id, audit))
+        routed_ids = {int(r.task_id) for r in routed}
+        entering = [i for i in routed_ids if not in_tab(data[i])] if mode == "human" else []
+        keep = routed_ids if mode == "human" else set()
+        leaving = [i for i, d in data.items() if in_tab(d) and i not in keep and not audited(d)]
+        # Votes are written where a reviewer sees them: tasks in the tab after this chunk, and those
+        # leaving it (their old votes would mislead); nobody reviews the others (as with /predict).
+        shown = keep | set(leaving)
         _write_tab_fields(
             ls, info.project_id, data, {i: t for i, t in votes.items() if i in shown}, entering, leaving
         )
@@ -267,9 +272,14 @@ def _update_tab(
             description=f"review {len(routed)} tasks of {uid} (llm, labelling run {run.id})",
         )
         queued = len(routed)
-    if entering or leaving:
-        ctx.state.count(uid, tab_entered=len(entering), tab_left=len(leaving))
-    return {"moved_in": len(entering), "moved_out": len(leaving), "llm_queued": queued}
+    if entering or leaving or audit:
+        ctx.state.count(uid, tab_entered=len(entering), tab_left=len(leaving), audit_drawn=len(audit))
+    return {
+        "moved_in": len(entering),
+        "moved_out": len(leaving),
+        "llm_queued": queued,
+        "audit_drawn": len(audit),
+    }
 
 
 def _write_tab_fields(

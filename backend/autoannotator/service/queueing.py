@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from rq import Retry
 
 from autoannotator.errors import StateUnavailableError
-from autoannotator.labelstudio.fields import ClearedTask, RoutedTask
+from autoannotator.labelstudio.fields import AuditedTask, ClearedTask, RoutedTask
 from autoannotator.storage.label_runs import LabelRun, LabelRuns
 
 if TYPE_CHECKING:
@@ -173,16 +173,18 @@ def dispatch_review(
     *,
     predictions: int,
     invalid: int = 0,
+    audited: Sequence[AuditedTask] = (),
 ) -> str:
     """Count one ``/predict``, read the project's review mode (one Redis round trip) and queue its
-    review job if there is anything to do (a second); returns the mode.
+    review job if there is anything to do (a second); returns the mode. Tasks drawn for the audit
+    go to people whatever the mode.
 
     Without Redis: the default mode, nothing queued, and the log says how many routed tasks missed
     their review (the next ``/predict`` of those tasks routes them again).
     """
     try:
         mode = state.count_predictions(uid, predictions, len(routed), invalid)
-        if (routed and mode != "off") or cleared:
+        if (routed and mode != "off") or cleared or audited:
             state.enqueue(
                 "review",
                 JOBS + "review_routed",
@@ -191,8 +193,9 @@ def dispatch_review(
                 mode,
                 list(routed) if mode != "off" else [],
                 list(cleared),
+                list(audited),
                 job_timeout=settings.review_timeout_s,
-                description=f"review {len(routed)} tasks of {uid} ({mode})",
+                description=f"review {len(routed)} tasks of {uid} ({mode}), audit {len(audited)}",
             )
         return mode
     except StateUnavailableError as exc:

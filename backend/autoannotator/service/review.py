@@ -1,10 +1,13 @@
-"""Secondary review of the tasks one ``/predict`` routed: the Needs review tab, or the LLM.
+"""Secondary review of the tasks one ``/predict`` routed: the Needs review tab, or the LLM; and the
+tasks it drew for the audit, which go to the tab whatever the mode.
 
 In ``human`` mode each task is flagged for the "Needs review" tab with the specialists' votes
 written beside it. In ``llm`` mode the LLM labels the tasks; its label replaces the task's
 prediction in Label Studio, is recorded in the task's data (so a Redis flush loses nothing) and
 joins the pool. A task the LLM cannot label (off-label answer, timeout, 5xx after retries) falls
-back to the human queue. Tasks the served version is now sure of are unflagged.
+back to the human queue. Tasks the served version is now sure of are unflagged, unless they wait
+for the audit. An audited task that the LLM labels stays in the tab (a person's label measures the
+LLM too) and its LLM label does not join the pool (:mod:`autoannotator.learning.audit`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from label_studio_sdk import LabelStudio
 
@@ -19,14 +23,17 @@ from autoannotator.core.labels import LabelSet
 from autoannotator.labelstudio.client import PredictionWrite, replace_predictions
 from autoannotator.labelstudio.config import prediction
 from autoannotator.labelstudio.fields import (
+    AUDIT,
     IN_TAB,
     LLM_LABEL,
     NEEDS_REVIEW,
     OUT_OF_TAB,
     REVIEWED_BY,
     VOTES,
+    AuditedTask,
     ClearedTask,
     RoutedTask,
+    audited,
 )
 from autoannotator.labelstudio.review_tab import (
     align_model_version,
@@ -54,22 +61,29 @@ def review_routed(
     mode: str,
     routed: Sequence[RoutedTask],
     cleared: Sequence[ClearedTask],
+    audit: Sequence[AuditedTask] = (),
 ) -> str:
-    """Act on the tasks one ``/predict`` routed to review (and unflag ``cleared`` ones)."""
+    """Act on the tasks one ``/predict`` routed to review (and unflag ``cleared`` ones); put the
+    tasks it drew for the audit in the tab with their mark."""
     info = ctx.info(uid)
     ls = ctx.label_studio(info)
     _prepare_project(ctx, ls, uid, info, version)
     with ctx.task_data(uid):
-        unflag = [(int(t.task_id), t.data) for t in cleared]
+        unflag = [(int(t.task_id), t.data) for t in cleared if not audited(t.data)]
         set_data_field(ls, info.project_id, unflag, NEEDS_REVIEW, OUT_OF_TAB)
+        marked = mark_audits(ls, info.project_id, audit)
         if mode == "human" or not routed:
             flag(ls, info.project_id, routed, "human")
+    if audit:
+        ctx.state.count(uid, audit_drawn=len(audit))
+    drew = f", {len(audit)} drawn for the audit" if audit else ""
     if mode == "human" or not routed:
         ctx.state.count(uid, reviewed_human_queue=len(routed))
-        return f"{len(routed)} tasks flagged for human review, {len(cleared)} cleared"
+        return f"{len(routed)} tasks flagged for human review, {len(cleared)} cleared{drew}"
+    routed = [replace(t, data=marked.get(int(t.task_id), t.data)) for t in routed]
     if mode != "llm":
         return f"mode {mode}: nothing to review"
-    return _review_by_llm(ctx, ls, uid, info, version, routed)
+    return _review_by_llm(ctx, ls, uid, info, version, routed) + drew
 
 
 def _review_by_llm(
@@ -116,9 +130,10 @@ def _review_by_llm(
         _record_llm_labels(ls, info.project_id, labelled)
     fallbacks = len(routed) - len(labelled)
     ctx.state.count(uid, reviewed_llm=len(labelled), llm_failures=fallbacks, reviewed_human_queue=fallbacks)
-    if labelled:
+    trainable = [(task, label) for task, label in labelled if not audited(task.data)]
+    if trainable:
         with ctx.pool(uid, config.labels) as pool:
-            pool.add_many([(task.key(), task.text, label) for task, label in labelled], Source.LLM)
+            pool.add_many([(task.key(), task.text, label) for task, label in trainable], Source.LLM)
             maybe_train(ctx, uid, pool)
     return f"{len(labelled)} labelled by the LLM, {fallbacks} sent to the human queue"
 
@@ -151,10 +166,14 @@ def _record_llm_labels(ls: LabelStudio, project_id: int, labelled: Sequence[tupl
         set_data_field(ls, project_id, [(i, data[i]) for i in ids], LLM_LABEL, label)
         for i in ids:
             data[i][LLM_LABEL] = label
-    for name, value in ((NEEDS_REVIEW, OUT_OF_TAB), (REVIEWED_BY, "llm")):
-        set_data_field(ls, project_id, list(data.items()), name, value)
-        for d in data.values():
-            d[name] = value
+    # An audited task stays in the tab: a person's label will measure the LLM's.
+    leaving = [(i, d) for i, d in data.items() if not audited(d)]
+    set_data_field(ls, project_id, leaving, NEEDS_REVIEW, OUT_OF_TAB)
+    for _, d in leaving:
+        d[NEEDS_REVIEW] = OUT_OF_TAB
+    set_data_field(ls, project_id, list(data.items()), REVIEWED_BY, "llm")
+    for d in data.values():
+        d[REVIEWED_BY] = "llm"
     by_votes: dict[str, list[int]] = {}
     for task, _ in labelled:
         by_votes.setdefault(task.votes_text, []).append(int(task.task_id))
@@ -174,6 +193,24 @@ def flag(ls: LabelStudio, project_id: int, tasks: Sequence[RoutedTask], reviewed
     set_data_field(ls, project_id, pairs, NEEDS_REVIEW, IN_TAB)
     pairs = [(i, {**d, NEEDS_REVIEW: IN_TAB}) for i, d in pairs]
     set_data_field(ls, project_id, pairs, REVIEWED_BY, reviewed_by)
+
+
+def mark_audits(ls: LabelStudio, project_id: int, audit: Sequence[AuditedTask]) -> dict[int, dict]:
+    """Put the audited tasks in the Needs review tab with their votes and their audit mark (one bulk
+    update per distinct mark and votes text, then one for the flag); returns their data as written."""
+    data = {int(a.task.task_id): {**a.task.data, VOTES: a.task.votes_text} for a in audit}
+    by_value: dict[tuple[str, str | int], list[int]] = {}
+    for a in audit:
+        by_value.setdefault((VOTES, a.task.votes_text), []).append(int(a.task.task_id))
+        by_value.setdefault((AUDIT, a.mark), []).append(int(a.task.task_id))
+    for (name, value), ids in by_value.items():
+        set_data_field(ls, project_id, [(i, data[i]) for i in ids], name, value)
+        for i in ids:
+            data[i][name] = value
+    set_data_field(ls, project_id, list(data.items()), NEEDS_REVIEW, IN_TAB)
+    for d in data.values():
+        d[NEEDS_REVIEW] = IN_TAB
+    return data
 
 
 def llm_reviewer(ctx: Context, uid: str, labels: LabelSet) -> LLMReviewer:

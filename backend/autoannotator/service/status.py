@@ -13,8 +13,12 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from autoannotator.core.guarantee import min_labels
+from autoannotator.core.policies import TargetAccuracy
 from autoannotator.errors import StateUnavailableError
+from autoannotator.learning.audit import AuditLog, estimate, per_version
 from autoannotator.review.llm import PriceTable
+from autoannotator.service.routing import parsed_policy
 from autoannotator.storage.label_runs import LabelRun, LabelRuns
 from autoannotator.storage.redis_state import COUNTERS, QUEUES
 
@@ -41,6 +45,8 @@ _HELP = {
     "labelled_tasks": "predictions written to Label Studio by labelling runs",
     "tab_entered": "tasks a labelling run put in the Needs review tab",
     "tab_left": "tasks a labelling run took out of the Needs review tab (now sure of them)",
+    "audit_drawn": "predicted tasks drawn for the audit (marked, into the Needs review tab)",
+    "audit_labels": "audit labels people gave (they measure, and never train, the versions)",
 }
 assert set(_HELP) == set(COUNTERS)
 
@@ -84,6 +90,7 @@ def project_status(ctx: Context, uid: str) -> dict[str, Any]:
         )
         run = LabelRuns(state).current(uid)
         out["labelling"] = run.as_dict() if run else None
+        out["routing"] = routing_status(ctx, uid, out["version"])
     except StateUnavailableError as exc:
         out["error"] = str(exc)
         return out
@@ -100,6 +107,62 @@ def project_status(ctx: Context, uid: str) -> dict[str, Any]:
     out["retrain_every"] = ctx.settings.retrain_every
     out["seed_labels"] = ctx.settings.seed_labels
     return out
+
+
+def audit_status(ctx: Context, uid: str) -> dict[str, Any]:
+    """The audit's estimates: overall and per version (accuracy of the auto-accepted labels with a
+    95% exact interval, and the LLM's agreement with people on audited tasks it labelled)."""
+    records = AuditLog(ctx.audit_path(uid)).records()
+    return {
+        "labels": len(records),
+        "overall": estimate(records).as_dict(),
+        "per_version": [e.as_dict() for e in per_version(records)],
+    }
+
+
+def routing_status(ctx: Context, uid: str, version: str | None) -> dict[str, Any]:
+    """The project's policy and audit share, the audit's estimates and, for a target, what is
+    certified for the served version or how many audit labels it still needs."""
+    spec, share, calibration = ctx.routing.choice(uid)
+    out: dict[str, Any] = {"policy": spec, "audit_share": share, "audit": audit_status(ctx, uid)}
+    policy = parsed_policy(spec)
+    if isinstance(policy, TargetAccuracy):
+        out["target"] = policy.target
+        out["confidence"] = round(1 - policy.delta, 6)
+        current = calibration if calibration and calibration.get("version") == version else None
+        out["calibration"] = current
+        out["message"] = _target_message(policy, current, version, out["audit"]["labels"])
+    return out
+
+
+def _target_message(
+    policy: TargetAccuracy, calibration: dict[str, Any] | None, version: str | None, audited: int
+) -> str:
+    """What a project manager reads about the target: certified, or what it still takes."""
+    goal = f"{policy.target:.0%} at {1 - policy.delta:.0%} confidence"
+    if version is None:
+        return f"target {goal}: no version serves yet"
+    if calibration is None or not calibration.get("calibration"):
+        least = min_labels(policy.target, policy.delta)
+        return (
+            f"target {goal}: not certified for {version} yet ({audited} audit labels); every task goes "
+            f"to review until it is. It needs at least {least} audited labels of a label to certify it."
+        )
+    certs = calibration.get("certificates") or []
+    done = [c for c in certs if c.get("threshold") is not None]
+    parts = [
+        f"{c['label']} above {float(c['threshold']):.3f} (bound {float(c['lower_bound']):.1%})" for c in done
+    ]
+    text = f"target {goal} on {calibration.get('calibration', 0)} audit labels: "
+    text += ("certified " + "; ".join(parts)) if parts else "nothing certified yet"
+    waiting = [c for c in certs if c.get("threshold") is None]
+    more = [c for c in waiting if c.get("needed")]
+    if more:
+        text += ". Needs " + "; ".join(f"{c['needed']} more audited labels for {c['label']}" for c in more)
+    hopeless = [c["label"] for c in waiting if c.get("needed") is None and c.get("items")]
+    if hopeless:
+        text += f". Not accurate enough to certify: {', '.join(hopeless)} (their tasks go to review)"
+    return text
 
 
 class _Collector:
@@ -136,6 +199,7 @@ class _Collector:
             pool.add_metric([uid], pools[uid])
         yield pool
         yield from _run_metrics(runs)
+        yield from _audit_metrics(self.ctx, uids)
         info = GaugeMetricFamily(
             "autoannotator_model_info", "the version each project serves", labels=["project", "version"]
         )
@@ -174,6 +238,43 @@ def _run_metrics(runs: dict[str, LabelRun]) -> Iterator[Metric]:
         state.add_metric([uid, run.version, run.state], 1)
     yield from gauges.values()
     yield state
+
+
+def _audit_metrics(ctx: Context, uids: list[str]) -> Iterator[Metric]:
+    """Per project and audited version: the audit labels of auto-accepted tasks, their accuracy and
+    its 95% interval; per project, the LLM's agreement with people on audited tasks."""
+    labels = ["project", "version"]
+    gauges = {
+        "accepted": GaugeMetricFamily(
+            "autoannotator_audit_accepted_labels", "audit labels of auto-accepted tasks", labels=labels
+        ),
+        "accuracy": GaugeMetricFamily(
+            "autoannotator_audit_accuracy", "audited accuracy of auto-accepted labels", labels=labels
+        ),
+        "low": GaugeMetricFamily(
+            "autoannotator_audit_accuracy_lower", "its 95% exact interval's lower end", labels=labels
+        ),
+        "high": GaugeMetricFamily(
+            "autoannotator_audit_accuracy_upper", "its 95% exact interval's upper end", labels=labels
+        ),
+    }
+    agreement = GaugeMetricFamily(
+        "autoannotator_audit_llm_agreement",
+        "share of audited LLM-labelled tasks where people gave the LLM's label",
+        labels=["project"],
+    )
+    for uid in uids:
+        records = AuditLog(ctx.audit_path(uid)).records()
+        for e in per_version(records):
+            gauges["accepted"].add_metric([uid, e.version], e.accepted)
+            for key, value in (("accuracy", e.accuracy), ("low", e.low), ("high", e.high)):
+                if value is not None:
+                    gauges[key].add_metric([uid, e.version], value)
+        overall = estimate(records)
+        if overall.llm_agreement is not None:
+            agreement.add_metric([uid], overall.llm_agreement)
+    yield from gauges.values()
+    yield agreement
 
 
 def metrics_response(ctx: Context) -> tuple[bytes, str]:
@@ -259,6 +360,11 @@ def _project_section(p: dict[str, Any]) -> list[str]:
         f"<p><img src='/projects/{e(uid)}/status.png' width='990' "
         "alt='accuracy against the share reviewed, and LLM calls saved against LLM-only'></p>"
     )
+    if (p.get("routing") or {}).get("audit", {}).get("labels"):
+        parts.append(
+            f"<p><img src='/projects/{e(uid)}/audit.png' width='720' "
+            "alt='audited accuracy of the auto-accepted labels per version, with its 95% interval'></p>"
+        )
     if p.get("error"):
         parts.append(f"<p class='muted'>{e(p['error'])}</p>")
     return parts
@@ -343,7 +449,29 @@ def _project_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if p.get("members_dropped"):
         rows.append(("members dropped", "; ".join(_dropped(d) for d in p["members_dropped"])))
+    routing = p.get("routing")
+    if routing:
+        rows.append(("routing", f"{routing['policy']}, audit share {routing['audit_share']:.0%}"))
+        if routing.get("message"):
+            rows.append(("target", routing["message"]))
+        audit = routing["audit"]
+        if audit["labels"]:
+            rows.append(("audit", _audit_line(audit, int(c.get("audit_drawn", 0)))))
     return rows
+
+
+def _audit_line(audit: dict[str, Any], drawn: int) -> str:
+    """The audit in one line: labels, and the overall estimate of the auto-accepted labels."""
+    o = audit["overall"]
+    text = f"{audit['labels']} audit labels of {drawn} tasks drawn"
+    if o["accepted"]:
+        text += (
+            f"; auto-accepted labels {o['accuracy']:.1%} right (95% interval {o['low']:.1%}–{o['high']:.1%}, "
+            f"{o['correct']} of {o['accepted']})"
+        )
+    if o["llm_reviewed"]:
+        text += f"; the LLM agreed with people on {o['llm_agreed']} of {o['llm_reviewed']}"
+    return text
 
 
 def _dropped(d: dict[str, Any]) -> str:
@@ -356,8 +484,17 @@ def _dropped(d: dict[str, Any]) -> str:
     )
 
 
-def settings_page(uid: str, mode: str, modes: tuple[str, ...], saved: bool = False) -> str:
-    """A form with one choice: the project's review mode. Posting it needs the backend's basic auth."""
+def settings_page(
+    uid: str,
+    mode: str,
+    modes: tuple[str, ...],
+    saved: bool = False,
+    *,
+    policy: str = "",
+    audit_share: float = 0.0,
+) -> str:
+    """A form with the project's review mode, routing policy and audit share. Posting it needs the
+    backend's basic auth."""
     e = html.escape
     what = {
         "llm": "an LLM labels uncertain tasks; failures go to the Needs review tab",
@@ -369,11 +506,28 @@ def settings_page(uid: str, mode: str, modes: tuple[str, ...], saved: bool = Fal
         f"<b>{e(m)}</b> — {e(what.get(m, ''))}</label></p>"
         for m in modes
     )
-    note = f"<p><b>Saved:</b> review mode is {e(mode)} from the next prediction on.</p>" if saved else ""
+    routing = (
+        "<h2>Routing</h2>"
+        f"<p><label>Policy <input name='policy' value='{e(policy)}' size='24'></label> "
+        "<span class='muted'>for example <code>mean:0.75</code>, <code>budget:0.2:mean</code>, or "
+        "<code>target:0.95</code>: auto-accept only labels certified, on audit labels, to be at "
+        "least 95% right (with 95% confidence)</span></p>"
+        f"<p><label>Audit share <input name='audit_share' value='{audit_share:g}' size='6'></label> "
+        "<span class='muted'>the share of predicted tasks drawn at random for a person to label, "
+        "marked in the <code>aa_audit</code> column of the Needs review tab: it measures the "
+        "auto-accepted labels (0 to 0.5; a target needs more than 0)</span></p>"
+    )
+    note = (
+        f"<p><b>Saved:</b> review mode is {e(mode)}, policy {e(policy)}, audit share {audit_share:g}, "
+        "from the next prediction on.</p>"
+        if saved
+        else ""
+    )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>Review mode of {e(uid)}</title>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Settings of {e(uid)}</title>"
         f"<style>{_STYLE}</style></head><body><h1>Project {e(uid)}</h1>{note}"
-        f"<form method='post'>{options}<button type='submit'>Save</button></form>"
+        f"<form method='post'><h2>Review mode</h2>{options}{routing}"
+        "<button type='submit'>Save</button></form>"
         f"<h2>Labelling run</h2><form method='post' action='/projects/{e(uid)}/label'>"
         "<p>Write the served version's predictions to every task no one has annotated yet, and "
         "bring the Needs review tab up to date. This also happens by itself whenever a new version "

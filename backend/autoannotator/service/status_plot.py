@@ -112,3 +112,63 @@ def render(status: dict[str, Any], curve: dict[str, Any] | None) -> bytes:
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=90)
     return out.getvalue()
+
+
+def render_audit(routing: dict[str, Any]) -> bytes:
+    """PNG bytes: per audited version, the audited accuracy of its auto-accepted labels with the
+    95% exact interval as an error bar, the target as a line, and the LLM's agreement with people
+    where the audit sampled LLM-labelled tasks (``status.routing_status``)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
+    versions = [v for v in routing["audit"]["per_version"] if v["accepted"] or v["llm_reviewed"]]
+    x = np.arange(len(versions))
+    shown = [(i, v) for i, v in enumerate(versions) if v["accepted"]]
+    if shown:
+        xs = [i for i, _ in shown]
+        acc = np.array([v["accuracy"] for _, v in shown])
+        low = acc - np.array([v["low"] for _, v in shown])
+        high = np.array([v["high"] for _, v in shown]) - acc
+        ax.errorbar(
+            xs, acc, yerr=[low, high], fmt="o", capsize=6, color="#4C72B0", label="auto-accepted (audit)"
+        )
+        for i, v in shown:
+            ax.annotate(
+                f"{v['correct']}/{v['accepted']}",
+                (i, v["accuracy"]),
+                textcoords="offset points",
+                xytext=(8, 4),
+            )
+    llm = [(i, v) for i, v in enumerate(versions) if v["llm_reviewed"]]
+    if llm:
+        ax.scatter(
+            [i for i, _ in llm],
+            [v["llm_agreement"] for _, v in llm],
+            marker="s",
+            color="#DD8452",
+            label="LLM agrees with people",
+            zorder=3,
+        )
+    if routing.get("target") is not None:
+        ax.axhline(
+            routing["target"], color="crimson", linestyle="--", label=f"target {routing['target']:.0%}"
+        )
+    if not versions:
+        ax.text(
+            0.5, 0.5, "no audited auto-accepted label yet", ha="center", va="center", transform=ax.transAxes
+        )
+    ax.set_xticks(x, [v["version"] for v in versions])
+    ax.set_xlim(-0.5, max(len(versions), 1) - 0.5)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy against people")
+    ax.set_title(
+        f"Live audit: {routing['audit']['labels']} labels, {routing['audit_share']:.0%} of predicted tasks"
+    )
+    ax.grid(alpha=0.3)
+    if shown or llm or routing.get("target") is not None:
+        ax.legend(loc="lower left")
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=90)
+    return out.getvalue()

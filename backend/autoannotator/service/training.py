@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from autoannotator.core.labels import LabelSet
-from autoannotator.core.policies import policy_from_spec
 from autoannotator.errors import TrainingError
 from autoannotator.labelstudio.client import project_words
 from autoannotator.learning.coldstart import ColdStartConfig
@@ -20,9 +19,11 @@ from autoannotator.learning.first_version import FirstVersionPlan, TaskDescripti
 from autoannotator.learning.pool import VerifiedPool
 from autoannotator.learning.refine import RefineConfig, refine
 from autoannotator.models.specialists.base import TrainConfig
+from autoannotator.service.calibration import recalibrate
 from autoannotator.service.context import Context
 from autoannotator.service.ingest import maybe_train, seed_shortfall
 from autoannotator.service.queueing import first_version_failed, first_version_succeeded, request_labelling
+from autoannotator.service.routing import gate_policy, is_target
 from autoannotator.service.status_plot import write_holdout_tradeoff
 from autoannotator.settings import Settings
 
@@ -78,7 +79,8 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
                 snapshot,
                 _refine_config(ctx.settings),
                 labels=labels,
-                policy=policy_from_spec(ctx.settings.policy),  # the gate judges what /predict serves
+                # the gate judges what /predict serves (a target policy: see gate_policy)
+                policy=gate_policy(ctx.routing.choice(uid)[0]),
                 force=force,
             )
             if not result.version:
@@ -118,8 +120,15 @@ def _after_training(
     labels: LabelSet,
     published: bool,
 ) -> None:
-    """A published version labels the rest of the project (the loop turns without anyone asking);
-    the status page's accuracy/review curve is drawn. Neither may fail the training."""
+    """A published version labels the rest of the project (the loop turns without anyone asking),
+    certified first under a target policy (or the run would send every task to review); the status
+    page's accuracy/review curve is drawn. None of it may fail the training."""
+    spec = ctx.routing.choice(uid)[0]
+    if published and is_target(spec):
+        try:
+            logger.info("project %s: %s", uid, recalibrate(ctx, uid))
+        except Exception as exc:  # it reviews everything until the next audit label recalibrates
+            logger.warning("project %s: %s not calibrated for %s: %s", uid, spec, served, exc)
     if published:
         try:
             request_labelling(ctx, uid, f"{served} published")
@@ -128,7 +137,7 @@ def _after_training(
     try:
         ensemble = registry.load(served, labels, serving=True)
         write_holdout_tradeoff(
-            registry.root, served, ensemble, snapshot.holdout_items(), labels, ctx.settings.policy
+            registry.root, served, ensemble, snapshot.holdout_items(), labels, gate_policy(spec).name
         )
     except Exception as exc:
         logger.warning("project %s: no held-out trade-off curve for %s: %s", uid, served, exc)

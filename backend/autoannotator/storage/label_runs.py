@@ -29,7 +29,7 @@ STATES = ("planning", "running", "paused", "done", "cancelled")
 
 # Counts a finished chunk adds to its run.
 CHUNK_COUNTS = (
-    *("done", "written", "skipped", "routed", "moved_in", "moved_out", "llm_queued"),
+    *("done", "written", "skipped", "routed", "moved_in", "moved_out", "llm_queued", "audit_drawn"),
     # milliseconds spent reading tasks, predicting (the members' forward passes among it), writing
     # predictions and moving the tab, summed over the run's chunks
     *("read_ms", "predict_ms", "forward_ms", "write_ms", "tab_ms"),
@@ -71,6 +71,7 @@ class LabelRun:
     moved_in: int = 0  # tasks that entered the Needs review tab
     moved_out: int = 0  # tasks that left it
     llm_queued: int = 0  # routed tasks handed to the LLM review job
+    audit_drawn: int = 0  # tasks drawn for the audit (into the tab, marked)
     read_ms: int = 0  # time in the chunks, summed: reading tasks from Label Studio,
     predict_ms: int = 0  # predicting and routing (the Annotator),
     forward_ms: int = 0  # of which the members' forward passes,

@@ -11,6 +11,10 @@ Keys, all under ``aa:`` (one Redis can serve other software too):
 ======================================  =======================================================
 ``aa:p:<uid>:mode``                     review mode chosen for the project (absent: the default)
 ``aa:p:<uid>:ls_mode``                  the last ``review_mode`` seen in LS's extra params
+``aa:p:<uid>:policy``                   routing policy chosen for the project (absent: the default)
+``aa:p:<uid>:audit``                    audit share chosen for the project (absent: the default)
+``aa:p:<uid>:calibration``              the target policy's thresholds for the served version (JSON)
+``aa:p:<uid>:calibration_pending``      set while a calibration job is queued (with TTL)
 ``aa:p:<uid>:info``                     hash: LS project id, LS URL, label config
 ``aa:p:<uid>:m``                        hash of counters (see :data:`COUNTERS`)
 ``aa:p:<uid>:train_pending``            set while a training job is queued or running (with TTL)
@@ -74,6 +78,8 @@ COUNTERS = (
     "labelled_tasks",
     "tab_entered",
     "tab_left",
+    "audit_drawn",
+    "audit_labels",
 )
 """Per-project counters in ``aa:p:<uid>:m``; every one is exported by ``/metrics``."""
 
@@ -257,6 +263,47 @@ class State:
             return None
         self.set_mode(uid, wanted)
         return wanted
+
+    # ------------------------------------------------------------------ routing policy and audit
+
+    def routing(self, uid: str) -> tuple[str | None, str | None, str | None]:
+        """The project's own policy spec, audit share and calibration (JSON), each None where unset:
+        one round trip, on the path of every prediction."""
+        with self.guard():
+            raw = self.redis.mget([self._k(uid, n) for n in ("policy", "audit", "calibration")])
+        policy, audit, calibration = (None if r is None else _text(r) for r in raw)
+        return policy, audit, calibration
+
+    def set_routing(self, uid: str, policy: str | None, audit_share: float | None) -> None:
+        """Choose the project's policy spec and audit share (None: back to the environment's)."""
+        with self.guard():
+            pipe = self.redis.pipeline()
+            for name, value in (("policy", policy), ("audit", audit_share)):
+                if value is None:
+                    pipe.delete(self._k(uid, name))
+                else:
+                    pipe.set(self._k(uid, name), str(value))
+            pipe.sadd("aa:projects", uid)
+            pipe.execute()
+        logger.info("project %s: policy %s, audit share %s", uid, policy or "default", audit_share)
+
+    def claim_calibration(self, uid: str) -> bool:
+        """True for the one caller that may queue a calibration now (one waits in the queue at most)."""
+        with self.guard():
+            return bool(
+                self.redis.set(self._k(uid, "calibration_pending"), "1", nx=True, ex=TRAIN_PENDING_TTL_S)
+            )
+
+    def release_calibration(self, uid: str) -> None:
+        with self.guard():
+            self.redis.delete(self._k(uid, "calibration_pending"))
+
+    def set_calibration(self, uid: str, calibration: str | None) -> None:
+        with self.guard():
+            if calibration is None:
+                self.redis.delete(self._k(uid, "calibration"))
+            else:
+                self.redis.set(self._k(uid, "calibration"), calibration)
 
     # ------------------------------------------------------------------ counters
 
