@@ -122,7 +122,8 @@ def audit_status(ctx: Context, uid: str) -> dict[str, Any]:
 
 def routing_status(ctx: Context, uid: str, version: str | None) -> dict[str, Any]:
     """The project's policy and audit share, the audit's estimates and, for a target, what is
-    certified for the served version or how many audit labels it still needs."""
+    certified for the served version or how many audit labels it still needs (read afresh)."""
+    ctx.routing.forget(uid)
     spec, share, calibration = ctx.routing.choice(uid)
     out: dict[str, Any] = {"policy": spec, "audit_share": share, "audit": audit_status(ctx, uid)}
     policy = parsed_policy(spec)

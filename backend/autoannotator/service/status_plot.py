@@ -131,7 +131,13 @@ def render_audit(routing: dict[str, Any]) -> bytes:
         low = acc - np.array([v["low"] for _, v in shown])
         high = np.array([v["high"] for _, v in shown]) - acc
         ax.errorbar(
-            xs, acc, yerr=[low, high], fmt="o", capsize=6, color="#4C72B0", label="auto-accepted (audit)"
+            xs,
+            acc,
+            yerr=np.vstack([low, high]),
+            fmt="o",
+            capsize=6,
+            color="#4C72B0",
+            label="auto-accepted (audit)",
         )
         for i, v in shown:
             ax.annotate(
