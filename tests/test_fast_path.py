@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.errors import TrainingError
-from autoannotator.models.ensemble import Ensemble
+from autoannotator.models.ensemble import Ensemble, load_ensemble, write_manifest
 from autoannotator.models.specialists import (
     EmbeddingSpecialist,
     NgramSpecialist,
@@ -26,6 +27,7 @@ from autoannotator.models.specialists import (
     TransformerSpecialist,
     runtime,
 )
+from autoannotator.models.specialists import encoder as encoder_module
 from autoannotator.models.specialists.batching import (
     PAD_MULTIPLE,
     length_batches,
@@ -34,6 +36,7 @@ from autoannotator.models.specialists.batching import (
     tokenizer_key,
 )
 from autoannotator.models.specialists.encoder import Encoder
+from autoannotator.models.specialists.loading import load_specialist
 from autoannotator.settings import Settings
 from tests import tiny
 
@@ -136,6 +139,86 @@ def test_tokenizers_that_cut_text_differently_never_share(tmp_path):
         first = token_ids(a, tokenizer_key(a), ["big selloffs"], 16)
         second = token_ids(b, tokenizer_key(b), ["big selloffs"], 16)
     assert first != second
+
+
+def test_truncation_and_padding_a_tokenizer_file_carries_do_not_make_it_another_tokenizer(tmp_path):
+    a = tiny.save_tokenizer(tmp_path / "a")
+    b = tiny.save_tokenizer(tmp_path / "b")
+    b.backend_tokenizer.enable_truncation(max_length=128)  # as the packaged MiniLM's file has them
+    b.backend_tokenizer.enable_padding(length=128)
+    assert tokenizer_key(a) == tokenizer_key(b)
+    assert token_ids(a, "a", ["big selloffs"] * 2, 16) == token_ids(b, "b", ["big selloffs"] * 2, 16)
+
+
+def _two_encoder_members(directory: Path, encoder: Path, corpus: list[tuple[str, str]]) -> Path:
+    """A version directory: a transformer member and an embedding head on the same tiny encoder (the
+    classifier's folder has a tokenizer file of its own, as a fine-tuned member's has)."""
+    texts, ys = [t for t, _ in corpus[:120]], [y for _, y in corpus[:120]]
+    tiny.build_classifier(directory / "m0-transformer", list(LABELS.names))
+    EmbeddingSpecialist.untrained(encoder, LABELS).fit(texts, ys, directory / "m1-embedding")
+    write_manifest(directory, version="v0001", labels=LABELS, members=["m0-transformer", "m1-embedding"])
+    return directory
+
+
+def test_a_served_ensembles_transformer_members_share_one_tokenizer_safely_across_threads(
+    monkeypatch, tmp_path, tiny_encoder, tiny_corpus
+):
+    version = _two_encoder_members(tmp_path / "v0001", tiny_encoder, tiny_corpus)
+    monkeypatch.setattr(encoder_module, "_ENCODERS", {})  # the served encoder loads with the version
+    served = load_ensemble(version, LABELS, serving=True)
+    clf, emb = served.members
+    assert isinstance(clf, TransformerSpecialist) and isinstance(emb, EmbeddingSpecialist)
+    shared = clf.tokenizer
+    assert emb.encoder.tokenizer is shared  # one object for both members: loaded once per process
+    # A member loaded to be trained keeps a tokenizer of its own.
+    assert load_specialist(version / "m0-transformer", LABELS).tokenizer is not shared
+
+    # The shared object from many threads at once, each asking for its own length (so each call
+    # changes the truncation the last one set), against tokenizers of their own, one at a time.
+    texts = [t for t, _ in tiny_corpus] + ["rally " * 40]
+    lengths = (6, 9, 16, 32)
+    separate = {n: tiny.save_tokenizer(tmp_path / f"own-{n}") for n in lengths}
+    expected = {n: token_ids(separate[n], "own", texts, n) for n in lengths}
+    assert len({str(ids) for ids in expected.values()}) == len(lengths)  # the lengths do differ
+
+    def cut(job: int) -> tuple[int, list[list[int]]]:
+        n = lengths[job % len(lengths)]
+        chunk = texts[job % 7 :: 3]
+        ids = token_ids(shared, tokenizer_key(shared), chunk, n)
+        want = [expected[n][texts.index(t)] for t in chunk]
+        return int(ids == want), ids
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(cut, range(400)))
+    assert all(ok for ok, _ in results)
+    # The ensemble itself from several threads: each member the same as it alone, one at a time.
+    fresh = [f"{t} thread{i}" for i, (t, _) in enumerate(tiny_corpus[120:200])]
+    alone = served.predict_proba(fresh)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for got in pool.map(lambda _: served.predict_proba(fresh), range(8)):
+            np.testing.assert_allclose(got, alone, atol=1e-6)
+
+
+def test_a_serving_encoder_keeps_a_small_cache_and_one_that_trains_a_large_one(
+    monkeypatch, tmp_path, tiny_encoder, tiny_corpus
+):
+    version = _two_encoder_members(tmp_path / "v0001", tiny_encoder, tiny_corpus)
+    monkeypatch.setattr(encoder_module, "_ENCODERS", {})  # a serving process: no head was fit in it
+    assert encoder_module.SERVING_CACHE_SIZE <= encoder_module.TRAINING_CACHE_SIZE // 10
+    monkeypatch.setattr(encoder_module, "SERVING_CACHE_SIZE", 5)  # read where it is set, when asked
+    served = load_specialist(version / "m1-embedding", LABELS, serving=True)
+    assert isinstance(served, EmbeddingSpecialist) and served.serving
+    encoder = served.encoder
+    assert encoder.cache_size == 5
+    texts = [t for t, _ in tiny_corpus[:30]]
+    served.predict_proba(texts)
+    assert len(encoder._cache) == 5  # the bound holds: the last 5 texts' vectors
+    # A head loaded to be refit (or being fit) asks the same encoder for room for a pool.
+    trainable = load_specialist(version / "m1-embedding", LABELS)
+    assert isinstance(trainable, EmbeddingSpecialist) and not trainable.serving
+    assert trainable.encoder is encoder
+    assert encoder.cache_size == encoder_module.TRAINING_CACHE_SIZE
+    assert served.encoder.cache_size == encoder_module.TRAINING_CACHE_SIZE  # never shrinks back
 
 
 def test_bf16_forward_passes_keep_the_labels_of_fp32_within_the_stated_tolerance(

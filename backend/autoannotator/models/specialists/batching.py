@@ -7,9 +7,10 @@ hashtags split into many tokens): measured on tweets, 1.3 to 1.5 times the time 
 section 6c).
 
 Members built on the same encoder share its tokenizer: the fine-tuned transformer and the frozen
-encoder under a linear head cut the same texts into the same tokens. Inside :func:`shared_tokens` (the
-ensemble wraps each call in it) a text is tokenized once per distinct tokenizer, whichever member asks
-first.
+encoder under a linear head cut the same texts into the same tokens. Models loaded only to predict
+hold one tokenizer object between them (:func:`shared_tokenizer`: a MiniLM's is 11 MB), and inside
+:func:`shared_tokens` (the ensemble wraps each call in it) a text is tokenized once per distinct
+tokenizer, whichever member asks first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,17 +39,63 @@ _SHARED: contextvars.ContextVar[dict[tuple[str, int], dict[str, list[int]]] | No
 PAD_MULTIPLE = 8
 
 
+# Tokenizers that serving models share, by tokenizer_key; an entry goes when no model holds it.
+_TOKENIZERS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+# One lock per tokenizer object, around every call that sets its truncation or padding.
+_CALL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_REGISTRY_LOCK = threading.Lock()
+# Where a serialised fast tokenizer's pipeline starts, past its per-call truncation and padding.
+_AFTER_PER_CALL_SETTINGS = ',"added_tokens":'
+
+
 def tokenizer_key(tokenizer: Any) -> str:
-    """What makes two tokenizers cut text the same way: a fast tokenizer's whole serialised pipeline
-    (vocabulary, normaliser, pre-tokeniser), else its class, vocabulary and special tokens."""
+    """What makes two tokenizers cut text the same way: a fast tokenizer's serialised pipeline
+    (vocabulary, normaliser, pre-tokeniser, post-processor), else its vocabulary and special tokens;
+    with its class, length limit, truncation side and pad token.
+
+    The pipeline's truncation and padding are left out: they are per-call settings (:func:`token_ids`
+    passes its own), which a tokenizer file carries as whoever saved it last left them (the packaged
+    MiniLM's pads to 128, a fine-tuned member's saved copy to the longest text).
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        text = backend.to_str()
+        pipeline = backend.to_str()
+        # The serialisation opens with version, truncation and padding; parsing the rest (the whole
+        # vocabulary) only to drop them would leave MBs of freed objects behind in a serving process.
+        start = pipeline.find(_AFTER_PER_CALL_SETTINGS)
+        pipeline = pipeline[start:] if start >= 0 else pipeline
     else:
-        text = repr(
-            (type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens)
-        )
+        pipeline = repr((sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens))
+    wrapper = [getattr(tokenizer, a, None) for a in ("model_max_length", "truncation_side", "pad_token_id")]
+    text = f"{type(tokenizer).__name__} {wrapper!r} {pipeline}"
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def shared_tokenizer(tokenizer: Any) -> Any:
+    """The one tokenizer object this process's serving models use for ``tokenizer``'s way of cutting
+    text: the first such one loaded, for as long as a model holds it (``tokenizer`` itself if none).
+
+    Only for models that predict: :func:`token_ids` and :func:`tokenizer_lock` keep calls to a shared
+    object safe from several threads at once.
+    """
+    key = tokenizer_key(tokenizer)
+    with _REGISTRY_LOCK:
+        kept = _TOKENIZERS.get(key)
+        if kept is None:
+            _TOKENIZERS[key] = kept = tokenizer
+    return kept
+
+
+def tokenizer_lock(tokenizer: Any) -> threading.Lock:
+    """The lock to hold while calling ``tokenizer``. A Hugging Face fast tokenizer's call first sets
+    truncation and padding on its Rust tokenizer when they differ from the last call's, so two
+    threads asking for different lengths would each cut with the other's (or fail with "Already
+    borrowed") without it."""
+    with _REGISTRY_LOCK:
+        lock = _CALL_LOCKS.get(tokenizer)
+        if lock is None:
+            _CALL_LOCKS[tokenizer] = lock = threading.Lock()
+    return lock
 
 
 @contextlib.contextmanager
@@ -66,9 +115,10 @@ def token_ids(tokenizer: Any, key: str, texts: Sequence[str], max_length: int) -
     todo = list(dict.fromkeys(texts)) if memo is None else [t for t in dict.fromkeys(texts) if t not in memo]
     found: dict[str, list[int]] = {}
     if todo:
-        ids = tokenizer(todo, truncation=True, max_length=max_length, return_attention_mask=False)[
-            "input_ids"
-        ]
+        with tokenizer_lock(tokenizer):
+            ids = tokenizer(todo, truncation=True, max_length=max_length, return_attention_mask=False)[
+                "input_ids"
+            ]
         found = dict(zip(todo, ids, strict=True))
         if memo is not None:
             memo.update(found)

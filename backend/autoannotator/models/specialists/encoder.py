@@ -1,7 +1,9 @@
 """A sentence encoder shared by every specialist that needs embeddings, loaded once per process.
 
 Embedding specialists refit their head on the whole verified pool at every retraining, so the same
-texts are embedded again and again; the encoder keeps a bounded cache of vectors by text.
+texts are embedded again and again; the encoder keeps a bounded cache of vectors by text. A process
+that only serves (a web worker) sees few texts twice, so a serving specialist asks for a much smaller
+bound (:data:`SERVING_CACHE_SIZE`); one that trains raises it to :data:`TRAINING_CACHE_SIZE`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from autoannotator.errors import SpecialistLoadError
-from autoannotator.models.specialists.batching import length_batches, token_ids, tokenizer_key
+from autoannotator.models.specialists.batching import (
+    length_batches,
+    shared_tokenizer,
+    token_ids,
+    tokenizer_key,
+)
 from autoannotator.models.specialists.runtime import (
     configure_torch,
     default_device,
@@ -25,6 +32,11 @@ from autoannotator.models.specialists.runtime import (
     usable_length,
     weights_dtype,
 )
+
+# Cached vectors (1.5 KB each at MiniLM's 384 dimensions): up to ~150 MB for a process that refits
+# heads on a verified pool, ~3 MB for one that only serves (vectors of the texts it labelled last).
+TRAINING_CACHE_SIZE = 100_000
+SERVING_CACHE_SIZE = 2_000
 
 _ENCODERS: dict[tuple[str, int, torch.dtype], Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()
@@ -66,7 +78,8 @@ class Encoder:
     """Mean-pooled, L2-normalised sentence embeddings from any Hugging Face encoder.
 
     It is never trained, so it holds its weights in the precision its forward passes compute in
-    (:func:`~autoannotator.models.specialists.runtime.weights_dtype`), chosen when it loads.
+    (:func:`~autoannotator.models.specialists.runtime.weights_dtype`), chosen when it loads, and
+    shares its tokenizer with the process's serving models that cut text the same way.
     """
 
     def __init__(
@@ -74,7 +87,7 @@ class Encoder:
         source: str | Path,
         max_length: int = 128,
         batch_size: int = 32,
-        cache_size: int = 100_000,
+        cache_size: int = TRAINING_CACHE_SIZE,
     ) -> None:
         configure_torch()
         self.source = resolve_model_source(source)
@@ -82,7 +95,7 @@ class Encoder:
         self.batch_size = batch_size
         self.device = default_device()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.source)
+            self.tokenizer = shared_tokenizer(AutoTokenizer.from_pretrained(self.source))
             self.model = AutoModel.from_pretrained(self.source, dtype=weights_dtype(self.device))
             self.model.to(self.device).eval().requires_grad_(False)
         except (OSError, ValueError) as exc:
@@ -94,14 +107,32 @@ class Encoder:
         self._lock = threading.Lock()
 
     @classmethod
-    def shared(cls, source: str | Path, max_length: int = 128) -> Encoder:
+    def shared(cls, source: str | Path, max_length: int = 128, *, serving: bool = False) -> Encoder:
         """One encoder per (model, max_length, weights dtype) per process, so k specialists never load
-        it k times; a change of precision (a benchmark's) loads it once more in the new dtype."""
+        it k times; a change of precision (a benchmark's) loads it once more in the new dtype.
+
+        Its cache keeps :data:`SERVING_CACHE_SIZE` vectors while only ``serving`` callers have asked
+        for it, :data:`TRAINING_CACHE_SIZE` from the first caller that fits a head on its vectors.
+        """
+        cache_size = SERVING_CACHE_SIZE if serving else TRAINING_CACHE_SIZE
         key = (resolve_model_source(source), max_length, weights_dtype(default_device()))
         with _ENCODERS_LOCK:
-            if key not in _ENCODERS:
-                _ENCODERS[key] = cls(key[0], max_length=max_length)
-            return _ENCODERS[key]
+            encoder = _ENCODERS.get(key)
+            if encoder is None:
+                encoder = _ENCODERS[key] = cls(key[0], max_length=max_length, cache_size=cache_size)
+            elif cache_size > encoder.cache_size:
+                encoder.cache_size = cache_size
+            return encoder
+
+    @property
+    def cache_size(self) -> int:
+        """How many vectors the cache keeps at most (the oldest go first)."""
+        return self._cache_size
+
+    @cache_size.setter
+    def cache_size(self, value: int) -> None:
+        with self._lock:
+            self._cache_size = value
 
     def clear_cache(self) -> None:
         with self._lock:

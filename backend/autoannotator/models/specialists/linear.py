@@ -81,6 +81,9 @@ class _LinearSpecialist(DescribedByMeta):
         self.w = w
         self.b = b
         self.directory = directory
+        # Loaded to predict only (load(..., serving=True)): an embedding head then asks its shared
+        # encoder for a serving process's small cache.
+        self.serving = False
 
     def features(self, texts: Sequence[str]) -> np.ndarray:
         raise NotImplementedError
@@ -135,7 +138,8 @@ class _LinearSpecialist(DescribedByMeta):
         return new
 
     @classmethod
-    def load(cls, directory: Path) -> _LinearSpecialist:
+    def load(cls, directory: Path, *, serving: bool = False) -> _LinearSpecialist:
+        """A saved specialist; ``serving``: for predictions only (see :attr:`serving`)."""
         directory = Path(directory)
         meta = read_meta(directory)
         if meta.kind != cls.kind:
@@ -146,6 +150,7 @@ class _LinearSpecialist(DescribedByMeta):
         except (OSError, KeyError) as exc:
             raise SpecialistLoadError(f"{directory}/{HEAD_FILE} is unreadable: {exc}") from exc
         spec = cls(meta, w, b, directory)
+        spec.serving = serving
         spec._restore_features(directory)
         return spec
 
@@ -166,7 +171,9 @@ class EmbeddingSpecialist(_LinearSpecialist):
 
     @property
     def encoder(self) -> Encoder:
-        return Encoder.shared(self.meta.base_model)
+        """The process's shared encoder; a serving head asks for a small cache, one being fit for room
+        for a whole verified pool."""
+        return Encoder.shared(self.meta.base_model, serving=self.serving)
 
     def features(self, texts: Sequence[str]) -> np.ndarray:
         return self.encoder.embed(texts)

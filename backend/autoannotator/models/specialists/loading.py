@@ -23,12 +23,12 @@ def load_specialist(
 ) -> Specialist:
     """Load any specialist: a directory this package wrote, a plain HF model directory, or a hub id.
     ``serving``: for predictions only, weights in the forward passes' precision (see
-    :meth:`TransformerSpecialist.load`)."""
+    :meth:`TransformerSpecialist.load`), a small embedding cache (see :mod:`.encoder`)."""
     path = Path(str(source))
     if (path / META_FILE).is_file():
         meta = read_meta(path)
         if meta.kind in _LINEAR_KINDS:
-            spec = _LINEAR_KINDS[meta.kind].load(path)
+            spec = _LINEAR_KINDS[meta.kind].load(path, serving=serving)
             if spec.labels != labels:
                 raise LabelMappingError(
                     f"{path} was trained for labels {list(spec.labels.names)!r}, "

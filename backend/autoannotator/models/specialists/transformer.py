@@ -30,7 +30,13 @@ from autoannotator.models.specialists.base import (
     staged_dir,
     write_meta,
 )
-from autoannotator.models.specialists.batching import length_batches, token_ids, tokenizer_key
+from autoannotator.models.specialists.batching import (
+    length_batches,
+    shared_tokenizer,
+    token_ids,
+    tokenizer_key,
+    tokenizer_lock,
+)
 from autoannotator.models.specialists.encoder import resolve_model_source
 from autoannotator.models.specialists.runtime import (
     configure_torch,
@@ -91,7 +97,8 @@ class TransformerSpecialist(DescribedByMeta):
         The model's own labels (``config.id2label``) are mapped onto ``labels``; a model whose
         labels cannot be mapped is refused with a message naming the missing labels. ``serving``
         keeps the weights in the precision forward passes run in (half the memory in bf16); such a
-        specialist predicts but cannot be fine-tuned or saved.
+        specialist predicts but cannot be fine-tuned or saved, and shares its tokenizer with the
+        process's other serving models that cut text the same way (:func:`shared_tokenizer`).
         """
         configure_torch()
         src = resolve_model_source(source)
@@ -121,6 +128,7 @@ class TransformerSpecialist(DescribedByMeta):
         model.to(default_device()).eval()
         if serving:
             model.requires_grad_(False)
+            tokenizer = shared_tokenizer(tokenizer)
         directory = Path(src) if Path(src).is_dir() else None
         return cls(model, tokenizer, meta, targets, directory, batch_size)
 
@@ -172,9 +180,10 @@ class TransformerSpecialist(DescribedByMeta):
     # --------------------------------------------------------------- inference
 
     def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        with tokenizer_lock(self.tokenizer):
+            enc = self.tokenizer(
+                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
         return {k: v.to(self.device) for k, v in enc.items() if k in self._model_inputs}
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
