@@ -183,6 +183,8 @@ def test_settings_from_environment_keep_secrets_out_of_repr(tmp_path):
     assert Settings.from_env({"AUTOANNOTATOR_POLICY": "target:0.95", "AUTOANNOTATOR_AUDIT_SHARE": "0.05"})
     with pytest.raises(ValueError, match="AUTOANNOTATOR_AUDIT_SHARE must be in"):
         Settings.from_env({"AUTOANNOTATOR_AUDIT_SHARE": "0.9"})
+    with pytest.raises(ValueError, match="AUTOANNOTATOR_LLM_SEEDS must be >= 0"):
+        Settings.from_env({"AUTOANNOTATOR_LLM_SEEDS": "-5"})
     table = settings_table()
     assert (
         "| `BASIC_AUTH_PASS` | (empty) | its password |" in table

@@ -1,9 +1,11 @@
-"""The live audit's pieces without Label Studio: the draw, the mark, the log and its estimates."""
+"""The live audit's pieces without Label Studio (the draw, the mark, the log and its estimates), and
+the choice of seed tasks for the LLM-seeded start."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from autoannotator.core.guarantee import accuracy_interval
@@ -19,6 +21,7 @@ from autoannotator.learning.audit import (
     estimate,
     per_version,
 )
+from autoannotator.learning.seeds import choose_seeds
 
 
 def test_the_draw_is_uniform_repeatable_and_new_for_each_version() -> None:
@@ -95,3 +98,21 @@ def test_estimates_count_accepted_labels_per_version_with_an_exact_interval() ->
     assert second.high == 1.0 and second.low < 1.0
     empty = estimate([])
     assert empty.accuracy is None and empty.low is None and empty.as_dict()["accuracy"] is None
+
+
+def test_seeds_cover_every_cluster_once() -> None:
+    """Three tight groups of unequal size: three seeds take one from each, the one nearest its
+    centre, not three from the biggest group as an import order might."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8)
+    sizes = (300, 30, 10)
+    vectors = np.vstack([c + 0.01 * rng.standard_normal((n, 8)) for c, n in zip(centres, sizes, strict=True)])
+    group = np.repeat(np.arange(3), sizes)
+    chosen = choose_seeds(vectors, 3)
+    assert sorted(group[chosen]) == [0, 1, 2] and len(set(chosen)) == 3
+    for i in chosen:
+        members = vectors[group == group[i]]
+        nearest = np.linalg.norm(members - members.mean(axis=0), axis=1).min()
+        assert np.linalg.norm(vectors[i] - members.mean(axis=0)) <= nearest + 0.02
+    assert choose_seeds(vectors[:2], 5) == [0, 1] and choose_seeds(vectors, 0) == []
+    assert choose_seeds(vectors, 3) == chosen  # repeatable

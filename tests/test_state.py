@@ -233,6 +233,8 @@ def _calls(state: State) -> dict[str, object]:
         "set_calibration": lambda: state.set_calibration(UID, "{}"),
         "claim_calibration": lambda: state.claim_calibration(UID),
         "release_calibration": lambda: state.release_calibration(UID),
+        "claim_llm_seeds": lambda: state.claim_llm_seeds(UID),
+        "release_llm_seeds": lambda: state.release_llm_seeds(UID),
         "count": lambda: state.count(UID, predictions=1, llm_cost_usd=0.1),
         "counters": lambda: state.counters(UID),
         "count_predictions": lambda: state.count_predictions(UID, 1, 1),

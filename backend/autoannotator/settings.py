@@ -144,6 +144,12 @@ class Settings:
         "an LLM label whose probability (from the endpoint's token log-probabilities) is below this goes "
         "to the human queue; 0 accepts every label, as do endpoints that return no log-probabilities",
     )
+    llm_seeds: int = _setting(
+        "AUTOANNOTATOR_LLM_SEEDS",
+        0,
+        "the fully automatic start: in llm mode, a project without human labels cold-starts from this "
+        "many tasks the LLM labels, one per cluster of the encoder's embeddings (0: off)",
+    )
     llm_price: tuple[str, ...] = _setting(
         "AUTOANNOTATOR_LLM_PRICE",
         (),
@@ -252,6 +258,8 @@ class Settings:
         for name in ("llm_timeout_s", "refine_lr", "cold_start_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_env(name)} must be > 0, got {getattr(self, name)}")
+        if self.llm_seeds < 0:
+            raise ValueError(f"AUTOANNOTATOR_LLM_SEEDS must be >= 0 (0: off), got {self.llm_seeds}")
         if not 0.0 <= self.llm_min_confidence < 1.0:
             raise ValueError(
                 f"AUTOANNOTATOR_LLM_MIN_CONFIDENCE must be in [0, 1), got {self.llm_min_confidence}"

@@ -18,7 +18,7 @@ from typing import Any
 from label_studio_sdk import LabelStudio
 
 from autoannotator.labelstudio.config import ProjectConfig, annotation_label, extract_texts
-from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, REVIEWED_BY, pool_key
+from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, LLM_REVIEWERS, REVIEWED_BY, pool_key
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def read_labels(
         audit = str(data[AUDIT]) if data.get(AUDIT) else None
         if labels:
             human.append(StoredLabel(key, found.text or "", labels[-1], int(task.id), audit, data))
-        elif data.get(REVIEWED_BY) == "llm" and data.get(LLM_LABEL) in config.labels:
+        elif data.get(REVIEWED_BY) in LLM_REVIEWERS and data.get(LLM_LABEL) in config.labels:
             llm.append(StoredLabel(key, found.text or "", str(data[LLM_LABEL]), int(task.id), audit, data))
     return human, llm
 

@@ -16,6 +16,8 @@ NEEDS_REVIEW = "aa_needs_review"  # 1 while the task waits for a person in the r
 VOTES = "aa_votes"  # the specialists' votes, e.g. "Positive 2 · Negative 1"
 REVIEWED_BY = "aa_review"  # "llm", "human", or "human (LLM timeout)" when the LLM could not label it
 LLM_LABEL = "aa_llm_label"  # the LLM's label, kept in the task so a Redis flush loses nothing
+LLM_SEED = "llm seed"  # REVIEWED_BY on a seed task the LLM labelled for the fully automatic start
+LLM_REVIEWERS = ("llm", LLM_SEED)  # REVIEWED_BY values whose LLM_LABEL stands until a person's
 # Set on a task drawn for the live audit: "v0003 accepted: Positive", the version whose label a
 # person checks, its route and its label (see autoannotator.learning.audit). An audited task waits
 # in the Needs review tab like a routed one; this column tells the two apart.

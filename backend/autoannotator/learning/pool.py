@@ -37,17 +37,18 @@ logger = logging.getLogger(__name__)
 
 
 class Source(StrEnum):
-    """Who vouched for a label. Only ``LLM`` is overridable by the others."""
+    """Who vouched for a label. Only the LLM's labels are overridable by the others."""
 
     SEED = "seed"
     HUMAN = "human"
     LLM = "llm"
+    LLM_SEED = "llm-seed"  # a seed task the LLM labelled for the fully automatic start
     ORACLE = "oracle"
 
     @property
     def authoritative(self) -> bool:
         """Whether this source speaks for a human (the seed set and the oracle simulate one)."""
-        return self is not Source.LLM
+        return self not in (Source.LLM, Source.LLM_SEED)
 
 
 @dataclass(frozen=True)

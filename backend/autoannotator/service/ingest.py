@@ -15,7 +15,7 @@ from typing import Any
 from autoannotator.core.labels import LabelSet
 from autoannotator.labelstudio.client import StoredLabel, basic_auth, read_labels, secure_webhooks
 from autoannotator.labelstudio.config import annotation_label, extract_texts
-from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, REVIEWED_BY, pool_key
+from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, LLM_SEED, REVIEWED_BY, pool_key
 from autoannotator.learning.audit import AuditLog, AuditMark, AuditRecord
 from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.pool import Source, VerifiedPool
@@ -98,7 +98,9 @@ def sync_project(ctx: Context, uid: str) -> str:
         deleted = pool.remove(
             it.key for it in pool.items() if it.source is Source.HUMAN and it.key not in annotated
         )
-        added = pool.add_many([(x.key, x.text, x.label) for x in llm], Source.LLM)
+        seeded = [x for x in llm if x.data.get(REVIEWED_BY) == LLM_SEED]
+        added = pool.add_many([(x.key, x.text, x.label) for x in llm if x not in seeded], Source.LLM)
+        added += pool.add_many([(x.key, x.text, x.label) for x in seeded], Source.LLM_SEED)
         added += pool.add_many([(x.key, x.text, x.label) for x in human], Source.HUMAN)
         if rebuilt and ctx.models.registry(uid).current() is not None:
             # The log held the "trained up to" mark; without it every label would look new and
@@ -158,9 +160,13 @@ def seed_shortfall(ctx: Context, pool: VerifiedPool) -> str | None:
     """What the cold start still waits for, or None when the pool is a usable seed set.
 
     ``AUTOANNOTATOR_SEED_LABELS`` counts every verified label; about a fifth is held out to judge
-    later versions, and the rest must hold a couple of examples of every label.
+    later versions, and the rest must hold a couple of examples of every label. A pool the LLM
+    seeded (``AUTOANNOTATOR_LLM_SEEDS``) needs no more labels than the LLM gave.
     """
     need = ctx.settings.seed_labels
+    llm_seeds = sum(1 for it in pool.items() if it.source is Source.LLM_SEED)
+    if llm_seeds:
+        need = min(need, llm_seeds)
     if len(pool) < need:
         return f"{len(pool)} of {need} labels (AUTOANNOTATOR_SEED_LABELS)"
     items = pool.train_items()

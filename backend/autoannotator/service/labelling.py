@@ -49,6 +49,7 @@ from autoannotator.labelstudio.config import ProjectConfig, prediction
 from autoannotator.labelstudio.fields import (
     IN_TAB,
     LLM_LABEL,
+    LLM_REVIEWERS,
     NEEDS_REVIEW,
     OUT_OF_TAB,
     REVIEWED_BY,
@@ -223,7 +224,7 @@ def _llm_labels(tasks: Sequence[Mapping[str, Any]], config: ProjectConfig) -> di
     out = {}
     for task in tasks:
         data = task.get("data") or {}
-        if data.get(REVIEWED_BY) == "llm" and data.get(LLM_LABEL) in config.labels:
+        if data.get(REVIEWED_BY) in LLM_REVIEWERS and data.get(LLM_LABEL) in config.labels:
             out[int(task["id"])] = str(data[LLM_LABEL])
     return out
 

@@ -148,6 +148,27 @@ def enqueue_chunk(ctx: Context, uid: str, run_id: str, number: int, ids: Sequenc
     )
 
 
+def request_llm_seeds(ctx: Context, uid: str, why: str) -> bool:
+    """Queue :func:`seed_with_llm` once for a project that qualifies; True if queued."""
+    s = ctx.settings
+    if s.llm_seeds <= 0 or ctx.models.current_version(uid) is not None or ctx.state.mode(uid) != "llm":
+        return False
+    if not ctx.state.claim_llm_seeds(uid):
+        return False
+    try:
+        ctx.state.enqueue(
+            "review",
+            JOBS + "seed_with_llm",
+            uid,
+            job_timeout=s.review_timeout_s,
+            description=f"LLM seeds for {uid}: {why}",
+        )
+    except Exception:
+        ctx.state.release_llm_seeds(uid)
+        raise
+    return True
+
+
 def enqueue_annotation(
     ctx: Context, uid: str, action: str, task: dict[str, Any], annotation: dict[str, Any]
 ) -> None:

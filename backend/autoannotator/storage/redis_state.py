@@ -15,6 +15,8 @@ Keys, all under ``aa:`` (one Redis can serve other software too):
 ``aa:p:<uid>:audit``                    audit share chosen for the project (absent: the default)
 ``aa:p:<uid>:calibration``              the target policy's thresholds for the served version (JSON)
 ``aa:p:<uid>:calibration_pending``      set while a calibration job is queued (with TTL)
+``aa:p:<uid>:llm_seeds_claim``          set once the LLM-seeded start was queued for the project
+``aa:p:<uid>:llm_seeds``                what the LLM-seeded start did (for status pages)
 ``aa:p:<uid>:info``                     hash: LS project id, LS URL, label config
 ``aa:p:<uid>:m``                        hash of counters (see :data:`COUNTERS`)
 ``aa:p:<uid>:train_pending``            set while a training job is queued or running (with TTL)
@@ -293,6 +295,16 @@ class State:
             return bool(
                 self.redis.set(self._k(uid, "calibration_pending"), "1", nx=True, ex=TRAIN_PENDING_TTL_S)
             )
+
+    def claim_llm_seeds(self, uid: str) -> bool:
+        """True once for a project (until :meth:`release_llm_seeds`): whoever gets it queues the
+        LLM-seeded start."""
+        with self.guard():
+            return bool(self.redis.set(self._k(uid, "llm_seeds_claim"), "1", nx=True))
+
+    def release_llm_seeds(self, uid: str) -> None:
+        with self.guard():
+            self.redis.delete(self._k(uid, "llm_seeds_claim"))
 
     def release_calibration(self, uid: str) -> None:
         with self.guard():
