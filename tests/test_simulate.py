@@ -108,6 +108,19 @@ def test_paper_epsilon_rule_without_retraining(tmp_path, data, tiny_encoder):
     assert report["final"]["review_share"] == pytest.approx(point["share"])
 
 
+def test_the_llm_seeded_start_labels_covering_seed_items_with_the_reviewer(tmp_path, data, tiny_encoder):
+    """--llm-seeds: the seed items are one per cluster of the seed file, labelled by the reviewer (a
+    70%-right noisy oracle standing in for the LLM); no seed label counts as a human label."""
+    report, _ = run(tmp_path, data, tiny_encoder, "--llm-seeds", "--review", "noisy:0.7", "--no-retrain")
+    seed_set = report["start"]["seed_set"]
+    assert seed_set["chosen"] == "clusters" and seed_set["labelled_by"].startswith("the reviewer")
+    assert seed_set["n"] == seed_set["asked"] == 60
+    assert 0.45 <= seed_set["label_accuracy"] <= 0.9  # ~0.7 over 60 draws
+    human = run(tmp_path / "human", data, tiny_encoder, "--review", "noisy:0.7", "--no-retrain")[0]
+    assert human["start"]["seed_set"] == {"chosen": "random", "labelled_by": "people", "n": 60}
+    assert human["final"]["human_labels_total"] - report["final"]["human_labels_total"] == 60
+
+
 def test_target_policy_reviews_everything_until_it_can_certify_then_accepts_what_it_certified(
     tmp_path, data, tiny_encoder
 ):

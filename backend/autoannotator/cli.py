@@ -152,6 +152,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="share of the seed labels kept out of the cold start to calibrate the target policy "
         "(default 0.2 with a target:A policy or sweep --targets, else 0)",
     )
+    p.add_argument(
+        "--llm-seeds",
+        action="store_true",
+        help="the fully automatic start: choose the seed items to cover the seed file (one per "
+        "k-means cluster of the encoder's embeddings) and have the reviewer (--review, standing in "
+        "for the LLM) label them instead of people",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -302,6 +309,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
         max_stream=args.max_stream,
         calibration_seeds=_calibration_seeds(args),
         audit_share=args.audit_share,
+        llm_seeds=args.llm_seeds,
         seed=args.seed,
     )
 

@@ -74,6 +74,10 @@ class SimulationConfig:
     calibration_seeds: float = 0.0
     # Chance that a streamed item is drawn into the audit (a person labels it, no version trains on it).
     audit_share: float = 0.0
+    # The paper's fully automatic start: the seed items are chosen to cover the seed file (one per
+    # k-means cluster of the frozen encoder's embeddings) and labelled by the reviewer (standing in
+    # for the LLM) instead of by people.
+    llm_seeds: bool = False
     max_stream: int | None = None
     labels: tuple[str, ...] | None = None
     seed: int = 0
@@ -112,6 +116,45 @@ def _label_set(config: SimulationConfig, seed: Sequence[Example], stream: Sequen
     if stray:
         raise BadInputError(f"the data hold labels {stray!r} outside the label set {list(labels.names)!r}")
     return labels
+
+
+def _covering_seed(
+    examples: Sequence[Example], n: int, config: SimulationConfig, exclude: set[str]
+) -> list[Example]:
+    """``n`` seed items that cover ``examples``: one nearest each k-means centre of the frozen
+    encoder's embeddings (of a random 20,000 at most), as the service's LLM-seeded start chooses."""
+    from autoannotator.learning.seeds import MAX_CLUSTERED, choose_seeds
+    from autoannotator.models.specialists.encoder import Encoder, resolve_model_source
+
+    candidates = [e for e in examples if e.key not in exclude]
+    if len(candidates) > MAX_CLUSTERED:
+        candidates = random.Random(config.seed).sample(candidates, MAX_CLUSTERED)
+    encoder = Encoder.shared(resolve_model_source(config.cold_start.encoder))
+    vectors = encoder.embed([e.text for e in candidates])
+    return [candidates[i] for i in choose_seeds(vectors, n, seed=config.seed)]
+
+
+def _label_seed(
+    seed: Sequence[Example], reviewer: Reviewer, human: bool
+) -> tuple[list[Example], dict[str, Any]]:
+    """The seed items as the reviewer labels them (those it cannot label are dropped), and how
+    often its labels matched the gold ones."""
+    outcomes = reviewer.review([ReviewItem(e.key, e.text) for e in seed])
+    labelled = [
+        Example(e.key, e.text, o.label)
+        for e, o in zip(seed, outcomes, strict=True)
+        if o.status is ReviewStatus.LABELLED and o.label is not None
+    ]
+    gold = {e.key: e.label for e in seed}
+    right = sum(x.label == gold[x.key] for x in labelled)
+    report = {
+        "chosen": "clusters",
+        "labelled_by": "people" if human else "the reviewer (standing in for the LLM)",
+        "n": len(labelled),
+        "asked": len(seed),
+        "label_accuracy": round(right / len(labelled), 4) if labelled else None,
+    }
+    return labelled, report
 
 
 def _sample_seed(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
@@ -200,10 +243,21 @@ def run_simulation(
     n_calibration = round(config.calibration_seeds * len(seed))
     for e in seed[len(seed) - n_calibration :]:
         calibration.add(e.text, labels.index(e.label))
+    calibration_keys = {e.key for e in seed[len(seed) - n_calibration :]}
     seed = seed[: len(seed) - n_calibration]
     gold = {e.key: e.label for e in stream}
+    if config.llm_seeds:
+        t = time.perf_counter()
+        seed = _covering_seed(seed_all, len(seed), config, exclude=calibration_keys)
+        gold.update((e.key, e.label) for e in seed)
+        timer.add("seed_choice", t)
     review = make_review(gold, labels)
     reviewer = review.reviewer
+    seed_report: dict[str, Any] = {"chosen": "random", "labelled_by": "people", "n": len(seed)}
+    seed_source = Source.SEED
+    if config.llm_seeds:
+        seed, seed_report = _label_seed(seed, reviewer, review.human)
+        seed_source = Source.SEED if review.human else Source.LLM_SEED
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     registry = Registry(out_dir / "models")
@@ -221,10 +275,10 @@ def run_simulation(
         seed_labels=[e.label for e in seed],
         probe_texts=[e.text for e in stream[: config.chunk_size * 3]],
     )
-    start_report = first.report
+    start_report = {**first.report, "seed_set": seed_report}
     ensemble = registry.load(first.version, labels)
     timer.add("cold_start", t)
-    pool.add_many([(f"seed:{i}", e.text, e.label) for i, e in enumerate(seed)], Source.SEED)
+    pool.add_many([(f"seed:{i}", e.text, e.label) for i, e in enumerate(seed)], seed_source)
     pool.mark_trained()
     initial = ensemble
 
@@ -348,7 +402,8 @@ def run_simulation(
         cycles=cycles,
         start_report=start_report,
         timer=timer,
-        n_seed=len(seed) + n_calibration,
+        # Human labels: the seed's unless the reviewer (an LLM) labelled it, and the calibration's.
+        n_seed=(len(seed) if seed_source is Source.SEED else 0) + n_calibration,
         human_reviewer=review.human,
     )
     if review.usage is not None:
