@@ -26,6 +26,7 @@ from tests.e2e_data import CONFIG, LABELS, SEED, publish
 from tests.flow import PASSWORD, USER, AppServer, Workers, backend_env, drain, failed_jobs, wait_for
 from tests.flow import annotate as _annotate
 from tests.flow import connect as _connect
+from tests.openai_server import OpenAIServer
 
 pytestmark = pytest.mark.e2e
 
@@ -153,3 +154,68 @@ def test_audited_tasks_appear_marked_and_their_labels_move_the_estimate_and_cert
             in mine["routing"]["message"]
         )
         assert not failed_jobs(redis_client), failed_jobs(redis_client)
+
+
+def test_in_llm_mode_audited_tasks_keep_the_llm_label_out_of_the_pool_and_measure_the_llm(
+    tmp_path: Path, label_studio: Any, ls_project: Any, redis_client: Any, redis_url: str
+) -> None:
+    """Every task is routed to the LLM (a weak version under mean:0.95); the audited ones also stay
+    in the Needs review tab, and their LLM labels do not join the pool: a person's label of one of
+    them says whether the LLM agreed."""
+    gold = {text: label for label, group in SEED.items() for text in group}
+    with OpenAIServer(answer=lambda text: "Positive") as llm:  # right on a third of the tasks
+        env = backend_env(
+            tmp_path / "models",
+            label_studio,
+            redis_url,
+            AUTOANNOTATOR_POLICY="mean:0.95",
+            AUTOANNOTATOR_AUDIT_SHARE="0.5",
+            AUTOANNOTATOR_REVIEW_MODE="llm",
+            AUTOANNOTATOR_LLM_BASE_URL=llm.base_url,
+            AUTOANNOTATOR_LLM_API_KEY="sk-e2e",
+        )
+        settings = Settings.from_env(env)
+        ls = label_studio.client()
+        project = ls_project(CONFIG)
+        uid = f"{project.id}.{int(project.created_at.timestamp())}"
+        version = publish(settings.model_dir, uid, 0.05, "weak on purpose: every task is routed")
+        ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in gold])
+        with AppServer(create_app(settings)) as app, Workers(env, tmp_path / "logs") as workers:
+            client = app.app.test_client()
+            _connect(ls, project.id, app.url)
+            wait_for(
+                "the LLM to label every task",
+                lambda: all(t.data.get("aa_review") == "llm" for t in _tasks(ls, project.id)),
+                300,
+                workers,
+            )
+            drain(redis_client, workers)
+            assert not failed_jobs(redis_client), failed_jobs(redis_client)
+            tasks = _tasks(ls, project.id)
+            audited = {t.id: t for t in tasks if t.data.get("aa_audit")}
+            assert 10 <= len(audited) <= 50
+            assert all(t.data["aa_audit"].startswith(f"{version} routed: ") for t in audited.values())
+            assert _tab_ids(ls, project.id) == set(audited)  # the others left with their LLM label
+            pool = VerifiedPool(
+                LABELS, path=ProjectModels(settings.model_dir).registry(uid).root / "pool.jsonl"
+            )
+            assert {it.key for it in pool.items()} == {f"task:{t.id}" for t in tasks if t.id not in audited}
+
+            first, second = sorted(audited)[:2]
+            _annotate(ls, first, "Positive")  # agrees with the LLM
+            _annotate(ls, second, next(x for x in LABELS.names if x != "Positive"))
+            wait_for(
+                "two audit labels",
+                lambda: (
+                    len(AuditLog(ProjectModels(settings.model_dir).registry(uid).root / "audit.jsonl")) == 2
+                ),
+                120,
+                workers,
+            )
+            status = client.get("/status.json", headers=_auth()).get_json()
+            (mine,) = [p for p in status["projects"] if p["project"] == uid]
+            overall = mine["routing"]["audit"]["overall"]
+            assert (overall["accepted"], overall["llm_reviewed"], overall["llm_agreed"]) == (0, 2, 1)
+            metrics = client.get("/metrics", headers=_auth()).get_data(as_text=True)
+            assert scrape.value(metrics, "autoannotator_audit_llm_agreement", project=uid) == 0.5
+            assert not failed_jobs(redis_client), failed_jobs(redis_client)
