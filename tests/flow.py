@@ -254,3 +254,9 @@ def annotate(ls: Any, task_id: int, label: str) -> None:
     """A human annotation of the task with ``label``, through LS's API (LS fires its webhook)."""
     config = parse_label_config(CONFIG)
     ls.annotations.create(id=task_id, result=prediction(config, label, 1.0, "human")["result"])
+
+
+def tab_ids(ls: Any, project_id: int) -> set[int]:
+    """The ids of the tasks in the project's "Needs review" tab."""
+    tab = next(v for v in ls.views.list(project=project_id) if (v.data or {}).get("title") == "Needs review")
+    return {t.id for t in ls.tasks.list(project=project_id, view=tab.id, page_size=1000)}

@@ -23,7 +23,7 @@ from autoannotator.settings import Settings
 from autoannotator.storage.model_store import ProjectModels
 from tests import scrape
 from tests.e2e_data import CONFIG, LABELS, SEED, publish
-from tests.flow import PASSWORD, USER, AppServer, Workers, backend_env, drain, failed_jobs, wait_for
+from tests.flow import PASSWORD, USER, AppServer, Workers, backend_env, drain, failed_jobs, tab_ids, wait_for
 from tests.flow import annotate as _annotate
 from tests.flow import connect as _connect
 from tests.openai_server import OpenAIServer
@@ -40,11 +40,6 @@ def _auth() -> dict[str, str]:
 
 def _tasks(ls: Any, project_id: int) -> list[Any]:
     return list(ls.tasks.list(project=project_id, fields="all", page_size=1000))
-
-
-def _tab_ids(ls: Any, project_id: int) -> set[int]:
-    tab = next(v for v in ls.views.list(project=project_id) if (v.data or {}).get("title") == "Needs review")
-    return {t.id for t in ls.tasks.list(project=project_id, view=tab.id, page_size=1000)}
 
 
 def test_audited_tasks_appear_marked_and_their_labels_move_the_estimate_and_certify_a_target(
@@ -95,7 +90,7 @@ def test_audited_tasks_appear_marked_and_their_labels_move_the_estimate_and_cert
         accepted = sorted(audited - routed)
         assert len(accepted) >= 10, "too few audited accepted tasks to measure"
         # The tab holds the routed tasks and the audited ones, accepted or not.
-        assert _tab_ids(ls, project.id) == routed | audited
+        assert tab_ids(ls, project.id) == routed | audited
         status = client.get("/status.json", headers=_auth()).get_json()
         (mine,) = [p for p in status["projects"] if p["project"] == uid]
         assert mine["routing"]["audit"]["labels"] == 0
@@ -134,7 +129,7 @@ def test_audited_tasks_appear_marked_and_their_labels_move_the_estimate_and_cert
         # Audit labels never train: the pool holds none of them; annotated, they left the tab.
         pool = VerifiedPool(LABELS, path=ProjectModels(settings.model_dir).registry(uid).root / "pool.jsonl")
         assert all(pool.get(f"task:{i}") is None for i in accepted[:10])
-        assert _tab_ids(ls, project.id).isdisjoint(accepted[:10])
+        assert tab_ids(ls, project.id).isdisjoint(accepted[:10])
         assert by_id  # every task was read once
 
         # The PM asks for a target: it is certified on the audit labels (too few to certify 0.9).
@@ -195,7 +190,7 @@ def test_in_llm_mode_audited_tasks_keep_the_llm_label_out_of_the_pool_and_measur
             audited = {t.id: t for t in tasks if t.data.get("aa_audit")}
             assert 10 <= len(audited) <= 50
             assert all(t.data["aa_audit"].startswith(f"{version} routed: ") for t in audited.values())
-            assert _tab_ids(ls, project.id) == set(audited)  # the others left with their LLM label
+            assert tab_ids(ls, project.id) == set(audited)  # the others left with their LLM label
             pool = VerifiedPool(
                 LABELS, path=ProjectModels(settings.model_dir).registry(uid).root / "pool.jsonl"
             )

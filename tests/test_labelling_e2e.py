@@ -33,7 +33,18 @@ from autoannotator.storage.label_runs import LabelRun, LabelRuns
 from autoannotator.storage.model_store import ProjectModels
 from autoannotator.storage.redis_state import State
 from tests.e2e_data import CONFIG, SEED, publish
-from tests.flow import PASSWORD, USER, WORKER, AppServer, Workers, backend_env, drain, failed_jobs, wait_for
+from tests.flow import (
+    PASSWORD,
+    USER,
+    WORKER,
+    AppServer,
+    Workers,
+    backend_env,
+    drain,
+    failed_jobs,
+    tab_ids,
+    wait_for,
+)
 from tests.flow import annotate as _annotate
 from tests.flow import connect as _connect
 from tests.tcp_proxy import TcpProxy
@@ -65,11 +76,6 @@ def _all_tasks(ls: Any, project_id: int) -> list[dict[str, Any]]:
     return out
 
 
-def _tab_ids(ls: Any, project_id: int) -> set[int]:
-    tab = next(v for v in ls.views.list(project=project_id) if (v.data or {}).get("title") == "Needs review")
-    return {t.id for t in ls.tasks.list(project=project_id, view=tab.id, page_size=1000)}
-
-
 def _run_of(state: State, uid: str, version: str) -> LabelRun | None:
     run = LabelRuns(state).current(uid)
     return run if run is not None and run.version == version and run.state == "done" else None
@@ -88,7 +94,7 @@ def _check_version_everywhere(ls: Any, project_id: int, version: str) -> list[di
     assert ls.projects.get(id=project_id).model_version == version
     routed = {t["id"] for t in unannotated for v, s in t["predictions"] if v == version and s < THRESHOLD}
     assert routed, "the version routed nothing: the tab would say nothing"
-    assert _tab_ids(ls, project_id) == routed
+    assert tab_ids(ls, project_id) == routed
     return unannotated
 
 
@@ -136,11 +142,11 @@ def test_each_version_labels_the_whole_project_and_the_tab_follows_it(
         assert not [c for c in app.paths("/predict")], "LS asked /predict: the run should have made it moot"
         unannotated = _check_version_everywhere(ls, project.id, "v0001")
         assert run.done == run.total == len(unannotated) and run.written == len(unannotated)
-        assert run.moved_in == len(_tab_ids(ls, project.id)) and run.moved_out == 0
+        assert run.moved_in == len(tab_ids(ls, project.id)) and run.moved_out == 0
         assert run.chunks == -(-len(unannotated) // 200)
 
         # A reviewer answers beta tasks of the tab: v0002 is trained, published, and relabels.
-        tab_before = _tab_ids(ls, project.id)
+        tab_before = tab_ids(ls, project.id)
         text_of = {i: t for t, i in by_text.items()}
         for task_id in sorted(tab_before)[:10]:
             _annotate(ls, task_id, stream[text_of[task_id]])

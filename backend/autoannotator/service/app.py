@@ -35,10 +35,9 @@ from autoannotator.errors import (
 from autoannotator.labelstudio.client import basic_auth
 from autoannotator.service import events
 from autoannotator.service.annotator import Annotator, PredictionBatch
-from autoannotator.service.calibration import request_calibration
 from autoannotator.service.context import Context, configure_runtime
 from autoannotator.service.labelling import answers_beside_runs
-from autoannotator.service.queueing import dispatch_review, request_labelling
+from autoannotator.service.queueing import dispatch_review, request_calibration, request_labelling
 from autoannotator.service.routing import check_routing, is_target
 from autoannotator.service.status import (
     metrics_response,

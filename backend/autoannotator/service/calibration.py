@@ -21,29 +21,9 @@ import numpy as np
 from autoannotator.core.policies import TargetAccuracy
 from autoannotator.learning.audit import AuditLog
 from autoannotator.service.context import Context
-from autoannotator.service.queueing import JOBS
 from autoannotator.service.routing import parsed_policy
 
 logger = logging.getLogger(__name__)
-
-
-def request_calibration(ctx: Context, uid: str, why: str) -> bool:
-    """Queue :func:`recalibrate` for ``uid`` unless one is queued already (it will read every audit
-    label that arrives before it starts); True if queued."""
-    if not ctx.state.claim_calibration(uid):
-        return False
-    try:
-        ctx.state.enqueue(
-            "ingest",
-            JOBS + "calibrate_project",
-            uid,
-            job_timeout=ctx.settings.ingest_timeout_s,
-            description=f"calibrate {uid}: {why}",
-        )
-    except Exception:
-        ctx.state.release_calibration(uid)
-        raise
-    return True
 
 
 def recalibrate(ctx: Context, uid: str) -> str:

@@ -19,9 +19,8 @@ from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, LLM_SEED, REVIEWE
 from autoannotator.learning.audit import AuditLog, AuditMark, AuditRecord
 from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.pool import Source, VerifiedPool
-from autoannotator.service.calibration import request_calibration
 from autoannotator.service.context import Context
-from autoannotator.service.queueing import request_training
+from autoannotator.service.queueing import request_calibration, request_training
 from autoannotator.service.routing import is_target
 
 logger = logging.getLogger(__name__)

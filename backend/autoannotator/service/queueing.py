@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rq import Retry
@@ -149,22 +149,58 @@ def enqueue_chunk(ctx: Context, uid: str, run_id: str, number: int, ids: Sequenc
 
 
 def request_llm_seeds(ctx: Context, uid: str, why: str) -> bool:
-    """Queue :func:`seed_with_llm` once for a project that qualifies; True if queued."""
+    """Queue the LLM-seeded start (:mod:`autoannotator.service.llm_seeds`) once for a project in
+    llm mode with no version yet; True if queued."""
     s = ctx.settings
     if s.llm_seeds <= 0 or ctx.models.current_version(uid) is not None or ctx.state.mode(uid) != "llm":
         return False
-    if not ctx.state.claim_llm_seeds(uid):
+    return _queue_once(
+        ctx.state.claim_llm_seeds,
+        ctx.state.release_llm_seeds,
+        ctx,
+        "review",
+        "seed_with_llm",
+        uid,
+        timeout_s=s.review_timeout_s,
+        description=f"LLM seeds for {uid}: {why}",
+    )
+
+
+def request_calibration(ctx: Context, uid: str, why: str) -> bool:
+    """Queue a target policy's calibration (:mod:`autoannotator.service.calibration`) unless one is
+    queued already (it reads every audit label that arrives before it starts); True if queued."""
+    return _queue_once(
+        ctx.state.claim_calibration,
+        ctx.state.release_calibration,
+        ctx,
+        "ingest",
+        "calibrate_project",
+        uid,
+        timeout_s=ctx.settings.ingest_timeout_s,
+        description=f"calibrate {uid}: {why}",
+    )
+
+
+def _queue_once(
+    claim: Callable[[str], bool],
+    release: Callable[[str], None],
+    ctx: Context,
+    queue: str,
+    job: str,
+    uid: str,
+    *,
+    timeout_s: int,
+    description: str,
+) -> bool:
+    """Queue ``job`` for ``uid`` if ``claim`` grants it; a failed enqueue gives the claim back (or no
+    job could be queued again until the claim expires)."""
+    if not claim(uid):
         return False
     try:
-        ctx.state.enqueue(
-            "review",
-            JOBS + "seed_with_llm",
-            uid,
-            job_timeout=s.review_timeout_s,
-            description=f"LLM seeds for {uid}: {why}",
-        )
+        ctx.state.enqueue(queue, JOBS + job, uid, job_timeout=timeout_s, description=description)
     except Exception:
-        ctx.state.release_llm_seeds(uid)
+        with contextlib.suppress(Exception):
+            release(uid)
         raise
     return True
 
