@@ -30,6 +30,8 @@ from autoannotator.models.specialists import (
 from autoannotator.models.specialists import encoder as encoder_module
 from autoannotator.models.specialists.batching import (
     PAD_MULTIPLE,
+    TOKEN_MULTIPLE,
+    batch_width,
     length_batches,
     shared_tokens,
     token_ids,
@@ -88,7 +90,7 @@ def test_batches_group_texts_of_similar_token_counts_and_mask_the_padding():
     ids = [[1] * n for n in (5, 2, 9, 3, 2, 7, 12)]
     seen = []
     widths = []
-    for idx, batch in length_batches(ids, 2, pad_id=0, device=torch.device("cpu"), max_width=12):
+    for idx, batch in length_batches(ids, 2, pad_id=0, device=torch.device("cpu"), max_width=32):
         lengths = [len(ids[i]) for i in idx]
         seen.extend(idx.tolist())
         widths.append(batch["input_ids"].shape[1])
@@ -97,8 +99,29 @@ def test_batches_group_texts_of_similar_token_counts_and_mask_the_padding():
         assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
     assert [len(ids[i]) for i in seen] == [2, 2, 3, 5, 7, 9, 12]  # shortest first, every text once
     assert sorted(seen) == list(range(len(ids)))
-    # Widths rounded up to a multiple of PAD_MULTIPLE (few distinct shapes), never past max_width.
-    assert PAD_MULTIPLE == 8 and widths == [8, 8, 12, 12]
+    # Widths rounded up so that every batch holds a multiple of 32 tokens (two rows: a multiple of
+    # 16; the last, one row: 32), never past max_width.
+    assert widths == [16, 16, 16, 32]
+    capped = [b["input_ids"].shape[1] for _, b in length_batches(ids, 2, 0, torch.device("cpu"), 12)]
+    assert capped == [12, 12, 12, 12]
+
+
+def test_batch_widths_keep_the_count_of_distinct_batch_shapes_small():
+    assert (PAD_MULTIPLE, TOKEN_MULTIPLE) == (8, 32)
+    # Full batches pad only to a multiple of 8 tokens a text; a batch's token count is always a
+    # multiple of 32, so one-text calls see 4 widths up to 128, not 16.
+    assert batch_width(32, 17, 128) == 24 and batch_width(4, 17, 128) == 24
+    assert batch_width(2, 17, 128) == 32 and batch_width(2, 33, 128) == 48
+    assert {batch_width(1, n, 128) for n in range(1, 129)} == {32, 64, 96, 128}
+    assert {batch_width(3, n, 128) for n in range(1, 129)} == {32, 64, 96, 128}
+    for rows in range(1, 33):
+        for longest in range(1, 129):
+            width = batch_width(rows, longest, 128)
+            assert longest <= width <= 128 and width % PAD_MULTIPLE == 0
+            assert (rows * width) % TOKEN_MULTIPLE == 0
+    counts = {rows * batch_width(rows, n, 128) for rows in range(1, 33) for n in range(1, 129)}
+    assert len(counts) <= 32 * 128 // TOKEN_MULTIPLE
+    assert batch_width(1, 20, 24) == 24 and batch_width(1, 300, 128) == 300  # the cap; a longer text
 
 
 def test_members_on_one_encoder_tokenize_each_text_once_per_ensemble_call(

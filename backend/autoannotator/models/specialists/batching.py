@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import math
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,11 @@ _SHARED: contextvars.ContextVar[dict[tuple[str, int], dict[str, list[int]]] | No
 # hundreds of kernels: measured, 140 MB of a web worker's memory after 1,000 texts. Eight times fewer
 # widths keep it to a few MB, for ~4 padding tokens per text (BENCHMARKS.md, section 7).
 PAD_MULTIPLE = 8
+# A batch's token count (rows x width, the row count of every weight matmul, by which oneDNN keys
+# the kernels it compiles and keeps: ~2 MB per distinct count) is rounded up to a multiple of this.
+# One-text calls then pad to 32, 64, 96 or 128 tokens (4 shapes, not 16), a last batch of 3 or 5
+# rows to a multiple of 32 tokens per row.
+TOKEN_MULTIPLE = 32
 
 
 # Tokenizers that serving models share, by tokenizer_key; an entry goes when no model holds it.
@@ -127,6 +133,14 @@ def token_ids(tokenizer: Any, key: str, texts: Sequence[str], max_length: int) -
     return [found[t] for t in texts]
 
 
+def batch_width(rows: int, longest: int, max_width: int) -> int:
+    """The width a batch of ``rows`` texts whose longest has ``longest`` tokens is padded to: a
+    multiple of :data:`PAD_MULTIPLE` that makes ``rows * width`` a multiple of :data:`TOKEN_MULTIPLE`
+    (never beyond ``max_width``, the model's usable length, unless the text is longer)."""
+    step = math.lcm(PAD_MULTIPLE, TOKEN_MULTIPLE // math.gcd(rows, TOKEN_MULTIPLE))
+    return min(-(-longest // step) * step, max(max_width, longest))
+
+
 def length_batches(
     ids: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device, max_width: int
 ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
@@ -137,8 +151,7 @@ def length_batches(
     order = np.argsort(lengths, kind="stable")
     for start in range(0, len(ids), batch_size):
         idx = order[start : start + batch_size]
-        longest = int(lengths[idx].max())
-        width = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(max_width, longest))
+        width = batch_width(len(idx), int(lengths[idx].max()), max_width)
         input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
