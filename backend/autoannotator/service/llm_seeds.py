@@ -108,4 +108,5 @@ def seed_with_llm(ctx: Context, uid: str) -> str:
 def _embed(ctx: Context, texts: list[str]) -> np.ndarray:
     from autoannotator.models.specialists.encoder import Encoder, resolve_model_source
 
-    return Encoder.shared(resolve_model_source(ctx.settings.encoder)).embed(texts)
+    # serving=True: these vectors are wanted once, so the worker's cache stays small (see .encoder).
+    return Encoder.shared(resolve_model_source(ctx.settings.encoder), serving=True).embed(texts)
