@@ -97,9 +97,9 @@ def sync_project(ctx: Context, uid: str) -> str:
         deleted = pool.remove(
             it.key for it in pool.items() if it.source is Source.HUMAN and it.key not in annotated
         )
-        seeded = [x for x in llm if x.data.get(REVIEWED_BY) == LLM_SEED]
-        added = pool.add_many([(x.key, x.text, x.label) for x in llm if x not in seeded], Source.LLM)
-        added += pool.add_many([(x.key, x.text, x.label) for x in seeded], Source.LLM_SEED)
+        seeded = [(x.key, x.text, x.label) for x in llm if x.data.get(REVIEWED_BY) == LLM_SEED]
+        reviewed = [(x.key, x.text, x.label) for x in llm if x.data.get(REVIEWED_BY) != LLM_SEED]
+        added = pool.add_many(reviewed, Source.LLM) + pool.add_many(seeded, Source.LLM_SEED)
         added += pool.add_many([(x.key, x.text, x.label) for x in human], Source.HUMAN)
         if rebuilt and ctx.models.registry(uid).current() is not None:
             # The log held the "trained up to" mark; without it every label would look new and
