@@ -37,6 +37,28 @@ def test_importing_the_web_app_loads_no_lab_no_plotting_and_no_llm_client() -> N
     } & loaded == set()
 
 
+def test_a_web_worker_imports_neither_scikit_learn_nor_the_label_studio_client() -> None:
+    # Measured in one process: scikit-learn with the pandas and scipy.stats it imports is ~110 MB,
+    # the SDK's client with its exports' pandas ~6 MB more; a worker pays for them only when it loads
+    # a version with a linear member, or a job talks to Label Studio.
+    loaded = _modules_after(
+        "from autoannotator.service.app import create_app\n"
+        "from autoannotator.models.specialists import load_specialist"
+    )
+    assert {"sklearn", "pandas", "scipy.stats", "label_studio_sdk.projects.client_ext"} & loaded == set()
+    assert "autoannotator.core.guarantee" in loaded  # the target policy's thresholds, without SciPy
+
+
+def test_the_label_studio_client_and_the_linear_kinds_load_when_used() -> None:
+    loaded = _modules_after(
+        "from autoannotator.labelstudio.client import connect\n"
+        "connect('http://localhost:1', 'token')\n"
+        "from autoannotator.models.specialists.loading import _linear_kinds\n"
+        "assert set(_linear_kinds()) == {'embedding-linear', 'ngram-linear'}"
+    )
+    assert {"sklearn", "label_studio_sdk.projects.client_ext"} <= loaded
+
+
 def test_the_torch_backed_specialists_still_load_on_first_use() -> None:
     loaded = _modules_after(
         "import autoannotator.models.specialists as s\nassert s.TransformerSpecialist.kind == 'transformer'"

@@ -31,9 +31,10 @@ caller's business (:mod:`autoannotator.lab.simulate` and the README's routing se
 choice): items routed to review are not a fair sample, since the router chose them for being
 hard.
 
-The exact bound comes from ``scipy.stats.beta``. MAPIE's risk controllers implement the same
-idea but need a scikit-learn estimator to refit and give no per-class Bonferroni split or
-"labels needed" count; the procedure itself fits in this module.
+The exact bound is the beta distribution's quantile (``scipy.special.betaincinv``, imported on first
+use: a web worker that only applies certified thresholds never loads SciPy for it). MAPIE's risk
+controllers implement the same idea but need a scikit-learn estimator to refit and give no per-class
+Bonferroni split or "labels needed" count; the procedure itself fits in this module.
 """
 
 from __future__ import annotations
@@ -41,15 +42,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from scipy.stats import beta as beta_dist
 
 # Thresholds tried, most cautious first: 1.0, 0.995, ..., 0.0.
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(1.0 - i / 200, 3) for i in range(201))
 DEFAULT_DELTA = 0.05
 # The fewest items whose accuracy :attr:`Certificate.needed` extrapolates from (fewer say little).
 RATE_SAMPLE = 20
+
+
+def _beta_quantile(q: float, a: Any, b: Any) -> Any:
+    """The ``q`` quantile of Beta(a, b), elementwise (``scipy.stats.beta.ppf``)."""
+    from scipy.special import betaincinv
+
+    return betaincinv(a, b, q)
 
 
 def _check_open_unit(what: str, value: float) -> None:
@@ -64,7 +72,7 @@ def accuracy_lower_bound(correct: int, n: int, delta: float) -> float:
         raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
     if correct == 0:
         return 0.0
-    return float(beta_dist.ppf(delta, correct, n - correct + 1))
+    return float(_beta_quantile(delta, correct, n - correct + 1))
 
 
 def accuracy_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -72,8 +80,8 @@ def accuracy_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[f
     if n < 0 or not 0 <= correct <= n:
         raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
     a = (1.0 - confidence) / 2
-    low = float(beta_dist.ppf(a, correct, n - correct + 1)) if correct > 0 else 0.0
-    high = float(beta_dist.ppf(1 - a, correct + 1, n - correct)) if correct < n else 1.0
+    low = float(_beta_quantile(a, correct, n - correct + 1)) if correct > 0 else 0.0
+    high = float(_beta_quantile(1 - a, correct + 1, n - correct)) if correct < n else 1.0
     return low, high
 
 
@@ -145,7 +153,7 @@ def certify(
     k_at = right_so_far[n_at]
     bounds = np.zeros(thresholds.size)
     some = k_at > 0
-    bounds[some] = beta_dist.ppf(delta, k_at[some], n_at[some] - k_at[some] + 1)
+    bounds[some] = _beta_quantile(delta, k_at[some], n_at[some] - k_at[some] + 1)
     tested = n_at >= smallest  # the others cannot certify whatever the labels: passed over
     failed = np.flatnonzero(tested & (bounds < target))
     stop = int(failed[0]) if failed.size else thresholds.size

@@ -4,6 +4,10 @@ One client per job (:func:`connect`): the SDK retries connection errors, 429 and
 itself, with exponential backoff (``max_retries``), so nothing here loops on a failed request.
 The loops that remain wait for something Label Studio has not done *yet* (store a prediction
 that ``/predict`` just answered), and they wait once per batch, not once per task.
+
+The SDK's client is imported by :func:`connect` only: with the pandas it brings it is about 65 MB
+that a web worker, which never talks to Label Studio, does not hold (this package's other modules
+name it for type checking alone).
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from label_studio_sdk import LabelStudio
+from typing import TYPE_CHECKING, Any
 
 from autoannotator.labelstudio.config import ProjectConfig, annotation_label, extract_texts
 from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, LLM_REVIEWERS, REVIEWED_BY, pool_key
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +37,8 @@ _POLL_S = 0.25
 
 def connect(url: str, api_key: str) -> LabelStudio:
     """A client for one job; ``api_key`` is a legacy token or a personal access token."""
+    from label_studio_sdk import LabelStudio
+
     return LabelStudio(base_url=url, api_key=api_key, timeout=REQUEST_TIMEOUT_S, max_retries=MAX_RETRIES)
 
 

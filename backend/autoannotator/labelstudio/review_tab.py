@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from autoannotator.errors import BadInputError
 from autoannotator.labelstudio.fields import IN_TAB
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from label_studio_sdk import LabelStudio
+from typing import TYPE_CHECKING
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.core.policies import policy_from_spec
@@ -27,6 +26,9 @@ from autoannotator.service.routing import ProjectRouting
 from autoannotator.settings import Settings
 from autoannotator.storage.model_store import ProjectModels
 from autoannotator.storage.redis_state import ProjectInfo, State
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from autoannotator.labelstudio.client import StoredLabel, basic_auth, read_label
 from autoannotator.labelstudio.config import annotation_label, extract_texts
 from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, LLM_SEED, REVIEWED_BY, pool_key
 from autoannotator.learning.audit import AuditLog, AuditMark, AuditRecord
-from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.pool import Source, VerifiedPool
+from autoannotator.learning.recipes import ColdStartConfig
 from autoannotator.service.context import Context
 from autoannotator.service.queueing import request_calibration, request_training
 from autoannotator.service.routing import is_target

@@ -38,10 +38,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from itertools import pairwise
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
-from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from autoannotator.errors import StateUnavailableError
@@ -75,6 +74,9 @@ from autoannotator.service.review import mark_audits, prepare_tab
 from autoannotator.settings import Settings
 from autoannotator.storage.label_runs import LabelRun, LabelRuns
 from autoannotator.storage.redis_state import ProjectInfo, State
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-
-from label_studio_sdk import LabelStudio
+from typing import TYPE_CHECKING
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.labelstudio.client import PredictionWrite, replace_predictions
@@ -47,6 +46,9 @@ from autoannotator.review.llm import LLMReviewer, build_reviewer
 from autoannotator.service.context import Context
 from autoannotator.service.ingest import maybe_train
 from autoannotator.storage.redis_state import ProjectInfo
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 logger = logging.getLogger(__name__)
 

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.errors import LabelMappingError
 from autoannotator.models.specialists.base import META_FILE, Specialist, read_meta, staged_dir
-from autoannotator.models.specialists.linear import EmbeddingSpecialist, NgramSpecialist
 from autoannotator.models.specialists.transformer import TransformerSpecialist
 
-_LINEAR_KINDS = {EmbeddingSpecialist.kind: EmbeddingSpecialist, NgramSpecialist.kind: NgramSpecialist}
+if TYPE_CHECKING:
+    from autoannotator.models.specialists.linear import _LinearSpecialist
+
+
+def _linear_kinds() -> dict[str, type[_LinearSpecialist]]:
+    """The linear kinds by name, imported when a version has one: scikit-learn, with the SciPy and
+    pandas it imports, is ~110 MB of a process that serves transformer members only."""
+    from autoannotator.models.specialists.linear import EmbeddingSpecialist, NgramSpecialist
+
+    return {EmbeddingSpecialist.kind: EmbeddingSpecialist, NgramSpecialist.kind: NgramSpecialist}
 
 
 def load_specialist(
@@ -27,8 +36,9 @@ def load_specialist(
     path = Path(str(source))
     if (path / META_FILE).is_file():
         meta = read_meta(path)
-        if meta.kind in _LINEAR_KINDS:
-            spec = _LINEAR_KINDS[meta.kind].load(path, serving=serving)
+        linear = {} if meta.kind == TransformerSpecialist.kind else _linear_kinds()
+        if meta.kind in linear:
+            spec = linear[meta.kind].load(path, serving=serving)
             if spec.labels != labels:
                 raise LabelMappingError(
                     f"{path} was trained for labels {list(spec.labels.names)!r}, "
