@@ -185,6 +185,9 @@ def test_settings_from_environment_keep_secrets_out_of_repr(tmp_path):
         Settings.from_env({"AUTOANNOTATOR_AUDIT_SHARE": "0.9"})
     with pytest.raises(ValueError, match="AUTOANNOTATOR_LLM_SEEDS must be >= 0"):
         Settings.from_env({"AUTOANNOTATOR_LLM_SEEDS": "-5"})
+    assert Settings.from_env({"AUTOANNOTATOR_ENCODER": "auto"}).encoder == "auto"
+    with pytest.raises(ValueError, match="write it as 'auto'"):
+        Settings.from_env({"AUTOANNOTATOR_ENCODER": "Auto"})
     table = settings_table()
     assert (
         "| `BASIC_AUTH_PASS` | (empty) | its password |" in table

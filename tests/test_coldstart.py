@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ from autoannotator.core.labels import LabelSet
 from autoannotator.errors import BadInputError, LabelMappingError, TrainingError
 from autoannotator.learning.coldstart import ColdStartConfig, check_seed, cold_start
 from autoannotator.models.specialists import TrainConfig, load_specialist
+from autoannotator.models.specialists import encoder as encoder_module
+from autoannotator.models.specialists.encoder import MPNET_DIR, auto_encoder, model_reference
 from tests import tiny
 
 LABELS = LabelSet.of(tiny.LABELS)
@@ -81,3 +84,64 @@ def test_an_encoder_named_by_a_relative_path_is_recorded_absolute(
     monkeypatch.chdir(tmp_path)
     reloaded = load_specialist(tmp_path / "m" / result.members[0].name, LABELS)
     assert reloaded.predict_proba(["shares rally"]).shape == (1, len(LABELS))
+
+
+# ------------------------------------------------------------------- AUTOANNOTATOR_ENCODER=auto
+# No CUDA GPU exists where these tests run, so they pass cuda=True (or patch cuda_present) themselves.
+
+
+def test_auto_is_minilm_on_a_cpu_even_with_mpnet_installed(tmp_path):
+    (tmp_path / "config.json").write_text("{}", encoding="utf-8")
+    assert auto_encoder(cuda=False, search_dir=tmp_path) == "minilm"
+
+
+def test_auto_with_cuda_takes_the_installed_mpnet_folder(tmp_path, monkeypatch):
+    """cuda=True stands for a CUDA GPU, which this machine has not. The folder is recorded absolute."""
+    (tmp_path / "encoders" / "all-mpnet-base-v2").mkdir(parents=True)
+    (tmp_path / "encoders" / "all-mpnet-base-v2" / "config.json").write_text("{}", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert auto_encoder(cuda=True, search_dir=MPNET_DIR) == str(tmp_path.resolve() / MPNET_DIR)
+
+
+def test_auto_with_cuda_but_no_mpnet_is_minilm(tmp_path):
+    """cuda=True stands for a CUDA GPU, which this machine has not."""
+    assert auto_encoder(cuda=True, search_dir=tmp_path / "missing") == "minilm"
+    (tmp_path / "empty").mkdir()  # a folder without a model (no config.json) is not an encoder
+    assert auto_encoder(cuda=True, search_dir=tmp_path / "empty") == "minilm"
+
+
+def test_a_named_encoder_is_never_replaced(monkeypatch):
+    monkeypatch.setattr(encoder_module, "cuda_present", lambda: True)
+    assert (
+        model_reference("sentence-transformers/all-mpnet-base-v2")
+        == "sentence-transformers/all-mpnet-base-v2"
+    )
+    assert model_reference("minilm") == "minilm"
+
+
+def test_auto_is_resolved_before_the_cold_start_records_its_base_model(
+    tmp_path, tiny_encoder, tiny_corpus, monkeypatch
+):
+    """cuda_present is patched to stand for a CUDA GPU, which this machine has not; the tiny encoder
+    stands for an installed mpnet. The version records that folder, never "auto", and loads it again
+    on a CPU from another working directory."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_encoder, work / MPNET_DIR)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(encoder_module, "cuda_present", lambda: True)
+    config = ColdStartConfig(
+        encoder="auto",
+        kinds=("transformer", "embedding-linear"),
+        transformer_train=TrainConfig(learning_rate=5e-3, epochs=1, max_length=32),
+    )
+    seed = tiny_corpus[:60]
+    result = cold_start([t for t, _ in seed], [y for _, y in seed], LABELS, tmp_path / "m", config)
+    mpnet = str((work / MPNET_DIR).resolve())
+    assert [m.meta.base_model for m in result.members] == [mpnet, mpnet]
+
+    monkeypatch.setattr(encoder_module, "cuda_present", lambda: False)  # served on a CPU
+    monkeypatch.chdir(tmp_path)
+    for m in result.members:
+        reloaded = load_specialist(tmp_path / "m" / m.name, LABELS)
+        assert reloaded.meta.base_model == mpnet
+        assert reloaded.predict_proba(["shares rally"]).shape == (1, len(LABELS))

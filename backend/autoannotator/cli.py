@@ -210,7 +210,10 @@ def _add_specialist_args(p: argparse.ArgumentParser) -> None:
         "--model", action="append", default=[], help="use this model (hub id or dir) instead of a cold start"
     )
     p.add_argument(
-        "--encoder", default="minilm", help="base encoder for the cold start (default: packaged MiniLM)"
+        "--encoder",
+        default="minilm",
+        help="base encoder for the cold start: minilm (the packaged MiniLM, default), auto "
+        "(encoders/all-mpnet-base-v2 with a CUDA GPU when installed, else minilm), a hub id or a dir",
     )
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated specialist kinds from {KINDS}")
     p.add_argument(
@@ -393,7 +396,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=Path, required=True, help="directory for the adapted encoder (must not exist)"
     )
-    p.add_argument("--base", default="minilm", help="encoder to adapt: hub id, local dir or minilm")
+    p.add_argument("--base", default="minilm", help="encoder to adapt: hub id, local dir, minilm or auto")
     p.add_argument("--per-label", type=int, default=None, help="at most this many examples per label")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=5e-5)

@@ -17,6 +17,8 @@ from autoannotator.core.limits import MAX_TEXT_CHARS
 from autoannotator.core.precision import PRECISIONS
 
 REVIEW_MODES = ("llm", "human", "off")
+# AUTOANNOTATOR_ENCODER's names that are not a hub id or a dir (see models/specialists/encoder.py).
+ENCODER_KEYWORDS = ("minilm", "auto")
 # AUTOANNOTATOR_SPECIALISTS=catalog or catalog:K: the K best catalog models for the project (Eq. 1).
 CATALOG_PREFIX = "catalog"
 DEFAULT_CATALOG_TOP_K = 3
@@ -102,7 +104,12 @@ class Settings:
         "what annotators label, for catalog selection (empty: the LS project's title and description)",
     )
     encoder: str = _setting(
-        "AUTOANNOTATOR_ENCODER", "minilm", "base encoder of cold-started specialists (hub id, dir or minilm)"
+        "AUTOANNOTATOR_ENCODER",
+        "auto",
+        "base encoder of cold-started specialists: minilm (packaged), a hub id, a dir, or auto "
+        "(with a CUDA GPU, all-mpnet-base-v2 from encoders/all-mpnet-base-v2 under the working "
+        "directory when `make encoder-mpnet` installed it there, else minilm; decided when a version "
+        "is built, which records the concrete encoder)",
     )
     cold_start_kinds: tuple[str, ...] = _setting(
         "AUTOANNOTATOR_COLD_START_KINDS",
@@ -224,6 +231,12 @@ class Settings:
         if self.review_mode not in REVIEW_MODES:
             raise ValueError(
                 f"AUTOANNOTATOR_REVIEW_MODE must be one of {REVIEW_MODES}, got {self.review_mode!r}"
+            )
+        if not self.encoder.strip():
+            raise ValueError("AUTOANNOTATOR_ENCODER must name an encoder: minilm, auto, a hub id or a dir")
+        if self.encoder.strip().lower() in ENCODER_KEYWORDS and self.encoder not in ENCODER_KEYWORDS:
+            raise ValueError(
+                f"AUTOANNOTATOR_ENCODER={self.encoder!r}: write it as {self.encoder.strip().lower()!r}"
             )
         if self.cold_start_contrastive < 0:
             raise ValueError(

@@ -48,6 +48,7 @@ from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.learning.refine import RefineConfig, refine
 from autoannotator.models.ensemble import Ensemble
 from autoannotator.models.specialists import TrainConfig
+from autoannotator.models.specialists.encoder import concrete_encoder
 from autoannotator.review.base import Reviewer, ReviewItem, ReviewStatus
 from autoannotator.storage.registry import Registry
 
@@ -596,7 +597,7 @@ def _report(
             "reviewer": reviewer.name,
             "refine_train": asdict(config.refine_train),
             "cold_start": {
-                "encoder": config.cold_start.encoder,
+                "encoder": concrete_encoder(config.cold_start.encoder),  # what "auto" picked
                 "kinds": list(config.cold_start.kinds),
                 "contrastive_pairs": config.contrastive_pairs,
             },

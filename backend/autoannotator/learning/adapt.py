@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,9 @@ def adapt_encoder(pairs: Sequence[tuple[str, str]], out_dir: Path, config: Adapt
     also written to ``out_dir/adaptation.json``.
     """
     from autoannotator.models.specialists import TransformerSpecialist  # torch: imported when used
+    from autoannotator.models.specialists.encoder import concrete_encoder
 
+    config = replace(config, base=concrete_encoder(config.base))  # the report names what was adapted
     sample = balanced_sample(pairs, config.per_label, config.seed)
     counts = Counter(label for _, label in sample)
     if len(counts) < 2:
@@ -202,9 +204,10 @@ def contrastive_adapt(
     from tqdm.auto import tqdm
     from transformers import AutoModel, AutoTokenizer
 
-    from autoannotator.models.specialists.encoder import resolve_model_source
+    from autoannotator.models.specialists.encoder import concrete_encoder, resolve_model_source
     from autoannotator.models.specialists.runtime import configure_torch
 
+    base = concrete_encoder(base)  # the report names what was adapted, never "auto"
     config = config or ContrastiveConfig()
     pairs = contrastive_pairs(texts, labels, config.pairs_per_example, config.seed)
     configure_torch()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from autoannotator.models.specialists import (
     TrainConfig,
     TransformerSpecialist,
 )
-from autoannotator.models.specialists.encoder import model_reference
+from autoannotator.models.specialists.encoder import concrete_encoder, model_reference
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,10 @@ def cold_start(
 
     ``probe_texts`` (unlabelled, e.g. the first items of the stream) are used to measure how often
     the members disagree; without them the seed texts are used, which understates disagreement.
+    An encoder of ``"auto"`` is decided once, here, and every member records the concrete choice.
     """
     config = config or ColdStartConfig()
+    config = replace(config, encoder=concrete_encoder(config.encoder))
     counts = check_seed(labels, label_set, config.min_per_label)
     members: list[Specialist] = []
     seconds: dict[str, float] = {}

@@ -32,6 +32,7 @@ from autoannotator.learning.coldstart import ColdStartConfig, cold_start
 from autoannotator.learning.selection import load_catalog, mean_pool_embedder, rank_candidates
 from autoannotator.models.ensemble import write_manifest
 from autoannotator.models.specialists import import_member
+from autoannotator.models.specialists.encoder import concrete_encoder
 from autoannotator.storage.registry import Registry, check_member_names, member_name
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,8 @@ def _cold_start(
     ys: Sequence[str],
     probe_texts: Sequence[str] | None,
 ) -> tuple[list[str], dict[str, Any]]:
-    config = plan.cold_start
+    # "auto" becomes a concrete encoder now, so the contrastive base and the members agree on it.
+    config = replace(plan.cold_start, encoder=concrete_encoder(plan.cold_start.encoder))
     contrastive = None
     if plan.contrastive_pairs > 0:
         # Outside the staged version (whose directory is renamed when published): the embedding

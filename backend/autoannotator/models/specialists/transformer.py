@@ -37,7 +37,7 @@ from autoannotator.models.specialists.batching import (
     tokenizer_key,
     tokenizer_lock,
 )
-from autoannotator.models.specialists.encoder import resolve_model_source
+from autoannotator.models.specialists.encoder import concrete_encoder, resolve_model_source
 from autoannotator.models.specialists.runtime import (
     configure_torch,
     default_device,
@@ -144,6 +144,7 @@ class TransformerSpecialist(DescribedByMeta):
     ) -> TransformerSpecialist:
         """A new classification head on a pretrained encoder (cold start). It must be fit before use."""
         configure_torch()
+        encoder = concrete_encoder(encoder)  # "auto" is recorded as what it picked here
         src = resolve_model_source(encoder)
         torch.manual_seed(seed)
         try:
