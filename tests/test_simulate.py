@@ -150,6 +150,26 @@ def test_target_policy_reviews_everything_until_it_can_certify_then_accepts_what
     assert report["config"]["n_seed"] == 60
 
 
+def test_while_nothing_is_certified_the_audit_takes_its_larger_share_at_no_extra_label(
+    tmp_path, data, tiny_encoder
+):
+    report, _ = run(
+        tmp_path, data, tiny_encoder, "--policy", "target:0.7", "--audit-share", "0.1",
+        "--audit-uncertified", "1.0", "--chunk-size", "30",
+    )  # fmt: skip
+    g = report["guarantee"]
+    assert report["config"]["audit"] == {"share": 0.1, "uncertified": 1.0}
+    certs = g["certificates"]
+    assert certs[0]["thresholds"] == [None, None, None]  # 12 calibration seeds certify nothing
+    # The first chunk, served uncertified, went to the audit whole: 30 more calibration labels.
+    assert certs[1]["calibration"] == 12 + 30
+    uncertified = [c for c in certs if all(t is None for t in c["thresholds"])]
+    assert g["audit_share_of_stream"] >= len(uncertified) * 30 / report["config"]["n_stream"] - 1e-9
+    # Those items were reviewed anyway: people's labels are the seeds, the reviews, and the audit of
+    # accepted items only (which the uncertified chunks had none of).
+    assert report["final"]["human_labels_total"] == 60 + report["final"]["reviewed"] + g["audit_extra_labels"]
+
+
 def test_an_audit_under_a_budget_policy_estimates_the_accepted_accuracy(tmp_path, data, tiny_encoder):
     report, _ = run(
         tmp_path, data, tiny_encoder, "--policy", "budget:0.2:mean", "--audit-share", "0.5", "--no-retrain"

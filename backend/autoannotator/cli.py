@@ -146,6 +146,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "and no version trains on it (the target policy calibrates on these labels)",
     )
     p.add_argument(
+        "--audit-uncertified",
+        type=float,
+        default=0.0,
+        help="with a target:A policy and a person reviewing: the audit's share while the served version "
+        "has no certified label (every item goes to review then, so the larger draw costs no extra "
+        "label, only labels the next version would have trained on); 0: --audit-share throughout",
+    )
+    p.add_argument(
         "--calibration-seeds",
         type=float,
         default=None,
@@ -312,6 +320,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
         max_stream=args.max_stream,
         calibration_seeds=_calibration_seeds(args),
         audit_share=args.audit_share,
+        audit_uncertified=args.audit_uncertified,
         llm_seeds=args.llm_seeds,
         seed=args.seed,
     )

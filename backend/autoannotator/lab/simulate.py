@@ -75,6 +75,9 @@ class SimulationConfig:
     calibration_seeds: float = 0.0
     # Chance that a streamed item is drawn into the audit (a person labels it, no version trains on it).
     audit_share: float = 0.0
+    # With a target policy and a person reviewing: the audit's share while the served version has no
+    # certified label (everything is reviewed then, so the larger draw costs no extra label).
+    audit_uncertified: float = 0.0
     # The paper's fully automatic start: the seed items are chosen to cover the seed file (one per
     # k-means cluster of the frozen encoder's embeddings) and labelled by the reviewer (standing in
     # for the LLM) instead of by people.
@@ -98,6 +101,8 @@ class SimulationConfig:
             raise ValueError("calibration_seeds must be in [0, 1)")
         if not 0 <= self.audit_share <= 1:
             raise ValueError("audit_share must be in [0, 1]")
+        if not 0 <= self.audit_uncertified <= 1:
+            raise ValueError("audit_uncertified must be in [0, 1]")
 
 
 @dataclass
@@ -222,6 +227,16 @@ def _route(
     return active.decide(probs), certs
 
 
+def _audit_rate(config: SimulationConfig, policy: Policy, certs: Sequence[Certificate], human: bool) -> float:
+    """The chance that an item of this chunk is audited. It depends only on what was certified before
+    the chunk, never on its items, so the audit stays a uniform sample of the stream. While a target
+    policy has certified no label, every item goes to review; with a person reviewing, a larger draw
+    then costs no label, only labels the next version would have trained on."""
+    if isinstance(policy, TargetAccuracy) and human and not any(c.certified for c in certs):
+        return max(config.audit_share, config.audit_uncertified)
+    return config.audit_share
+
+
 def run_simulation(
     config: SimulationConfig,
     policy: Policy,
@@ -313,7 +328,7 @@ def run_simulation(
             certificates.append(_certificates_summary(int(start), ensemble.version, len(calibration), certs))
         served_pred[idx] = decision.labels
         served_conf[idx] = decision.confidence
-        audited[idx] = audit_rng.random(len(chunk)) < config.audit_share
+        audited[idx] = audit_rng.random(len(chunk)) < _audit_rate(config, policy, certs, review.human)
         if ensemble is initial:
             initial_probs[:, idx] = probs
         else:  # the baselines are the cold-start members', whatever serves now
@@ -601,6 +616,7 @@ def _report(
                 "kinds": list(config.cold_start.kinds),
                 "contrastive_pairs": config.contrastive_pairs,
             },
+            "audit": {"share": config.audit_share, "uncertified": config.audit_uncertified},
             "seed": config.seed,
         },
         "labels": list(labels.names),
