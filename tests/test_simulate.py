@@ -244,10 +244,19 @@ def test_llm_review_against_a_real_openai_compatible_server(
     assert "sk-secret-value" not in capsys.readouterr().out
 
 
+def test_items_without_text_are_left_out_and_counted(tmp_path, data, tiny_encoder):
+    seed, stream = data
+    for path in (seed, stream):  # as tweeteval-hate holds a few
+        path.write_text(path.read_text() + '{"text": "  ", "label": "bullish"}\n')
+    report, _ = run(tmp_path, (seed, stream), tiny_encoder, "--no-retrain", "--policy", "budget:0.2:mean")
+    assert report["config"]["empty_texts_left_out"] == {"seed_file": 1, "stream_file": 1}
+    assert report["config"]["n_stream"] == 270
+
+
 def test_bad_inputs_exit_with_a_clear_message(tmp_path, data, tiny_encoder, capsys):
     seed, _ = data
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "rally", "label": "bullish"}\n{"text": "", "label": "bearish"}\n')
+    bad.write_text('{"text": "rally", "label": "bullish"}\n{"txt": "slump", "label": "bearish"}\n')
     argv = ["simulate", "--seed-file", str(seed), "--stream-file", str(bad), "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "bad.jsonl:2: field 'text' is missing or empty" in capsys.readouterr().err

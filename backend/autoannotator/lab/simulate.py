@@ -249,8 +249,12 @@ def run_simulation(
     """
     timer = StageTimer()
     started_all = time.perf_counter()
-    seed_all = read_jsonl(config.seed_file)
-    stream = read_jsonl(config.stream_file)
+    skipped: dict[str, list[int]] = {"seed_file": [], "stream_file": []}
+    seed_all = read_jsonl(config.seed_file, skipped=skipped["seed_file"])
+    stream = read_jsonl(config.stream_file, skipped=skipped["stream_file"])
+    for which, lines in skipped.items():
+        if lines:
+            logger.warning("%s: %d lines without text left out (no prediction)", which, len(lines))
     if config.max_stream:
         stream = stream[: config.max_stream]
     labels = _label_set(config, seed_all, stream)
@@ -441,6 +445,7 @@ def run_simulation(
         if ours.get("calls") and ours.get("cost") is not None:
             # LLM-only pays one call per item; priced at this run's mean cost per call.
             report["baselines"]["llm_only"]["estimated_cost"] = round(ours["cost"] / ours["calls"] * n, 6)
+    report["config"]["empty_texts_left_out"] = {which: len(lines) for which, lines in skipped.items()}
     report["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - started_all, 2)}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
