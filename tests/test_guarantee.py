@@ -169,3 +169,21 @@ def test_oracle_share_is_the_smallest_review_that_reaches_the_target() -> None:
     assert oracle_review_share(c, ok, 0.9) == pytest.approx(0.6)
     assert oracle_review_share(c, ~ok & False, 0.9) == 1.0
     assert oracle_review_share(c, np.ones(5, dtype=bool), 0.99) == 0.0
+
+
+def test_the_per_label_oracle_reviews_within_each_label_what_its_own_target_needs() -> None:
+    from autoannotator.core.guarantee import oracle_review_share, oracle_review_share_per_class
+
+    # Label 0: ten items, all right. Label 1: ten less confident items, its four most confident right.
+    c = np.concatenate([np.linspace(0.99, 0.90, 10), np.linspace(0.89, 0.80, 10)])
+    predicted = np.array([0] * 10 + [1] * 10)
+    ok = np.array([True] * 10 + [True] * 4 + [False] * 6)
+    # Pooled, the top 16 are 14/16 = 87.5% right: an oracle keeps 16 for 0.85 and reviews 4 of 20.
+    assert oracle_review_share(c, ok, 0.85) == pytest.approx(0.2)
+    # Per label, label 1 keeps only its four right items: 6 of 20 reviewed.
+    assert oracle_review_share_per_class(c, predicted, ok, 2, 0.85) == pytest.approx(0.3)
+    # With every label equally right, the two floors agree.
+    assert oracle_review_share_per_class(c, predicted, np.ones(20, dtype=bool), 2, 0.85) == 0.0
+    assert oracle_review_share_per_class([], [], [], 2, 0.9) == 1.0
+    with pytest.raises(ValueError, match="1-D of one length"):
+        oracle_review_share_per_class(c, predicted[:3], ok, 2, 0.85)

@@ -247,3 +247,33 @@ def oracle_review_share(
     kept = np.arange(1, n + 1)
     reaching = np.flatnonzero(kept_right >= target * kept - 1e-9)
     return 1.0 - (int(reaching[-1]) + 1) / n if reaching.size else 1.0
+
+
+def oracle_review_share_per_class(
+    confidence: Sequence[float] | np.ndarray,
+    predicted: Sequence[int] | np.ndarray,
+    correct: Sequence[bool] | np.ndarray,
+    n_labels: int,
+    target: float,
+) -> float:
+    """The same floor for a policy bound to reach ``target`` within every predicted label, as
+    :func:`certify_per_class` is: the oracle picks a threshold per label, reviewing the fewest items
+    of each label for the rest of that label to be ``target`` right. At least
+    :func:`oracle_review_share` whenever one label is less accurate than the others, since a pooled
+    threshold may accept it at the common accuracy."""
+    c = np.asarray(confidence, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.int64)
+    ok = np.asarray(correct, dtype=bool)
+    if not (c.shape == p.shape == ok.shape) or c.ndim != 1:
+        raise ValueError(
+            "confidence, predicted and correct must be 1-D of one length, "
+            f"got {c.shape}, {p.shape}, {ok.shape}"
+        )
+    if c.size == 0:
+        return 1.0
+    reviewed = 0.0
+    for j in range(n_labels):
+        mine = p == j
+        if mine.any():
+            reviewed += oracle_review_share(c[mine], ok[mine], target) * int(mine.sum())
+    return reviewed / c.size

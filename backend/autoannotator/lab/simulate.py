@@ -36,7 +36,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from autoannotator.core.consensus import consensus, member_weights
-from autoannotator.core.guarantee import Certificate, accuracy_interval, oracle_review_share
+from autoannotator.core.guarantee import (
+    Certificate,
+    accuracy_interval,
+    oracle_review_share,
+    oracle_review_share_per_class,
+)
 from autoannotator.core.labels import LabelSet
 from autoannotator.core.metrics import accuracy, macro_f1, tradeoff
 from autoannotator.core.policies import Decision, Policy, TargetAccuracy
@@ -395,6 +400,7 @@ def run_simulation(
         config=config,
         guarantee=_guarantee_report(
             policy=policy,
+            n_labels=len(labels),
             gold_idx=gold_idx,
             served_pred=served_pred,
             served_conf=served_conf,
@@ -472,6 +478,7 @@ def _audit_estimate(correct: np.ndarray) -> dict[str, Any]:
 def _guarantee_report(
     *,
     policy: Policy,
+    n_labels: int,
     gold_idx: np.ndarray,
     served_pred: np.ndarray,
     served_conf: np.ndarray,
@@ -507,6 +514,17 @@ def _guarantee_report(
         oracle = oracle_review_share(served_conf, right, policy.target)
         out["oracle_review_share"] = round(oracle, 4)
         out["review_to_oracle"] = round(float(routed.mean()) / oracle, 3) if oracle > 0 else None
+        # The floor for what this policy promises: every label's accepted items at least the target.
+        per_label = oracle_review_share_per_class(served_conf, served_pred, right, n_labels, policy.target)
+        out["oracle_review_share_per_label"] = round(per_label, 4)
+        share = float(routed.mean())
+        out["review_to_oracle_per_label"] = round(share / per_label, 3) if per_label > 0 else None
+        out["accepted_accuracy_per_label"] = [
+            round(float(right[accepted & (served_pred == j)].mean()), 4)
+            if (accepted & (served_pred == j)).any()
+            else None
+            for j in range(n_labels)
+        ]
         # None when nothing was accepted: the target then holds vacuously, at the price of reviewing all.
         out["reached"] = bool(right[accepted].mean() >= policy.target) if accepted.any() else None
     checked = audited & routed & by_reviewer

@@ -46,7 +46,16 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def _target_summary(report: dict[str, Any]) -> dict[str, Any]:
     g = report["guarantee"]
-    keys = ("target", "accepted_accuracy", "reached", "oracle_review_share", "review_to_oracle", "audit")
+    keys = (
+        "target",
+        "accepted_accuracy",
+        "reached",
+        "oracle_review_share",
+        "review_to_oracle",
+        "oracle_review_share_per_label",
+        "review_to_oracle_per_label",
+        "audit",
+    )
     return {**_summary(report), "rule": "target", **{k: g.get(k) for k in keys}}
 
 
