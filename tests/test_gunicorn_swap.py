@@ -1,7 +1,7 @@
 """The README's hot swap across web workers, under the deployment's own server.
 
-A real gunicorn (the Dockerfile's command: sync workers, three of them, ``create_app()``) serves a
-model store holding v0001. Concurrent /predict requests on fresh connections reach all three
+A real gunicorn (the Dockerfile's command: three sync workers, ``--preload``, ``create_app()``)
+serves a model store holding v0001. Concurrent /predict requests on fresh connections reach all three
 workers (gunicorn's access log names the worker pid of every request, keyed by a request header
 the test sends: nothing in the product is there for the test). Then *another process* trains and
 publishes v0002 through the registry, as the train worker does, while requests keep coming.
@@ -165,6 +165,7 @@ def test_every_gunicorn_worker_swaps_to_a_version_published_by_another_process(
         str(access_log),
         "--access-logformat",
         "%({x-probe}i)s %(p)s",
+        "--preload",
         "autoannotator.service.app:create_app()",
     ]
     with open(server_log, "wb") as log:

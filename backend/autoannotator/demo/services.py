@@ -115,6 +115,7 @@ class Services:
             "--timeout", "300",  # a first /predict loads the models and labels every task at once
             "--graceful-timeout", "10",
             "--no-control-socket",  # else gunicorn 27 binds ~/.gunicorn/gunicorn.ctl, one per user
+            "--preload",  # the workers share the app's imports (README, Deploy)
             "autoannotator.service.app:create_app()",
         ]  # fmt: skip
         worker = str(bindir / "autoannotator")

@@ -5,7 +5,8 @@ The peer is Label Studio's own ML backend example ``bert_classifier`` (repositor
 nothing of it in this project. It is served as its Dockerfile serves it (``gunicorn --preload
 --threads 8 --timeout 0 _wsgi:app`` from the example's folder) with the fine-tuned transformer member
 of ``--version-dir`` as its checkpoint, so that both label with the same fine-tuned MiniLM: the peer
-with that one model, we with every member of the version.
+with that one model, we with every member of the version. Ours runs under ``gunicorn --preload`` as
+our Dockerfile serves it, so both workers are forked from a master that imported the app.
 
 Both get the same Label Studio-shaped ``POST /predict`` bodies, one server then the other, the order
 swapped each round so a drifting load hits both alike; every body carries texts neither has seen
@@ -208,7 +209,14 @@ def _servers(bench: _Bench, *, pinned: bool, workers: int) -> Iterator[tuple[_Si
         peer_env["OMP_NUM_THREADS"] = "1"  # what its torch would pick on one CPU anyway, said outright
     with ExitStack() as stack:
         ours = stack.enter_context(
-            gunicorn(OUR_APP, ours_env, work / f"ours-{tag}.log", workers=workers, cpus=cpus)
+            gunicorn(
+                OUR_APP,
+                ours_env,
+                work / f"ours-{tag}.log",
+                workers=workers,
+                options=("--preload",),  # as our Dockerfile serves it (and theirs)
+                cpus=cpus,
+            )
         )
         theirs = stack.enter_context(
             gunicorn(
