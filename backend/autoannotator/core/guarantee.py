@@ -203,17 +203,13 @@ def _sample_for(rate: float, target: float, delta: float, limit: int = 10_000_00
     return high
 
 
-def certify_per_class(
+def _per_class_arrays(
     confidence: Sequence[float] | np.ndarray,
     predicted: Sequence[int] | np.ndarray,
     correct: Sequence[bool] | np.ndarray,
     n_labels: int,
-    target: float,
-    delta: float = DEFAULT_DELTA,
-    grid: Sequence[float] = THRESHOLD_GRID,
-) -> list[Certificate]:
-    """One :func:`certify` per predicted label, at ``delta / n_labels`` each, so that all hold
-    together with probability ``1 - delta``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three per-item arrays, checked: 1-D, one length, labels in ``[0, n_labels)``."""
     if n_labels < 1:
         raise ValueError(f"n_labels must be >= 1, got {n_labels}")
     c = np.asarray(confidence, dtype=np.float64)
@@ -226,6 +222,21 @@ def certify_per_class(
         )
     if p.size and (p.min() < 0 or p.max() >= n_labels):
         raise ValueError(f"predicted labels must be in [0, {n_labels})")
+    return c, p, ok
+
+
+def certify_per_class(
+    confidence: Sequence[float] | np.ndarray,
+    predicted: Sequence[int] | np.ndarray,
+    correct: Sequence[bool] | np.ndarray,
+    n_labels: int,
+    target: float,
+    delta: float = DEFAULT_DELTA,
+    grid: Sequence[float] = THRESHOLD_GRID,
+) -> list[Certificate]:
+    """One :func:`certify` per predicted label, at ``delta / n_labels`` each, so that all hold
+    together with probability ``1 - delta``."""
+    c, p, ok = _per_class_arrays(confidence, predicted, correct, n_labels)
     share = delta / n_labels
     return [certify(c[p == j], ok[p == j], target, share, grid) for j in range(n_labels)]
 
@@ -261,14 +272,7 @@ def oracle_review_share_per_class(
     of each label for the rest of that label to be ``target`` right. At least
     :func:`oracle_review_share` whenever one label is less accurate than the others, since a pooled
     threshold may accept it at the common accuracy."""
-    c = np.asarray(confidence, dtype=np.float64)
-    p = np.asarray(predicted, dtype=np.int64)
-    ok = np.asarray(correct, dtype=bool)
-    if not (c.shape == p.shape == ok.shape) or c.ndim != 1:
-        raise ValueError(
-            "confidence, predicted and correct must be 1-D of one length, "
-            f"got {c.shape}, {p.shape}, {ok.shape}"
-        )
+    c, p, ok = _per_class_arrays(confidence, predicted, correct, n_labels)
     if c.size == 0:
         return 1.0
     reviewed = 0.0
