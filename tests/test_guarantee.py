@@ -184,6 +184,12 @@ def test_the_per_label_oracle_reviews_within_each_label_what_its_own_target_need
     assert oracle_review_share_per_class(c, predicted, ok, 2, 0.85) == pytest.approx(0.3)
     # With every label equally right, the two floors agree.
     assert oracle_review_share_per_class(c, predicted, np.ones(20, dtype=bool), 2, 0.85) == 0.0
+    # And lower than the pooled floor: label 1's items are all right but the least confident, under
+    # label 0's two wrong ones; one threshold reviews them all, a threshold per label none of them.
+    c2 = np.concatenate([np.linspace(0.99, 0.90, 10), np.linspace(0.60, 0.51, 10)])
+    ok2 = np.array([True] * 8 + [False] * 2 + [True] * 10)
+    assert oracle_review_share(c2, ok2, 0.95) == pytest.approx(0.6)  # only label 0's top 8 kept
+    assert oracle_review_share_per_class(c2, predicted, ok2, 2, 0.95) == pytest.approx(0.1)
     assert oracle_review_share_per_class([], [], [], 2, 0.9) == 1.0
     with pytest.raises(ValueError, match="1-D of one length"):
         oracle_review_share_per_class(c, predicted[:3], ok, 2, 0.85)

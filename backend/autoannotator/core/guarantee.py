@@ -269,9 +269,10 @@ def oracle_review_share_per_class(
 ) -> float:
     """The same floor for a policy bound to reach ``target`` within every predicted label, as
     :func:`certify_per_class` is: the oracle picks a threshold per label, reviewing the fewest items
-    of each label for the rest of that label to be ``target`` right. At least
-    :func:`oracle_review_share` whenever one label is less accurate than the others, since a pooled
-    threshold may accept it at the common accuracy."""
+    of each label for the rest of that label to be ``target`` right. It can review more than
+    :func:`oracle_review_share` (a weak label is no longer carried by the others) or less (a label's
+    own threshold keeps its less confident but right items, which one pooled threshold cannot do
+    without also keeping the weak labels' items)."""
     c, p, ok = _per_class_arrays(confidence, predicted, correct, n_labels)
     if c.size == 0:
         return 1.0
