@@ -1,5 +1,6 @@
 """``autoannotator simulate`` end to end on tiny real models, with an oracle and with a real LLM server."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -171,6 +172,22 @@ def test_while_nothing_is_certified_the_audit_takes_its_larger_share_at_no_extra
     # Those items were reviewed anyway: people's labels are the seeds, the reviews, and the audit of
     # accepted items only (which the uncertified chunks had none of).
     assert report["final"]["human_labels_total"] == 60 + report["final"]["reviewed"] + g["audit_extra_labels"]
+
+
+def test_reviews_of_uncertified_labels_calibrate_the_version_that_routed_them(tmp_path, data, tiny_encoder):
+    report, _ = run(
+        tmp_path, data, tiny_encoder, "--policy", "target:0.7", "--audit-share", "0.1",
+        "--calibrate-on-reviews", "--chunk-size", "30", "--no-retrain",
+    )  # fmt: skip
+    assert report["config"]["calibrate_on_reviews"] is True
+    certs = report["guarantee"]["certificates"]
+    assert certs[0]["calibration"] == 12 and certs[0]["thresholds"] == [None, None, None]
+    # Nothing was certified for the first chunk, so all 30 of its items were reviewed by a person (or
+    # audited): each calibrates v0001 from the next chunk on.
+    assert certs[1]["calibration"] == 12 + 30
+    # Afterwards only reviews of labels still uncertified are added (and the audit).
+    growth = [b["calibration"] - a["calibration"] for a, b in itertools.pairwise(certs)]
+    assert all(0 <= g <= 30 for g in growth)
 
 
 def test_an_audit_under_a_budget_policy_estimates_the_accepted_accuracy(tmp_path, data, tiny_encoder):

@@ -154,6 +154,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "label, only labels the next version would have trained on); 0: --audit-share throughout",
     )
     p.add_argument(
+        "--calibrate-on-reviews",
+        action="store_true",
+        help="with a target:A policy and a person reviewing: the items reviewed because the served "
+        "version had not certified their predicted label (all of them are) calibrate that version too",
+    )
+    p.add_argument(
         "--calibration-seeds",
         type=float,
         default=None,
@@ -321,6 +327,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
         calibration_seeds=_calibration_seeds(args),
         audit_share=args.audit_share,
         audit_uncertified=args.audit_uncertified,
+        calibrate_on_reviews=args.calibrate_on_reviews,
         llm_seeds=args.llm_seeds,
         seed=args.seed,
     )

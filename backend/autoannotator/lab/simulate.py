@@ -83,6 +83,9 @@ class SimulationConfig:
     # With a target policy and a person reviewing: the audit's share while the served version has no
     # certified label (everything is reviewed then, so the larger draw costs no extra label).
     audit_uncertified: float = 0.0
+    # With a target policy and a person reviewing: items reviewed because the served version had not
+    # certified their predicted label calibrate that version too (never a later one: it trains on them).
+    calibrate_on_reviews: bool = False
     # The paper's fully automatic start: the seed items are chosen to cover the seed file (one per
     # k-means cluster of the frozen encoder's embeddings) and labelled by the reviewer (standing in
     # for the LLM) instead of by people.
@@ -197,9 +200,33 @@ class CalibrationSet:
     texts: list[str] = field(default_factory=list)
     gold: list[int] = field(default_factory=list)
     _probs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # --calibrate-on-reviews: items a person reviewed because the served version had not certified
+    # their predicted label (every such item is reviewed, so they are a uniform sample of that
+    # label's predictions), with that version's probabilities; only that version calibrates on them.
+    _own: dict[str, tuple[list[np.ndarray], list[int]]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def add_own(self, version: str, probs: np.ndarray, gold: int) -> None:
+        """One reviewed item of ``version``'s uncertified labels: its ``[k, L]`` probabilities."""
+        if version not in self._own:
+            self._own = {version: ([], [])}  # older versions serve no more
+        rows, labels = self._own[version]
+        rows.append(probs)
+        labels.append(gold)
+
+    def own(self, version: str) -> int:
+        return len(self._own.get(version, ((), ()))[1])
+
+    def everything(self, ensemble: Ensemble) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities ``[k, n, L]`` and gold labels of every item that may calibrate ``ensemble``."""
+        probs, gold = self.probs(ensemble), np.asarray(self.gold, dtype=np.int64)
+        rows, labels = self._own.get(ensemble.version, ([], []))
+        if rows:
+            probs = np.concatenate([probs, np.stack(rows, axis=1)], axis=1)
+            gold = np.concatenate([gold, np.asarray(labels, dtype=np.int64)])
+        return probs, gold
 
     def add(self, text: str, gold: int) -> None:
         self.texts.append(text)
@@ -226,9 +253,9 @@ def _route(
     """The policy's decision on a chunk; a target policy is first calibrated on what there is."""
     if not isinstance(policy, TargetAccuracy):
         return policy.decide(probs, weights), []
-    if not len(calibration):
+    if not len(calibration) and not calibration.own(ensemble.version):
         return policy.decide(probs), []
-    active, certs = policy.calibrated(calibration.probs(ensemble), np.asarray(calibration.gold))
+    active, certs = policy.calibrated(*calibration.everything(ensemble))
     return active.decide(probs), certs
 
 
@@ -334,7 +361,8 @@ def run_simulation(
         decision, certs = _route(policy, ensemble, probs, weights, calibration)
         timer.add("predict_and_route", t)
         if certs:
-            certificates.append(_certificates_summary(int(start), ensemble.version, len(calibration), certs))
+            calibrating = len(calibration) + calibration.own(ensemble.version)
+            certificates.append(_certificates_summary(int(start), ensemble.version, calibrating, certs))
         served_pred[idx] = decision.labels
         served_conf[idx] = decision.confidence
         audited[idx] = audit_rng.random(len(chunk)) < _audit_rate(config, policy, certs, review.human)
@@ -370,6 +398,12 @@ def run_simulation(
                     verified.setdefault(Source.HUMAN, []).append((e.key, e.text, gold[e.key]))
         for source, rows in verified.items():
             pool.add_many(rows, source)
+        if config.calibrate_on_reviews and isinstance(policy, TargetAccuracy) and review.human:
+            uncertified = {j for j in range(len(labels)) if not certs or not certs[j].certified}
+            for j in np.flatnonzero(decision.review).tolist():
+                i = start + j
+                if not audited[i] and int(decision.labels[j]) in uncertified:
+                    calibration.add_own(ensemble.version, probs[:, j], int(final[i]))
         # The audit: a person labels every drawn item; the label is final, joins the calibration
         # set and never the training pool.
         for i in idx[audited[idx]]:
@@ -640,6 +674,7 @@ def _report(
                 "contrastive_pairs": config.contrastive_pairs,
             },
             "audit": {"share": config.audit_share, "uncertified": config.audit_uncertified},
+            "calibrate_on_reviews": config.calibrate_on_reviews,
             "seed": config.seed,
         },
         "labels": list(labels.names),
