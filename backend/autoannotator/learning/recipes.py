@@ -21,7 +21,7 @@ class ColdStartConfig:
     hundred examples leaves it near chance. Later refinements use the paper's values.
     """
 
-    encoder: str = "minilm"
+    encoder: str = "auto"  # MiniLM on a CPU; all-mpnet-base-v2 on a CUDA GPU when installed (encoder.py)
     kinds: tuple[str, ...] = KINDS
     transformer_train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-5, epochs=6))
     embedding_c: float = 4.0
