@@ -2,7 +2,9 @@
 the webhook, settings, routing to review jobs, /metrics and a Redis that is down, against a real Redis."""
 
 import base64
+import gc
 import time
+import weakref
 
 import pytest
 import redis
@@ -98,6 +100,32 @@ def test_a_new_version_is_served_without_a_restart(client, projects, tiny_corpus
     assert second != first
     assert predict(client, task).get_json()["results"][0]["model_version"] == second
     assert client.get("/versions").get_json() == {"versions": [f"{PROJECT}/{first}", f"{PROJECT}/{second}"]}
+
+
+def test_a_served_version_is_frozen_out_of_the_collector_and_a_replaced_one_is_reclaimed(
+    projects, tiny_corpus, tiny_encoder
+):
+    # A full collection walking a served ensemble's objects paused a request for ~0.5 s; after a load
+    # they are frozen out of the collector, and unfrozen again at the next load so that the version
+    # it replaces is reclaimed even where its objects form reference cycles.
+    gc.unfreeze()
+    try:
+        publish(projects, tiny_corpus, tiny_encoder)
+        first = projects.ensemble(PROJECT, LABELS)
+        assert first is not None and gc.get_freeze_count() > 0
+        assert all(o is not first for o in gc.get_objects())  # frozen objects are in no generation
+        first.timings["cycle"] = first  # type: ignore[assignment]  # only the collector frees it now
+        gone, version = weakref.ref(first), first.version
+        del first
+        gc.collect()
+        assert gone() is not None  # frozen: a full collection leaves it alone
+        publish(projects, tiny_corpus[::-1], tiny_encoder)
+        second = projects.ensemble(PROJECT, LABELS)
+        assert second is not None and second.version != version
+        assert gone() is None
+        assert all(o is not second for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.parametrize(
