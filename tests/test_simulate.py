@@ -123,6 +123,17 @@ def test_the_llm_seeded_start_labels_covering_seed_items_with_the_reviewer(tmp_p
     assert human["final"]["human_labels_total"] - report["final"]["human_labels_total"] == 60
 
 
+def test_seeds_chosen_by_clusters_are_labelled_by_people(tmp_path, data, tiny_encoder):
+    """--seed-choice clusters: the same covering choice as the LLM-seeded start, gold labels, and
+    every seed label a human one, as with a random draw."""
+    report, _ = run(tmp_path, data, tiny_encoder, "--seed-choice", "clusters", "--no-retrain")
+    assert report["start"]["seed_set"] == {"chosen": "clusters", "labelled_by": "people", "n": 60}
+    random_draw = run(tmp_path / "random", data, tiny_encoder, "--no-retrain")[0]
+    assert report["final"]["human_labels_total"] == random_draw["final"]["human_labels_total"]
+    assert "seed_choice" in report["seconds"]  # the clustering ran; random draws skip it
+    assert "seed_choice" not in random_draw["seconds"]
+
+
 def test_target_policy_reviews_everything_until_it_can_certify_then_accepts_what_it_certified(
     tmp_path, data, tiny_encoder
 ):

@@ -173,6 +173,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "k-means cluster of the encoder's embeddings) and have the reviewer (--review, standing in "
         "for the LLM) label them instead of people",
     )
+    p.add_argument(
+        "--seed-choice",
+        choices=("random", "clusters"),  # simulate.SEED_CHOICES (not imported here: it loads torch)
+        default="random",
+        help="how the seed items are drawn from the seed file: at random, or one per k-means cluster "
+        "of the encoder's embeddings (people label them; --llm-seeds implies clusters)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -329,6 +336,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
         audit_uncertified=args.audit_uncertified,
         calibrate_on_reviews=args.calibrate_on_reviews,
         llm_seeds=args.llm_seeds,
+        seed_choice=args.seed_choice,
         seed=args.seed,
     )
 

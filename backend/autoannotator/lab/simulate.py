@@ -59,6 +59,8 @@ from autoannotator.storage.registry import Registry
 
 logger = logging.getLogger(__name__)
 
+SEED_CHOICES = ("random", "clusters")
+
 
 @dataclass(frozen=True)
 class SimulationConfig:
@@ -90,6 +92,10 @@ class SimulationConfig:
     # k-means cluster of the frozen encoder's embeddings) and labelled by the reviewer (standing in
     # for the LLM) instead of by people.
     llm_seeds: bool = False
+    # How the seed items are drawn from the seed file: "random" (Label Studio's order standing for a
+    # random draw) or "clusters" (one nearest each k-means centre of the frozen encoder's embeddings,
+    # as the fully automatic start chooses them; people still label them). llm_seeds implies clusters.
+    seed_choice: str = "random"
     max_stream: int | None = None
     labels: tuple[str, ...] | None = None
     seed: int = 0
@@ -111,6 +117,12 @@ class SimulationConfig:
             raise ValueError("audit_share must be in [0, 1]")
         if not 0 <= self.audit_uncertified <= 1:
             raise ValueError("audit_uncertified must be in [0, 1]")
+        if self.seed_choice not in SEED_CHOICES:
+            raise ValueError(f"seed_choice must be one of {SEED_CHOICES}, got {self.seed_choice!r}")
+
+    @property
+    def covering_seeds(self) -> bool:
+        return self.llm_seeds or self.seed_choice == "clusters"
 
 
 @dataclass
@@ -298,14 +310,18 @@ def run_simulation(
     calibration_keys = {e.key for e in seed[len(seed) - n_calibration :]}
     seed = seed[: len(seed) - n_calibration]
     gold = {e.key: e.label for e in stream}
-    if config.llm_seeds:
+    if config.covering_seeds:
         t = time.perf_counter()
         seed = _covering_seed(seed_all, len(seed), config, exclude=calibration_keys)
         gold.update((e.key, e.label) for e in seed)
         timer.add("seed_choice", t)
     review = make_review(gold, labels)
     reviewer = review.reviewer
-    seed_report: dict[str, Any] = {"chosen": "random", "labelled_by": "people", "n": len(seed)}
+    seed_report: dict[str, Any] = {
+        "chosen": "clusters" if config.covering_seeds else "random",
+        "labelled_by": "people",
+        "n": len(seed),
+    }
     seed_source = Source.SEED
     if config.llm_seeds:
         seed, seed_report = _label_seed(seed, reviewer, review.human)
