@@ -591,7 +591,12 @@ def _add_bench_peer_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", default="100,1000", help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=3, help="requests per batch size per server (median)")
     p.add_argument("--clients", type=int, default=3, help="concurrent clients, and workers per server")
-    p.add_argument("--concurrent-requests", type=int, default=60, help="one-task requests per round")
+    p.add_argument(
+        "--concurrent-requests",
+        type=int,
+        default=300,
+        help="one-task requests per round (two rounds per server; p95 is read from all of them)",
+    )
     p.add_argument("--settings", default="pinned,unpinned,concurrent", help="which phases to run")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/13", help="flushed before and after")
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")

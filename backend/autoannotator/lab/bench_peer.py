@@ -275,7 +275,7 @@ def run_bench_peer(
     batches: Sequence[int] = (100, 1000),
     repeats: int = 3,
     clients: int = 3,
-    concurrent_requests: int = 60,
+    concurrent_requests: int = 300,
     concurrent_rounds: int = 2,
     redis_url: str = "redis://127.0.0.1:6379/13",
     settings: Sequence[str] = ("pinned", "unpinned", "concurrent"),
