@@ -293,6 +293,38 @@ def test_an_annotation_webhook_is_acknowledged_at_once_and_queued_for_ingest(rq_
     assert state.info(PROJECT).label_config == CONFIG  # the workers can parse the project's config
 
 
+def test_tasks_imported_before_any_version_queue_the_choice_of_seed_tasks_once(
+    rq_redis, tmp_path, app_client
+):
+    tasks = [{"id": 1}, {"id": 2}]
+
+    def seed_jobs():
+        return [
+            j.func_name.rsplit(".", 1)[1]
+            for j in [*jobs_in(rq_redis, "ingest"), *jobs_in(rq_redis, "review")]
+        ]
+
+    off = app_client(tmp_path / "models")
+    assert webhook(off, "TASKS_CREATED", tasks=tasks).get_json()["status"] == "ignored"
+    on = app_client(tmp_path / "models", seed_tab=True)
+    r = webhook(on, "TASKS_CREATED", tasks=tasks)
+    assert r.get_json() == {"status": "queued", "action": "TASKS_CREATED", "tasks": 2}
+    assert webhook(on, "TASKS_CREATED", tasks=tasks).get_json()["status"] == "ignored"  # chosen once
+    assert seed_jobs().count("mark_seed_tasks") == 1
+    # In llm mode with the LLM-seeded start, the LLM labels the covering tasks: no Seed tab.
+    state = State(rq_redis, "human")
+    state.release_seed_tab(PROJECT)
+    state.set_mode(PROJECT, "llm")
+    llm = app_client(tmp_path / "models", seed_tab=True, llm_seeds=5)
+    assert webhook(llm, "TASKS_CREATED", tasks=tasks).get_json()["status"] == "queued"
+    assert seed_jobs().count("mark_seed_tasks") == 1 and seed_jobs().count("seed_with_llm") == 1
+    # Configured specialists need no seed labels at all.
+    state.set_mode(PROJECT, "human")
+    given = app_client(tmp_path / "models", seed_tab=True, specialists=("some/model",))
+    assert webhook(given, "TASKS_CREATED", tasks=tasks).get_json()["status"] == "ignored"
+    assert seed_jobs().count("mark_seed_tasks") == 1
+
+
 def test_webhooks_we_do_not_act_on_are_acknowledged(rq_redis, tmp_path, app_client):
     c = app_client(tmp_path / "models")
     r = webhook(c, "PROJECT_UPDATED")

@@ -235,6 +235,8 @@ def _calls(state: State) -> dict[str, object]:
         "release_calibration": lambda: state.release_calibration(UID),
         "claim_llm_seeds": lambda: state.claim_llm_seeds(UID),
         "release_llm_seeds": lambda: state.release_llm_seeds(UID),
+        "claim_seed_tab": lambda: state.claim_seed_tab(UID),
+        "release_seed_tab": lambda: state.release_seed_tab(UID),
         "count": lambda: state.count(UID, predictions=1, llm_cost_usd=0.1),
         "counters": lambda: state.counters(UID),
         "count_predictions": lambda: state.count_predictions(UID, 1, 1),

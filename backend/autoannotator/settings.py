@@ -157,6 +157,12 @@ class Settings:
         "the fully automatic start: in llm mode, a project without human labels cold-starts from this "
         "many tasks the LLM labels, one per cluster of the encoder's embeddings (0: off)",
     )
+    seed_tab: bool = _setting(
+        "AUTOANNOTATOR_SEED_TAB",
+        False,
+        "before the cold start, flag the tasks to label first (one per cluster of the encoder's "
+        'embeddings, as many as the cold start still needs) and list them in a "Seed" tab',
+    )
     llm_price: tuple[str, ...] = _setting(
         "AUTOANNOTATOR_LLM_PRICE",
         (),

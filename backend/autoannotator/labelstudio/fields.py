@@ -22,6 +22,9 @@ LLM_REVIEWERS = ("llm", LLM_SEED)  # REVIEWED_BY values whose LLM_LABEL stands u
 # person checks, its route and its label (see autoannotator.learning.audit). An audited task waits
 # in the Needs review tab like a routed one; this column tells the two apart.
 AUDIT = "aa_audit"
+# 1 on a task chosen to cover the project before its cold start (the "Seed" tab lists those not yet
+# annotated; see autoannotator.service.seed_tab).
+SEED = "aa_seed"
 
 # NEEDS_REVIEW's values. Numbers, not booleans: Label Studio's bulk update of a data field (see
 # labelstudio.tasks.set_data_field) writes strings or numbers, and the tab filters on the number.

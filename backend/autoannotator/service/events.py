@@ -18,6 +18,7 @@ from autoannotator.service.queueing import (
     request_first_version,
     request_labelling,
     request_llm_seeds,
+    request_seed_tab,
     request_sync,
     request_training,
 )
@@ -49,8 +50,9 @@ def setup(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
             logger.info("project %s: review mode %s from Label Studio's extra params", uid, applied)
         if version is None and ctx.settings.specialists:
             request_first_version(ctx, uid, reason="configured specialists")
-        elif version is None and ctx.settings.llm_seeds:
+        elif version is None:  # each asks for itself only where its setting and the mode call for it
             request_llm_seeds(ctx, uid, "project connected")
+            request_seed_tab(ctx, uid, "project connected")
         elif version is not None:
             # A project connected to a backend that already has its version (or whose run record a
             # Redis flush lost): its tasks get that version's predictions. Once per version.
@@ -88,7 +90,9 @@ def webhook(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
         found = [t.get("id") for t in body.get("tasks") or [] if isinstance(t, dict)]
         ids = [i for i in found if isinstance(i, int) and not isinstance(i, bool)]
         run = request_labelling(ctx, uid, f"{len(ids)} tasks imported", task_ids=ids)
-        seeding = run is None and ctx.settings.llm_seeds and request_llm_seeds(ctx, uid, "tasks imported")
+        seeding = run is None and (
+            request_llm_seeds(ctx, uid, "tasks imported") or request_seed_tab(ctx, uid, "tasks imported")
+        )
         return {"status": "queued" if run or seeding else "ignored", "action": action, "tasks": len(ids)}
     if action == "START_TRAINING":
         return train(ctx, uid, "Start Training in Label Studio")

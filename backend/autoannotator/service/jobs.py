@@ -9,6 +9,7 @@ ids and plain values, and each one is idempotent.
 - :func:`ingest_annotation`, :func:`sync_project`: verified labels in (:mod:`.ingest`);
 - :func:`review_routed`: the tasks a ``/predict`` routed to review or drew for the audit (:mod:`.review`);
 - :func:`seed_with_llm`: the LLM labels a new project's seed tasks (:mod:`.llm_seeds`);
+- :func:`mark_seed_tasks`: a new project's seed tasks, for people, in a "Seed" tab (:mod:`.seed_tab`);
 - :func:`calibrate_project`: a target policy's thresholds for the served version (:mod:`.calibration`);
 - :func:`train_project`: a project's first version or its next (:mod:`.training`);
 - :func:`plan_labelling`, :func:`label_chunk`: a labelling run of the whole project (:mod:`.labelling`).
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from autoannotator.labelstudio.fields import AuditedTask, ClearedTask, RoutedTask
-from autoannotator.service import calibration, ingest, labelling, llm_seeds, review, training
+from autoannotator.service import calibration, ingest, labelling, llm_seeds, review, seed_tab, training
 from autoannotator.service.context import Context
 from autoannotator.settings import Settings
 
@@ -68,6 +69,10 @@ def review_routed(
 
 def seed_with_llm(uid: str) -> str:
     return llm_seeds.seed_with_llm(process_context(), uid)
+
+
+def mark_seed_tasks(uid: str) -> str:
+    return seed_tab.mark_seed_tasks(process_context(), uid)
 
 
 def calibrate_project(uid: str) -> str:

@@ -17,24 +17,18 @@ Tasks the LLM could not label (off-label answer, timeout, 5xx) are left for peop
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-import numpy as np
-
-from autoannotator.labelstudio.config import TaskText, extract_texts
 from autoannotator.labelstudio.fields import LLM_LABEL, LLM_SEED, REVIEWED_BY, pool_key
-from autoannotator.labelstudio.tasks import set_data_field, unannotated_page, unannotated_tasks
+from autoannotator.labelstudio.tasks import set_data_field
 from autoannotator.learning.pool import Source
-from autoannotator.learning.seeds import MAX_CLUSTERED, choose_seeds
 from autoannotator.review.base import ReviewItem, ReviewStatus
 from autoannotator.service.context import Context
 from autoannotator.service.ingest import seed_shortfall
 from autoannotator.service.queueing import request_training
 from autoannotator.service.review import llm_reviewer
+from autoannotator.service.seed_tab import choose_covering_tasks
 
 logger = logging.getLogger(__name__)
-
-PAGE = 1000
 
 
 def seed_with_llm(ctx: Context, uid: str) -> str:
@@ -48,30 +42,12 @@ def seed_with_llm(ctx: Context, uid: str) -> str:
         return f"skipped: {humans} human labels already"
     ls = ctx.label_studio(info)
     config = ctx.config(info)
-    ids: list[int] = []
-    after = 0
-    while len(ids) < MAX_CLUSTERED:
-        page, _ = unannotated_page(ls, info.project_id, after_id=after, size=PAGE)
-        if not page:
-            break
-        ids += [int(t["id"]) for t in page]
-        after = int(page[-1]["id"])
-    texts: list[TaskText] = []
-    task_data: dict[int, dict[str, Any]] = {}
-    for start in range(0, len(ids), PAGE):
-        found = unannotated_tasks(ls, info.project_id, ids[start : start + PAGE])
-        task_data.update((int(t["id"]), dict(t.get("data") or {})) for t in found)
-        texts += [
-            t
-            for t in extract_texts(found, config, ctx.settings.max_text_chars)
-            if t.ok and t.task_id is not None
-        ]
     n = ctx.settings.llm_seeds
-    if len(texts) < min(n, 2 * len(labels)):
+    choice = choose_covering_tasks(ctx, ls, info, config, n, at_least=min(n, 2 * len(labels)))
+    if choice is None:
         ctx.state.release_llm_seeds(uid)  # the next /setup or import asks again
-        return f"waiting for tasks: {len(texts)} with text"
-    vectors = _embed(ctx, [t.text or "" for t in texts])
-    chosen = [texts[i] for i in choose_seeds(vectors, n)]
+        return "waiting for tasks with text"
+    chosen, task_data = choice.chosen, choice.data
     reviewer = llm_reviewer(ctx, uid, labels)
     outcomes = reviewer.review([ReviewItem(str(t.task_id), t.text or "") for t in chosen])
     labelled = [
@@ -93,9 +69,8 @@ def seed_with_llm(ctx: Context, uid: str) -> str:
     with ctx.pool(uid, labels) as pool:
         pool.add_many([(pool_key(i), text, label) for i, text, label in labelled], Source.LLM_SEED)
         waiting = seed_shortfall(ctx, pool)
-    message = (
-        f"{len(labelled)} of {len(chosen)} seed tasks labelled by the LLM ({len(texts)} tasks clustered)"
-    )
+    message = f"{len(labelled)} of {len(chosen)} seed tasks labelled by the LLM"
+    message += f" ({choice.clustered} tasks clustered)"
     if waiting is None:
         request_training(ctx, uid, reason=f"first version from {len(labelled)} LLM seeds")
     else:
@@ -103,10 +78,3 @@ def seed_with_llm(ctx: Context, uid: str) -> str:
     ctx.state.put(uid, "llm_seeds", message)
     logger.info("project %s: %s", uid, message)
     return message
-
-
-def _embed(ctx: Context, texts: list[str]) -> np.ndarray:
-    from autoannotator.models.specialists.encoder import Encoder, resolve_model_source
-
-    # serving=True: these vectors are wanted once, so the worker's cache stays small (see .encoder).
-    return Encoder.shared(resolve_model_source(ctx.settings.encoder), serving=True).embed(texts)

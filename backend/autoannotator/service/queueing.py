@@ -166,6 +166,26 @@ def request_llm_seeds(ctx: Context, uid: str, why: str) -> bool:
     )
 
 
+def request_seed_tab(ctx: Context, uid: str, why: str) -> bool:
+    """Queue the choice of a project's seed tasks (:mod:`autoannotator.service.seed_tab`) once, while
+    it has no version and its seeds are people's to label; True if queued."""
+    s = ctx.settings
+    if not s.seed_tab or s.specialists or ctx.models.current_version(uid) is not None:
+        return False
+    if s.llm_seeds > 0 and ctx.state.mode(uid) == "llm":
+        return False  # the LLM-seeded start labels the covering tasks itself
+    return _queue_once(
+        ctx.state.claim_seed_tab,
+        ctx.state.release_seed_tab,
+        ctx,
+        "ingest",
+        "mark_seed_tasks",
+        uid,
+        timeout_s=s.ingest_timeout_s,
+        description=f"seed tasks for {uid}: {why}",
+    )
+
+
 def request_calibration(ctx: Context, uid: str, why: str) -> bool:
     """Queue a target policy's calibration (:mod:`autoannotator.service.calibration`) unless one is
     queued already (it reads every audit label that arrives before it starts); True if queued."""

@@ -17,6 +17,8 @@ Keys, all under ``aa:`` (one Redis can serve other software too):
 ``aa:p:<uid>:calibration_pending``      set while a calibration job is queued (with TTL)
 ``aa:p:<uid>:llm_seeds_claim``          set once the LLM-seeded start was queued for the project
 ``aa:p:<uid>:llm_seeds``                what the LLM-seeded start did (for status pages)
+``aa:p:<uid>:seed_tab_claim``           set once the seed tasks were queued to be chosen
+``aa:p:<uid>:seed_tab``                 what choosing them did (for status pages)
 ``aa:p:<uid>:info``                     hash: LS project id, LS URL, label config
 ``aa:p:<uid>:m``                        hash of counters (see :data:`COUNTERS`)
 ``aa:p:<uid>:train_pending``            set while a training job is queued or running (with TTL)
@@ -305,6 +307,16 @@ class State:
     def release_llm_seeds(self, uid: str) -> None:
         with self.guard():
             self.redis.delete(self._k(uid, "llm_seeds_claim"))
+
+    def claim_seed_tab(self, uid: str) -> bool:
+        """True once for a project (until :meth:`release_seed_tab`): whoever gets it queues the
+        choice of its seed tasks."""
+        with self.guard():
+            return bool(self.redis.set(self._k(uid, "seed_tab_claim"), "1", nx=True))
+
+    def release_seed_tab(self, uid: str) -> None:
+        with self.guard():
+            self.redis.delete(self._k(uid, "seed_tab_claim"))
 
     def release_calibration(self, uid: str) -> None:
         with self.guard():
