@@ -18,11 +18,13 @@ from autoannotator.errors import BadInputError
 from autoannotator.learning.adapt import (
     AdaptConfig,
     ContrastiveConfig,
+    SimCSEConfig,
     adapt_encoder,
     balanced_sample,
     contrastive_adapt,
     contrastive_pairs,
     read_corpus,
+    simcse_adapt,
 )
 from autoannotator.learning.coldstart import ColdStartConfig, cold_start
 from autoannotator.models.specialists import TrainConfig
@@ -63,6 +65,23 @@ def test_the_adapted_encoder_is_a_new_encoder_that_the_cold_start_takes(tmp_path
         ColdStartConfig(encoder=str(out), kinds=("transformer", "embedding-linear"), transformer_train=FAST),
     )
     assert [m.meta.base_model for m in result.members] == [str(out), str(out)]
+
+
+def test_simcse_adapts_the_encoder_from_unlabelled_texts(tmp_path, tiny_encoder, tiny_corpus):
+    texts = [t for t, _ in tiny_corpus]
+    out = tmp_path / "simcse"
+    config = SimCSEConfig(max_texts=96, epochs=8, batch_size=32, learning_rate=1e-3)
+    report = simcse_adapt([*texts, *texts[:10], "  "], out, base=str(tiny_encoder), config=config)
+    assert report["n_texts"] == 96  # a sample of the distinct, non-blank texts
+    assert report["steps"] == 8 * 3
+    assert report["loss_last_tenth"] < report["loss_first_batch"]  # it learns to tell texts apart
+    assert json.loads((out / "adaptation.json").read_text()) == report
+    before, after = _weights(tiny_encoder), _weights(out)
+    assert any(not np.allclose(after[k], before[k]) for k in after if k in before)
+    assert Encoder(out).embed(["shares rally"]).shape == (1, tiny.tiny_config().hidden_size)
+    with pytest.raises(BadInputError, match="two distinct texts"):
+        simcse_adapt(["one", "one", " "], tmp_path / "none", base=str(tiny_encoder))
+    assert not (tmp_path / "none").exists()
 
 
 def test_an_existing_output_directory_is_never_overwritten(tmp_path, tiny_encoder, tiny_corpus):

@@ -401,3 +401,28 @@ def test_a_contrastive_encoder_is_built_from_the_seed_labels_only_and_used_by_th
         "transformer": str(encoder),
         "embedding-linear": str(encoder),
     }
+
+
+def test_a_simcse_encoder_is_built_once_from_the_unlabelled_texts_and_kept_by_later_versions(
+    tmp_path, data, tiny_encoder
+):
+    report, out = run(tmp_path, data, tiny_encoder, "--simcse-texts", "1000", "--policy", "budget:0.5:mean")
+    made = report["start"]["simcse_encoder"]
+    assert made["n_texts"] == len({t for t in _texts(data)})  # every text of both files, no label
+    assert made["base"] == str(tiny_encoder)
+    assert report["config"]["cold_start"]["simcse_texts"] == 1000
+    encoders = out / "models" / "encoders"
+    assert [p.name for p in encoders.iterdir()] == ["v0001-simcse"]  # built once, before v0001
+    encoder = (encoders / "v0001-simcse").resolve()
+    promoted = [c["version"] for c in report["cycles"] if c.get("promoted")]
+    assert promoted, "the run should have retrained at least once"
+    for version in ["v0001", *promoted]:
+        directory = out / "models" / "versions" / version
+        for member in json.loads((directory / "ensemble.json").read_text())["members"]:
+            meta = json.loads((directory / member / "specialist.json").read_text())
+            if meta["kind"] == "embedding-linear":
+                assert meta["base_model"] == str(encoder)  # reused, not rebuilt
+
+
+def _texts(data):
+    return [json.loads(line)["text"] for path in data for line in path.read_text().splitlines()]

@@ -244,6 +244,13 @@ def _add_specialist_args(p: argparse.ArgumentParser) -> None:
         help="before the cold start, fine-tune the encoder on SetFit-style pairs of the seed labels, "
         "this many same-label and as many other-label pairs per seed (0: off)",
     )
+    p.add_argument(
+        "--simcse-texts",
+        type=int,
+        default=0,
+        help="before the cold start, adapt the encoder without labels (unsupervised SimCSE) to at most "
+        "this many texts of the seed and stream files (0: off)",
+    )
     p.add_argument("--cold-lr", type=float, default=5e-5)
     p.add_argument("--cold-epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=2e-5, help="refinement learning rate (paper: 2e-5)")
@@ -315,6 +322,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
         retrain=not args.no_retrain,
         models=tuple(args.model),
         contrastive_pairs=args.contrastive_pairs,
+        simcse_texts=args.simcse_texts,
         cold_start=ColdStartConfig(
             encoder=args.encoder,
             kinds=tuple(_items(args.kinds)),

@@ -76,6 +76,9 @@ class SimulationConfig:
     # > 0: before the cold start, reshape the encoder with this many SetFit-style pairs per seed
     # label (autoannotator.learning.adapt.contrastive_adapt); only the seed labels are used.
     contrastive_pairs: int = 0
+    # > 0: before the cold start (and the pairs), adapt the encoder without labels to at most this
+    # many texts of the seed and stream files, the project's own texts (unsupervised SimCSE).
+    simcse_texts: int = 0
     refine_train: TrainConfig = field(default_factory=TrainConfig)
     holdout_fraction: float = 0.2
     # Share of the seed labels kept out of the cold start to calibrate the target policy with.
@@ -111,6 +114,8 @@ class SimulationConfig:
             raise ValueError("holdout_fraction must be in [0, 1)")
         if self.contrastive_pairs < 0:
             raise ValueError("contrastive_pairs must be >= 0")
+        if self.simcse_texts < 0:
+            raise ValueError("simcse_texts must be >= 0")
         if not 0 <= self.calibration_seeds < 1:
             raise ValueError("calibration_seeds must be in [0, 1)")
         if not 0 <= self.audit_share <= 1:
@@ -333,7 +338,10 @@ def run_simulation(
 
     t = time.perf_counter()
     plan = FirstVersionPlan(
-        models=config.models, cold_start=config.cold_start, contrastive_pairs=config.contrastive_pairs
+        models=config.models,
+        cold_start=config.cold_start,
+        contrastive_pairs=config.contrastive_pairs,
+        simcse_texts=config.simcse_texts,
     )
     first = build_first_version(
         registry,
@@ -342,6 +350,7 @@ def run_simulation(
         seed_texts=[e.text for e in seed],
         seed_labels=[e.label for e in seed],
         probe_texts=[e.text for e in stream[: config.chunk_size * 3]],
+        unlabelled_texts=[e.text for e in [*seed_all, *stream]] if config.simcse_texts else (),
     )
     start_report = {**first.report, "seed_set": seed_report}
     ensemble = registry.load(first.version, labels)
@@ -688,6 +697,7 @@ def _report(
                 "encoder": concrete_encoder(config.cold_start.encoder),  # what "auto" picked
                 "kinds": list(config.cold_start.kinds),
                 "contrastive_pairs": config.contrastive_pairs,
+                "simcse_texts": config.simcse_texts,
             },
             "audit": {"share": config.audit_share, "uncertified": config.audit_uncertified},
             "calibrate_on_reviews": config.calibrate_on_reviews,

@@ -263,3 +263,106 @@ def contrastive_adapt(
         report["loss_last_tenth"],
     )
     return report
+
+
+@dataclass(frozen=True)
+class SimCSEConfig:
+    """Unsupervised SimCSE (Gao et al., 2021): every text is encoded twice with dropout on, and the two
+    views of a text are pulled together against the other texts of the batch (cross-entropy over
+    their cosine similarities divided by ``temperature``). No labels: the project's own texts, at
+    most ``max_texts`` of them (a random sample), ``epochs`` passes."""
+
+    max_texts: int = 10_000
+    epochs: int = 1
+    learning_rate: float = 3e-5
+    batch_size: int = 64
+    temperature: float = 0.05
+    max_length: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_texts < 2 or self.epochs < 1 or self.batch_size < 2 or self.max_length < 8:
+            raise ValueError(f"bad SimCSE settings: {self}")
+        if not self.learning_rate > 0 or not self.temperature > 0:
+            raise ValueError(f"bad SimCSE settings: {self}")
+
+
+def simcse_adapt(
+    texts: Sequence[str], out_dir: Path, base: str = "minilm", config: SimCSEConfig | None = None
+) -> dict[str, Any]:
+    """Adapt ``base`` to the kind of text in ``texts`` without labels (:class:`SimCSEConfig`); save the
+    encoder in ``out_dir`` (which must not exist; it appears whole or not at all). Returns the report
+    written to ``adaptation.json``."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModel, AutoTokenizer
+
+    from autoannotator.models.specialists.encoder import concrete_encoder, resolve_model_source
+    from autoannotator.models.specialists.runtime import configure_torch
+
+    base = concrete_encoder(base)
+    config = config or SimCSEConfig()
+    unique = sorted({t for t in texts if t.strip()})
+    if len(unique) < 2:
+        raise BadInputError(f"SimCSE needs at least two distinct texts, got {len(unique)}")
+    rng = random.Random(config.seed)
+    sample = rng.sample(unique, min(config.max_texts, len(unique)))
+    configure_torch()
+    torch.manual_seed(config.seed)
+    source = resolve_model_source(base)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModel.from_pretrained(source)
+    model.train()  # dropout on: it makes the two views of a text differ
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+
+    def embed(batch: list[str]) -> torch.Tensor:
+        enc = tokenizer(
+            batch, padding=True, truncation=True, max_length=config.max_length, return_tensors="pt"
+        )
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    started = time.perf_counter()
+    losses: list[float] = []
+    for epoch in range(config.epochs):
+        order = list(sample)
+        random.Random(config.seed + epoch).shuffle(order)
+        steps = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        for batch in tqdm(steps, desc=f"SimCSE encoder, epoch {epoch + 1}", unit="batch", leave=False):
+            if len(batch) < 2:
+                continue  # one text has no in-batch negative
+            doubled = embed(batch + batch)  # one forward pass, two dropout masks per text
+            a, b = doubled[: len(batch)], doubled[len(batch) :]
+            similarity = torch.nn.functional.cosine_similarity(a.unsqueeze(1), b.unsqueeze(0), dim=-1)
+            loss = torch.nn.functional.cross_entropy(
+                similarity / config.temperature, torch.arange(len(batch))
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.item()))
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10) :]
+    report: dict[str, Any] = {
+        "objective": "unsupervised SimCSE (dropout views, in-batch negatives)",
+        "base": base,
+        "n_texts": len(sample),
+        "steps": len(losses),
+        "loss_first_batch": round(losses[0], 4),
+        "loss_last_tenth": round(sum(tail) / len(tail), 4),
+        "config": asdict(config),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    with staged_dir(Path(out_dir)) as staged:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        (staged / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    logger.info(
+        "SimCSE encoder from %d unlabelled texts in %.0fs; loss %.3f -> %.3f",
+        len(sample),
+        report["seconds"],
+        report["loss_first_batch"],
+        report["loss_last_tenth"],
+    )
+    return report

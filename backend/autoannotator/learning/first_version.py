@@ -27,7 +27,7 @@ import numpy as np
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.errors import TrainingError
-from autoannotator.learning.adapt import ContrastiveConfig, contrastive_adapt
+from autoannotator.learning.adapt import ContrastiveConfig, SimCSEConfig, contrastive_adapt, simcse_adapt
 from autoannotator.learning.coldstart import ColdStartConfig, cold_start
 from autoannotator.learning.selection import load_catalog, mean_pool_embedder, rank_candidates
 from autoannotator.models.ensemble import write_manifest
@@ -46,7 +46,9 @@ class FirstVersionPlan:
 
     ``catalog_top_k``: take the K best catalog models (``catalog``: a catalog file, None for the
     packaged one). ``contrastive_pairs`` > 0: before a cold start, reshape ``cold_start.encoder``
-    with this many same-label and as many other-label pairs per seed label.
+    with this many same-label and as many other-label pairs per seed label. ``simcse_texts`` > 0:
+    first adapt it without labels to at most this many of the project's texts (``unlabelled_texts``
+    of :func:`build_first_version`; unsupervised SimCSE), then the pairs, then the members.
     """
 
     models: tuple[str, ...] = ()
@@ -54,6 +56,7 @@ class FirstVersionPlan:
     catalog: Path | None = None
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
     contrastive_pairs: int = 0
+    simcse_texts: int = 0
 
     def __post_init__(self) -> None:
         if self.models and self.catalog_top_k is not None:
@@ -62,6 +65,8 @@ class FirstVersionPlan:
             raise ValueError(f"catalog_top_k must be >= 1, got {self.catalog_top_k}")
         if self.contrastive_pairs < 0:
             raise ValueError(f"contrastive_pairs must be >= 0, got {self.contrastive_pairs}")
+        if self.simcse_texts < 0:
+            raise ValueError(f"simcse_texts must be >= 0, got {self.simcse_texts}")
 
     @property
     def source(self) -> str:
@@ -105,12 +110,14 @@ def build_first_version(
     probe_texts: Sequence[str] | None = None,
     embedder: Callable[[list[str]], np.ndarray] | None = None,
     project: str = "",
+    unlabelled_texts: Sequence[str] = (),
 ) -> FirstVersion:
     """Build the first version by ``plan``, publish it and return it.
 
     ``seed_texts``/``seed_labels`` train a cold start; ``task`` ranks the catalog (without one, the
     label names describe the task); ``probe_texts`` (unlabelled) measure how often cold-started
-    members disagree; ``embedder`` ranks the catalog (default: the packaged MiniLM); ``project``
+    members disagree; ``unlabelled_texts`` (the project's texts) adapt the encoder when
+    ``plan.simcse_texts`` > 0; ``embedder`` ranks the catalog (default: the packaged MiniLM); ``project``
     names the project in logs and errors. Nothing is published if any step fails.
     """
     where = project or str(registry.root)
@@ -126,7 +133,15 @@ def build_first_version(
             names, report = _from_catalog(plan, labels, staged, task, embedder, where)
         else:
             names, report = _cold_start(
-                registry, version, plan, labels, staged, seed_texts, seed_labels, probe_texts
+                registry,
+                version,
+                plan,
+                labels,
+                staged,
+                seed_texts,
+                seed_labels,
+                probe_texts,
+                unlabelled_texts,
             )
         check_member_names(names)
         report = {**report, "members": list(names)}
@@ -213,9 +228,23 @@ def _cold_start(
     texts: Sequence[str],
     ys: Sequence[str],
     probe_texts: Sequence[str] | None,
+    unlabelled_texts: Sequence[str] = (),
 ) -> tuple[list[str], dict[str, Any]]:
     # "auto" becomes a concrete encoder now, so the contrastive base and the members agree on it.
     config = replace(plan.cold_start, encoder=concrete_encoder(plan.cold_start.encoder))
+    simcse = None
+    if plan.simcse_texts > 0:
+        if not unlabelled_texts:
+            raise ValueError("simcse_texts > 0 needs the project's unlabelled texts")
+        encoder_dir = registry.root / "encoders" / f"{version}-simcse"
+        shutil.rmtree(encoder_dir, ignore_errors=True)  # left by a failed attempt
+        simcse = simcse_adapt(
+            list(unlabelled_texts),
+            encoder_dir,
+            base=config.encoder,
+            config=SimCSEConfig(max_texts=plan.simcse_texts, seed=config.seed),
+        )
+        config = replace(config, encoder=str(encoder_dir.resolve()))
     contrastive = None
     if plan.contrastive_pairs > 0:
         # Outside the staged version (whose directory is renamed when published): the embedding
@@ -232,6 +261,8 @@ def _cold_start(
         config = replace(config, encoder=str(encoder_dir.resolve()))
     result = cold_start(texts, ys, labels, staged, config, probe_texts=probe_texts)
     report = result.report()
+    if simcse is not None:
+        report["simcse_encoder"] = simcse
     if contrastive is not None:
         report["contrastive_encoder"] = contrastive
     return [m.name for m in result.members], report
