@@ -592,6 +592,35 @@ def test_the_cold_start_can_reshape_its_encoder_on_the_seed_labels_first(make_ct
     assert ctx.models.ensemble(UID, LABELS).predict_proba(["shares surge"]).shape == (1, 1, 3)
 
 
+@pytest.mark.e2e
+def test_the_cold_start_can_adapt_its_encoder_to_the_projects_texts_first(
+    make_ctx, tiny_encoder, label_studio, ls_project
+):
+    """AUTOANNOTATOR_COLD_START_SIMCSE: before the cold start, the encoder is adapted without labels to
+    the verified items' texts and the project's unannotated tasks' (read from Label Studio)."""
+    project = ls_project(CONFIG)
+    unlabelled = [text for text, _ in corpus(30, seed=9)]
+    label_studio.client().projects.import_tasks(id=project.id, request=[{"text": t} for t in unlabelled])
+    ctx = make_ctx(
+        AUTOANNOTATOR_COLD_START_KINDS="embedding-linear",
+        AUTOANNOTATOR_ENCODER=str(tiny_encoder),
+        AUTOANNOTATOR_COLD_START_SIMCSE="1000",
+        LABEL_STUDIO_API_KEY=label_studio.token,
+    )
+    ctx.state.remember(ProjectInfo(UID, project.id, label_studio.url, CONFIG))
+    seeds = corpus(12)
+    for i, (text, label) in enumerate(seeds):
+        annotate(i, text, label)
+    assert jobs.train_project(UID) == "first version v0001 published"
+    registry = ctx.models.registry(UID)
+    made = registry.history()[-1]["simcse_encoder"]
+    assert made["n_texts"] == len({t for t, _ in seeds} | set(unlabelled))
+    assert made["base"] == str(tiny_encoder)
+    encoder = (registry.root / "encoders" / "v0001-simcse").resolve()
+    member = json.loads((registry.path("v0001") / "m0-embedding-linear" / "specialist.json").read_text())
+    assert member["base_model"] == str(encoder)
+
+
 # ---------------------------------------------------------------------------- training settings
 
 

@@ -129,6 +129,12 @@ class Settings:
         0,
         "SetFit-style pairs per seed label that reshape the encoder before the cold start (0: off)",
     )
+    cold_start_simcse: int = _setting(
+        "AUTOANNOTATOR_COLD_START_SIMCSE",
+        0,
+        "before the cold start, adapt the encoder without labels (unsupervised SimCSE) to at most this "
+        "many of the project's task texts (0: off)",
+    )
     label_studio_url: str = _setting(
         "LABEL_STUDIO_URL", "", "Label Studio's URL for the workers (empty: the hostname LS sends to /setup)"
     )
@@ -244,6 +250,8 @@ class Settings:
             raise ValueError(
                 f"AUTOANNOTATOR_ENCODER={self.encoder!r}: write it as {self.encoder.strip().lower()!r}"
             )
+        if self.cold_start_simcse < 0:
+            raise ValueError(f"AUTOANNOTATOR_COLD_START_SIMCSE must be >= 0, got {self.cold_start_simcse}")
         if self.cold_start_contrastive < 0:
             raise ValueError(
                 f"AUTOANNOTATOR_COLD_START_CONTRASTIVE must be >= 0, got {self.cold_start_contrastive}"

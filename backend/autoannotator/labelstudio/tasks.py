@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from label_studio_sdk.core.api_error import ApiError
 
+from autoannotator.labelstudio.config import ProjectConfig, TaskText, extract_texts
 from autoannotator.labelstudio.review_tab import TASK_COLUMNS
 
 if TYPE_CHECKING:
@@ -90,6 +91,30 @@ def unannotated_page(
     }
     body = _call(ls, "GET", "api/tasks", params=params)
     return list(body.get("tasks") or []), int(body.get("total") or 0)
+
+
+def unannotated_texts(
+    ls: LabelStudio, project_id: int, config: ProjectConfig, *, max_chars: int, limit: int, page: int = 1000
+) -> tuple[list[TaskText], dict[int, dict[str, Any]]]:
+    """The texts of the project's first ``limit`` unannotated tasks (by id) that have one, read in
+    pages of ``page``, and each such task's data as Label Studio holds it (written back whole when a
+    field is added)."""
+    ids: list[int] = []
+    after = 0
+    while len(ids) < limit:
+        found, _ = unannotated_page(ls, project_id, after_id=after, size=page)
+        if not found:
+            break
+        ids += [int(t["id"]) for t in found]
+        after = int(found[-1]["id"])
+    ids = ids[:limit]
+    texts: list[TaskText] = []
+    data: dict[int, dict[str, Any]] = {}
+    for start in range(0, len(ids), page):
+        tasks = unannotated_tasks(ls, project_id, ids[start : start + page])
+        data.update((int(t["id"]), dict(t.get("data") or {})) for t in tasks)
+        texts += [t for t in extract_texts(tasks, config, max_chars) if t.ok and t.task_id is not None]
+    return texts, data
 
 
 def unannotated_tasks(ls: LabelStudio, project_id: int, ids: Sequence[int]) -> list[dict[str, Any]]:

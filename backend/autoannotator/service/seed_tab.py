@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autoannotator.labelstudio.config import TaskText, extract_texts
+from autoannotator.labelstudio.config import TaskText
 from autoannotator.labelstudio.fields import IN_TAB, SEED
 from autoannotator.labelstudio.review_tab import ensure_review_tab
-from autoannotator.labelstudio.tasks import set_data_field, unannotated_page, unannotated_tasks
+from autoannotator.labelstudio.tasks import set_data_field, unannotated_texts
 from autoannotator.learning.seeds import MAX_CLUSTERED, choose_seeds
 from autoannotator.service.context import Context
 
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SEED_TAB = "Seed"
-PAGE = 1000
 
 
 @dataclass
@@ -58,24 +57,9 @@ def choose_covering_tasks(
     """``n`` of the project's unannotated tasks with text (of its first :data:`MAX_CLUSTERED`), one
     nearest each k-means centre of the frozen encoder's embeddings; None while fewer than
     ``at_least`` tasks have text."""
-    ids: list[int] = []
-    after = 0
-    while len(ids) < MAX_CLUSTERED:
-        page, _ = unannotated_page(ls, info.project_id, after_id=after, size=PAGE)
-        if not page:
-            break
-        ids += [int(t["id"]) for t in page]
-        after = int(page[-1]["id"])
-    texts: list[TaskText] = []
-    data: dict[int, dict[str, Any]] = {}
-    for start in range(0, len(ids), PAGE):
-        found = unannotated_tasks(ls, info.project_id, ids[start : start + PAGE])
-        data.update((int(t["id"]), dict(t.get("data") or {})) for t in found)
-        texts += [
-            t
-            for t in extract_texts(found, config, ctx.settings.max_text_chars)
-            if t.ok and t.task_id is not None
-        ]
+    texts, data = unannotated_texts(
+        ls, info.project_id, config, max_chars=ctx.settings.max_text_chars, limit=MAX_CLUSTERED
+    )
     if len(texts) < at_least:
         return None
     vectors = _embed(ctx, [t.text or "" for t in texts])

@@ -14,6 +14,7 @@ from typing import Any
 from autoannotator.core.labels import LabelSet
 from autoannotator.errors import TrainingError
 from autoannotator.labelstudio.client import project_words
+from autoannotator.labelstudio.tasks import unannotated_texts
 from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.first_version import FirstVersionPlan, TaskDescription, build_first_version
 from autoannotator.learning.pool import VerifiedPool
@@ -153,6 +154,9 @@ def _first_version(ctx: Context, uid: str, registry: Any, pool: VerifiedPool, la
         if waiting is not None:
             raise TrainingError(f"project {uid} cannot cold-start yet: waiting for {waiting}")
     items = pool.train_items() if plan.needs_seed else []
+    unlabelled: list[str] = []
+    if plan.needs_seed and plan.simcse_texts > 0:
+        unlabelled = _project_texts(ctx, uid, pool, plan.simcse_texts)
     built = build_first_version(
         registry,
         labels,
@@ -161,8 +165,26 @@ def _first_version(ctx: Context, uid: str, registry: Any, pool: VerifiedPool, la
         seed_labels=[it.label for it in items],
         task=task,
         project=f"project {uid}",
+        unlabelled_texts=unlabelled,
     )
     return built.version
+
+
+def _project_texts(ctx: Context, uid: str, pool: VerifiedPool, limit: int) -> list[str]:
+    """The project's texts for the encoder's unsupervised adaptation: every verified item's (held-out
+    ones too: their labels are not used) and its unannotated tasks', ``limit`` at most."""
+    info = ctx.info(uid)
+    texts = [it.text for it in pool.items()]
+    found, _ = unannotated_texts(
+        ctx.label_studio(info),
+        info.project_id,
+        ctx.config(info),
+        max_chars=ctx.settings.max_text_chars,
+        limit=limit,
+    )
+    texts += [t.text or "" for t in found]
+    logger.info("project %s: %d texts to adapt the encoder to before the cold start", uid, len(texts))
+    return texts  # SimCSE samples at most `limit` of them
 
 
 def _first_version_plan(s: Settings) -> FirstVersionPlan:
@@ -178,6 +200,7 @@ def _first_version_plan(s: Settings) -> FirstVersionPlan:
             transformer_train=TrainConfig(learning_rate=s.cold_start_lr, epochs=s.cold_start_epochs),
         ),
         contrastive_pairs=s.cold_start_contrastive,
+        simcse_texts=s.cold_start_simcse,
     )
 
 
