@@ -13,6 +13,7 @@ test), so nothing from another test, another run or a developer's own backend le
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,3 +262,16 @@ def tab_ids(ls: Any, project_id: int) -> set[int]:
     """The ids of the tasks in the project's "Needs review" tab."""
     tab = next(v for v in ls.views.list(project=project_id) if (v.data or {}).get("title") == "Needs review")
     return {t.id for t in ls.tasks.list(project=project_id, view=tab.id, page_size=1000)}
+
+
+def next_task(label_studio: Any, project_id: int, view_id: int | None = None) -> dict[str, Any]:
+    """``GET /api/projects/{id}/next[?view=…]``: the label stream as "Label All Tasks" asks it (from a
+    tab: ``view_id``). The SDK has no method for it."""
+    query = f"?view={view_id}" if view_id is not None else ""
+    request = urllib.request.Request(
+        f"{label_studio.url}/api/projects/{project_id}/next{query}",
+        headers={"Authorization": f"Token {label_studio.token}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer

@@ -6,10 +6,7 @@ scores and versions. The measured LS behaviours are listed in ``autoannotator.la
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,6 +19,7 @@ from autoannotator.labelstudio.review_tab import (
     review_view_data,
     use_uncertainty_sampling,
 )
+from tests.flow import next_task
 
 CONFIG = Path(__file__).resolve().parents[1] / "label_config" / "sentiment.xml"
 VERSION = "v0001"
@@ -39,17 +37,6 @@ SCORES: dict[str, float | None] = {
     "never predicted": None,
 }
 OLD_ONLY = "only an old version"  # a 0.05 prediction of v0000 alone: not the served version
-
-
-def _next_task(url: str, token: str, project_id: int, view_id: int | None = None) -> dict[str, Any]:
-    """``GET /api/projects/{id}/next``: the SDK has no method for the label stream."""
-    query = f"?view={view_id}" if view_id is not None else ""
-    request = urllib.request.Request(
-        f"{url}/api/projects/{project_id}/next{query}", headers={"Authorization": f"Token {token}"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        answer: dict[str, Any] = json.loads(response.read())
-    return answer
 
 
 def test_view_data_refuses_a_threshold_outside_0_1() -> None:
@@ -93,16 +80,14 @@ def test_review_tab_shows_unannotated_uncertain_tasks_most_uncertain_first(label
     assert [score for _, score in tab()] == pytest.approx([score for _, score in expected])
 
     # The label stream serves the lowest score first, with or without the tab.
-    assert _next_task(label_studio.url, label_studio.token, project.id)["data"]["text"] == "most unsure"
-    assert (
-        _next_task(label_studio.url, label_studio.token, project.id, view_id)["data"]["text"] == "most unsure"
-    )
+    assert next_task(label_studio, project.id)["data"]["text"] == "most unsure"
+    assert next_task(label_studio, project.id, view_id)["data"]["text"] == "most unsure"
 
     # A human answers the most uncertain task: it leaves the tab and the stream moves on.
     region = prediction(config, "Neutral", 1.0, VERSION)["result"]
     ls.annotations.create(id=ids["most unsure"], result=region)
     assert [text for text, _ in tab()] == [text for text, _ in expected[1:]]
-    assert _next_task(label_studio.url, label_studio.token, project.id, view_id)["data"]["text"] == "unsure a"
+    assert next_task(label_studio, project.id, view_id)["data"]["text"] == "unsure a"
 
     # Ensuring again (a new threshold) rewrites the same tab: one tab, new filters.
     assert ensure_review_tab(ls, project.id, 0.3) == view_id

@@ -5,8 +5,6 @@ stream opened from that tab serves them, and the tab empties as people label the
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import pytest
 from autoannotator.service.app import create_app
 from autoannotator.settings import Settings
 from tests.e2e_data import CONFIG, SEED
-from tests.flow import AppServer, Workers, backend_env, drain, failed_jobs, wait_for
+from tests.flow import AppServer, Workers, backend_env, drain, failed_jobs, next_task, wait_for
 from tests.flow import annotate as _annotate
 from tests.flow import connect as _connect
 
@@ -29,16 +27,6 @@ def _seed_tab(ls: Any, project_id: int) -> Any | None:
     tabs = [v for v in ls.views.list(project=project_id) if (v.data or {}).get("title") == "Seed"]
     assert len(tabs) <= 1, "one Seed tab, however often the project connects"
     return tabs[0] if tabs else None
-
-
-def _next_task(url: str, token: str, project_id: int, view_id: int) -> dict[str, Any]:
-    """``GET /api/projects/{id}/next?view=…``: the label stream as "Label All Tasks" in a tab asks it."""
-    request = urllib.request.Request(
-        f"{url}/api/projects/{project_id}/next?view={view_id}", headers={"Authorization": f"Token {token}"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        answer: dict[str, Any] = json.loads(response.read())
-    return answer
 
 
 def test_a_new_project_gets_its_seed_tasks_in_a_seed_tab_served_first(
@@ -73,7 +61,7 @@ def test_a_new_project_gets_its_seed_tasks_in_a_seed_tab_served_first(
         assert all(set(tasks[i].data) == {"text", "aa_seed"} for i in flagged)
 
         # "Label All Tasks" from the tab serves its tasks; a labelled one leaves the tab.
-        first = _next_task(label_studio.url, label_studio.token, project.id, tab.id)
+        first = next_task(label_studio, project.id, tab.id)
         assert first["id"] in flagged
         _annotate(ls, first["id"], TEXTS[tasks[first["id"]].data["text"]])
         listed = {t.id for t in ls.tasks.list(project=project.id, view=tab.id, page_size=500)}

@@ -219,12 +219,7 @@ def contrastive_adapt(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
 
     def embed(batch: list[str]) -> torch.Tensor:
-        enc = tokenizer(
-            batch, padding=True, truncation=True, max_length=config.max_length, return_tensors="pt"
-        )
-        hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return _mean_pooled(model, tokenizer, batch, config.max_length)
 
     started = time.perf_counter()
     losses: list[float] = []
@@ -234,26 +229,18 @@ def contrastive_adapt(
         a, b = embed([p[0] for p in chunk]), embed([p[1] for p in chunk])
         cosine = torch.nn.functional.cosine_similarity(a, b)
         loss = torch.nn.functional.mse_loss(cosine, torch.tensor([p[2] for p in chunk]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.item()))
+        _step(optimizer, loss, losses)
     model.eval()
-    tail = losses[-max(1, len(losses) // 10) :]
     report: dict[str, Any] = {
         "objective": "contrastive (SetFit-style cosine pairs)",
         "base": base,
         "n_examples": len(texts),
         "n_pairs": len(pairs),
-        "loss_first_batch": round(losses[0], 4),
-        "loss_last_tenth": round(sum(tail) / len(tail), 4),
+        **_loss_summary(losses),
         "config": asdict(config),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    with staged_dir(Path(out_dir)) as staged:
-        model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
-        (staged / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    _save_encoder(model, tokenizer, Path(out_dir), report)
     logger.info(
         "contrastive encoder from %d seed labels (%d pairs) in %.0fs; loss %.3f -> %.3f",
         len(texts),
@@ -316,12 +303,7 @@ def simcse_adapt(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
 
     def embed(batch: list[str]) -> torch.Tensor:
-        enc = tokenizer(
-            batch, padding=True, truncation=True, max_length=config.max_length, return_tensors="pt"
-        )
-        hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return _mean_pooled(model, tokenizer, batch, config.max_length)
 
     started = time.perf_counter()
     losses: list[float] = []
@@ -338,26 +320,18 @@ def simcse_adapt(
             loss = torch.nn.functional.cross_entropy(
                 similarity / config.temperature, torch.arange(len(batch))
             )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.item()))
+            _step(optimizer, loss, losses)
     model.eval()
-    tail = losses[-max(1, len(losses) // 10) :]
     report: dict[str, Any] = {
         "objective": "unsupervised SimCSE (dropout views, in-batch negatives)",
         "base": base,
         "n_texts": len(sample),
         "steps": len(losses),
-        "loss_first_batch": round(losses[0], 4),
-        "loss_last_tenth": round(sum(tail) / len(tail), 4),
+        **_loss_summary(losses),
         "config": asdict(config),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    with staged_dir(Path(out_dir)) as staged:
-        model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
-        (staged / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    _save_encoder(model, tokenizer, Path(out_dir), report)
     logger.info(
         "SimCSE encoder from %d unlabelled texts in %.0fs; loss %.3f -> %.3f",
         len(sample),
@@ -366,3 +340,32 @@ def simcse_adapt(
         report["loss_last_tenth"],
     )
     return report
+
+
+def _mean_pooled(model: Any, tokenizer: Any, batch: list[str], max_length: int) -> Any:
+    """The texts' mean-pooled last hidden states (the embedding member's vectors), with gradients."""
+    enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def _save_encoder(model: Any, tokenizer: Any, out_dir: Path, report: dict[str, Any]) -> None:
+    """The adapted encoder with its tokenizer and report, in ``out_dir`` whole or not at all."""
+    with staged_dir(out_dir) as staged:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        (staged / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def _step(optimizer: Any, loss: Any, losses: list[float]) -> None:
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    losses.append(float(loss.item()))
+
+
+def _loss_summary(losses: Sequence[float]) -> dict[str, float]:
+    """The first batch's loss and the mean of the last tenth's: whether training moved it at all."""
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {"loss_first_batch": round(losses[0], 4), "loss_last_tenth": round(sum(tail) / len(tail), 4)}
