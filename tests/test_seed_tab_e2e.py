@@ -5,6 +5,7 @@ stream opened from that tab serves them, and the tab empties as people label the
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,17 @@ import pytest
 from autoannotator.service.app import create_app
 from autoannotator.settings import Settings
 from tests.e2e_data import CONFIG, SEED
-from tests.flow import AppServer, Workers, backend_env, drain, failed_jobs, next_task, wait_for
+from tests.flow import (
+    PASSWORD,
+    USER,
+    AppServer,
+    Workers,
+    backend_env,
+    drain,
+    failed_jobs,
+    next_task,
+    wait_for,
+)
 from tests.flow import annotate as _annotate
 from tests.flow import connect as _connect
 
@@ -46,10 +57,16 @@ def test_a_new_project_gets_its_seed_tasks_in_a_seed_tab_served_first(
     project = ls_project(CONFIG)
     ls.projects.import_tasks(id=project.id, request=[{"text": t} for t in TEXTS] + [{"text": ""}])
     with AppServer(create_app(settings)) as app, Workers(env, tmp_path / "logs") as workers:
-        _connect(ls, project.id, app.url)
+        uid = _connect(ls, project.id, app.url)
         tab = wait_for("the Seed tab", lambda: _seed_tab(ls, project.id), 120, workers)
         drain(redis_client, workers)
         assert not failed_jobs(redis_client), failed_jobs(redis_client)
+        auth = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
+        status = app.app.test_client().get("/status.json", headers=auth).get_json()
+        (mine,) = [p for p in status["projects"] if p["project"] == uid]
+        assert mine["seeds"]["seed_tab"].startswith(f"{SEEDS} seed tasks in the 'Seed' tab")
+        page = app.app.test_client().get("/status", headers=auth).get_data(as_text=True)
+        assert "seed tasks (Seed tab)" in page
 
         tasks = {t.id: t for t in ls.tasks.list(project=project.id, fields="all", page_size=500)}
         flagged = {i for i, t in tasks.items() if t.data.get("aa_seed") == 1}

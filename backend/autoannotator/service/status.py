@@ -88,6 +88,8 @@ def project_status(ctx: Context, uid: str) -> dict[str, Any]:
             last_training=state.get(uid, "last_training"),
             title=state.get(uid, "title"),
         )
+        # What happened before the cold start: covering seed tasks for people, or for the LLM.
+        out["seeds"] = {k: v for k in ("seed_tab", "llm_seeds") if (v := state.get(uid, k)) is not None}
         run = LabelRuns(state).current(uid)
         out["labelling"] = run.as_dict() if run else None
         out["routing"] = routing_status(ctx, uid, out["version"])
@@ -414,6 +416,10 @@ def _project_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
     share = p.get("routed_share")
     rows = [
         ("version served", p.get("version") or "waiting for seed labels"),
+        *[
+            (f"seed tasks ({'LLM' if k == 'llm_seeds' else 'Seed tab'})", e(v))
+            for k, v in p.get("seeds", {}).items()
+        ],
         (
             "review mode",
             f"{p.get('review_mode', '?')} (<a href='/projects/{e(p['project'])}/settings'>change, "
