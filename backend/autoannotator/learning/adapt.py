@@ -11,6 +11,11 @@ sentiment), keep the encoder, drop the classification head, and cold-start from 
 
 The corpus's labels need not be the project's: only the encoder is kept. None of the project's
 labels are used, so the seed-label count of a project is unchanged.
+
+Two more ways to reshape the encoder before a cold start live here, each kept beside the versions
+as ``encoders/<version>-<kind>`` so that every later version goes on using it:
+:func:`simcse_adapt` (no labels at all: the project's own texts, unsupervised SimCSE) and
+:func:`contrastive_adapt` (the seed labels only, SetFit-style pairs).
 """
 
 from __future__ import annotations
