@@ -656,6 +656,30 @@ def test_training_hyperparameters_come_from_the_settings(make_ctx, tiny_encoder)
     assert (trained_with("v0002")["learning_rate"], trained_with("v0002")["epochs"]) == (5e-4, 1)
 
 
+def test_the_refit_strategy_retrains_from_the_encoder_with_the_cold_start_recipe(make_ctx, tiny_encoder):
+    ctx = make_ctx(
+        AUTOANNOTATOR_COLD_START_KINDS="transformer",
+        AUTOANNOTATOR_ENCODER=str(tiny_encoder),
+        AUTOANNOTATOR_COLD_START_LR="1e-3",
+        AUTOANNOTATOR_COLD_START_EPOCHS="2",
+        AUTOANNOTATOR_REFINE_LR="5e-4",
+        AUTOANNOTATOR_REFINE_EPOCHS="1",
+        AUTOANNOTATOR_RETRAIN_STRATEGY="refit",
+        AUTOANNOTATOR_MIN_HOLDOUT="1000",
+    )
+    _seed_and_publish(ctx)
+    registry = ctx.models.registry(UID)
+    for i, (text, label) in enumerate(corpus(12, seed=7), start=500):
+        annotate(i, text, label)
+    Queue("train", connection=ctx.state.redis).empty()
+    assert jobs.train_project(UID, True).startswith("v0002 published")
+    meta = json.loads((registry.path("v0002") / "m0-transformer" / "specialist.json").read_text())
+    assert (meta["train_config"]["learning_rate"], meta["train_config"]["epochs"]) == (1e-3, 2)
+    assert meta["parent"] is None and meta["base_model"] == str(tiny_encoder)
+    assert meta["n_train"] == len(pool_of(ctx).train_items())
+    assert registry.history()[-1]["strategy"] == {"m0-transformer": "refit"}
+
+
 @pytest.mark.parametrize(
     ("env", "value"),
     [
@@ -663,6 +687,7 @@ def test_training_hyperparameters_come_from_the_settings(make_ctx, tiny_encoder)
         ("AUTOANNOTATOR_REFINE_EPOCHS", "0"),
         ("AUTOANNOTATOR_COLD_START_LR", "-1e-5"),
         ("AUTOANNOTATOR_COLD_START_EPOCHS", "0"),
+        ("AUTOANNOTATOR_RETRAIN_STRATEGY", "restart"),
     ],
 )
 def test_bad_training_hyperparameters_are_refused_at_startup(env, value):

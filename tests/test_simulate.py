@@ -101,6 +101,24 @@ def test_a_budget_over_the_weighted_vote_gets_member_weights_after_each_retraini
         assert len(weights) == members >= 2 and all(0 < w < 1 for w in weights)
 
 
+def test_the_refit_strategy_retrains_the_fine_tuned_member_from_its_encoder(tmp_path, data, tiny_encoder):
+    report, out = run(
+        tmp_path, data, tiny_encoder, "--policy", "budget:0.25:mean", "--retrain-strategy", "refit"
+    )
+    assert report["config"]["retrain_strategy"] == "refit"
+    assert report["cycles"] and all(c["strategy"].get("m0-transformer") == "refit" for c in report["cycles"])
+    for cycle in report["cycles"]:
+        if cycle["promoted"] and "m0-transformer" in cycle["strategy"]:
+            meta = json.loads(
+                (
+                    out / "models" / "versions" / cycle["version"] / "m0-transformer" / "specialist.json"
+                ).read_text()
+            )
+            # The cold start's recipe (--cold-lr 5e-3, --cold-epochs 4), from the encoder itself.
+            assert meta["parent"] is None and meta["base_model"] == str(tiny_encoder)
+            assert (meta["train_config"]["learning_rate"], meta["train_config"]["epochs"]) == (5e-3, 4)
+
+
 def test_paper_epsilon_rule_without_retraining(tmp_path, data, tiny_encoder):
     report, _ = run(tmp_path, data, tiny_encoder, "--policy", "epsilon:0.34", "--no-retrain")
     assert report["cycles"] == []

@@ -59,7 +59,8 @@ def tree_hash(directory: Path) -> dict[str, str]:
 
 
 def test_config_is_validated() -> None:
-    for bad in ({"beta": 0}, {"replay_ratio": -1}, {"min_holdout": -1}, {"tolerance": 2}, {"metric": "auc"}):
+    bad_values = ({"beta": 0}, {"replay_ratio": -1}, {"min_holdout": -1}, {"tolerance": 2}, {"metric": "auc"})
+    for bad in (*bad_values, {"strategy": "restart"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             RefineConfig(**bad)
     # The defaults are the backend's: beta is AUTOANNOTATOR_RETRAIN_EVERY (see tests/test_jobs.py).
@@ -281,6 +282,105 @@ def test_incremental_members_get_new_items_plus_replay_and_the_configured_hyperp
     assert bert.meta.parent == str(registry.path("v0001") / "bert")
     assert len(bert.meta.metrics["train_loss"]) == train.epochs
     assert ngram.meta.n_train == len(pool.train_items()) == 60 + n_new
+
+
+def _with_a_transformer(
+    tmp_path: Path, transformer: Callable[[Path, list[str], list[str]], Specialist]
+) -> tuple[Registry, VerifiedPool]:
+    """Version 1 of an n-gram member and ``transformer`` on 60 seed labels, then 50 new verified items."""
+    registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
+    seed_rows = rows(60, 0, "s")
+    pool.add_many(seed_rows, Source.SEED)
+    pool.mark_trained()
+    texts, ys = [t for _, t, _ in seed_rows], [y for _, _, y in seed_rows]
+    registry.save_ensemble(
+        LABELS,
+        {
+            "ngram": lambda d: NgramSpecialist.untrained(LABELS).fit(texts, ys, d),
+            "bert": lambda d: transformer(d, texts, ys),
+        },
+    )
+    pool.add_many(rows(50, 1, "h"))
+    return registry, pool
+
+
+CONTINUE = TrainConfig(learning_rate=5e-4, epochs=1, batch_size=8, max_length=24, seed=11)
+RESTART = TrainConfig(learning_rate=3e-3, epochs=2, batch_size=16, max_length=24, seed=11)
+
+
+def test_mix_continues_from_the_served_weights_on_every_verified_item(
+    tmp_path: Path, tiny_encoder: Path
+) -> None:
+    start = TrainConfig(epochs=1, batch_size=16, learning_rate=1e-3, max_length=32)
+    registry, pool = _with_a_transformer(
+        tmp_path,
+        lambda d, texts, ys: TransformerSpecialist.from_encoder(tiny_encoder, LABELS, "bert").fit(
+            texts, ys, d, start
+        ),
+    )
+    config = RefineConfig(beta=10, tolerance=1.0, strategy="mix", train=CONTINUE, refit_train=RESTART)
+
+    result = refine(registry, pool, config, labels=LABELS, policy=SERVED)
+
+    assert result.promoted and result.strategy == {"ngram": "refit", "bert": "mix"}
+    assert result.n_replay == 0  # nothing continued on a replay sample
+    ngram, bert = registry.load("v0002", LABELS).members
+    assert isinstance(bert, TransformerSpecialist)
+    assert bert.meta.n_train == ngram.meta.n_train == len(pool.train_items())
+    assert bert.meta.parent == str(registry.path("v0001") / "bert")  # continued from the served weights
+    assert bert.meta.train_config == asdict(CONTINUE)
+    assert registry.history()[-1]["strategy"] == {"ngram": "refit", "bert": "mix"}
+
+
+def test_refit_starts_again_from_the_encoder_with_the_cold_start_recipe(
+    tmp_path: Path, tiny_encoder: Path
+) -> None:
+    start = TrainConfig(epochs=1, batch_size=16, learning_rate=1e-3, max_length=32)
+    registry, pool = _with_a_transformer(
+        tmp_path,
+        lambda d, texts, ys: TransformerSpecialist.from_encoder(tiny_encoder, LABELS, "bert").fit(
+            texts, ys, d, start
+        ),
+    )
+    served = registry.load("v0001", LABELS).members[1]
+    assert isinstance(served, TransformerSpecialist)
+    config = RefineConfig(beta=10, tolerance=1.0, strategy="refit", train=CONTINUE, refit_train=RESTART)
+
+    result = refine(registry, pool, config, labels=LABELS, policy=SERVED)
+
+    assert result.promoted and result.strategy == {"ngram": "refit", "bert": "refit"}
+    assert result.n_replay == 0
+    bert = registry.load("v0002", LABELS).members[1]
+    assert isinstance(bert, TransformerSpecialist)
+    assert bert.meta.n_train == len(pool.train_items()) > 60
+    assert bert.meta.parent is None  # a new head on the encoder, not the served member's weights
+    assert bert.meta.base_model == served.meta.base_model == str(tiny_encoder)
+    assert bert.meta.train_config == asdict(RESTART)
+    assert len(bert.meta.metrics["train_loss"]) == RESTART.epochs
+    # The served member's encoder weights were not the starting point: the refit's first layer
+    # differs from both the served member's and (after training) the bare encoder's.
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    refit, old = bert.model.state_dict()[key], served.model.state_dict()[key]
+    fresh = TransformerSpecialist.from_encoder(tiny_encoder, LABELS, "bert").model.state_dict()[key]
+    assert not np.allclose(refit.numpy(), old.numpy()) and not np.allclose(refit.numpy(), fresh.numpy())
+
+
+def test_under_refit_a_member_loaded_as_a_ready_classifier_continues(tmp_path: Path) -> None:
+    classifier = tiny.build_classifier(tmp_path / "clf", list(LABELS.names))
+    registry, pool = _with_a_transformer(
+        tmp_path / "registry",
+        lambda d, texts, ys: TransformerSpecialist.load(classifier, LABELS, name="bert").fit(
+            texts, ys, d, CONTINUE
+        ),
+    )
+    config = RefineConfig(beta=10, tolerance=1.0, strategy="refit", train=CONTINUE, refit_train=RESTART)
+
+    result = refine(registry, pool, config, labels=LABELS, policy=SERVED)
+
+    assert result.promoted and result.strategy == {"ngram": "refit", "bert": "continual"}
+    bert = registry.load("v0002", LABELS).members[1]
+    assert bert.meta.n_train == result.n_new + result.n_replay and result.n_replay > 0
+    assert bert.meta.parent == str(registry.path("v0001") / "bert")
 
 
 # ---------------------------------------------------------------------------- pruning

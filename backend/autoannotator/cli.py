@@ -19,6 +19,7 @@ from autoannotator.demo.config import DemoConfig
 from autoannotator.errors import AutoAnnotatorError, BadInputError
 from autoannotator.learning.recipes import KINDS, ColdStartConfig
 from autoannotator.models.specialists import TrainConfig
+from autoannotator.models.specialists.base import RETRAIN_STRATEGIES
 
 if TYPE_CHECKING:
     from autoannotator.lab.simulate import ReviewSetup, SimulationConfig
@@ -253,6 +254,14 @@ def _add_specialist_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cold-lr", type=float, default=5e-5)
     p.add_argument("--cold-epochs", type=int, default=6)
+    p.add_argument(
+        "--retrain-strategy",
+        choices=RETRAIN_STRATEGIES,
+        default="continual",
+        help="how the fine-tuned members retrain: continue on the new items and a replay sample "
+        "(the paper's), continue on every verified item (mix), or start again from their encoder "
+        "on every verified item with the cold start's recipe (refit)",
+    )
     p.add_argument("--lr", type=float, default=2e-5, help="refinement learning rate (paper: 2e-5)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="refinement weight decay (paper: 0.01)")
     p.add_argument("--epochs", type=int, default=3, help="refinement epochs (paper: 3)")
@@ -345,6 +354,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
         calibrate_on_reviews=args.calibrate_on_reviews,
         llm_seeds=args.llm_seeds,
         seed_choice=args.seed_choice,
+        retrain_strategy=args.retrain_strategy,
         seed=args.seed,
     )
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from autoannotator.core.limits import MAX_TEXT_CHARS
 from autoannotator.core.precision import PRECISIONS
+from autoannotator.models.specialists.base import RETRAIN_STRATEGIES
 
 REVIEW_MODES = ("llm", "human", "off")
 # AUTOANNOTATOR_ENCODER's names that are not a hub id or a dir (see models/specialists/encoder.py).
@@ -81,6 +82,13 @@ class Settings:
         "AUTOANNOTATOR_REFINE_EPOCHS",
         3,
         "epochs of the fine-tuned members at each retraining (the paper's 3)",
+    )
+    retrain_strategy: str = _setting(
+        "AUTOANNOTATOR_RETRAIN_STRATEGY",
+        "continual",
+        "how the fine-tuned members retrain: `continual` (on the new items and as many older ones, the "
+        "paper's), `mix` (on every verified item, from their current weights) or `refit` (from their "
+        "encoder with a new head, on every verified item, with the cold start's learning rate and epochs)",
     )
     seed_labels: int = _setting(
         "AUTOANNOTATOR_SEED_LABELS",
@@ -268,6 +276,11 @@ class Settings:
             raise ValueError(f"AUTOANNOTATOR_THREADS must be >= 0 (0: automatic), got {self.threads}")
         if self.cpu_sharers < 1:
             raise ValueError(f"AUTOANNOTATOR_CPU_SHARERS must be >= 1, got {self.cpu_sharers}")
+        if self.retrain_strategy not in RETRAIN_STRATEGIES:
+            raise ValueError(
+                f"AUTOANNOTATOR_RETRAIN_STRATEGY must be one of {RETRAIN_STRATEGIES}, "
+                f"got {self.retrain_strategy!r}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"AUTOANNOTATOR_PRECISION must be one of {PRECISIONS}, got {self.precision!r}")
         if self.label_pause_s < 0:

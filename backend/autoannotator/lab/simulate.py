@@ -53,6 +53,7 @@ from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.learning.refine import RefineConfig, refine
 from autoannotator.models.ensemble import Ensemble
 from autoannotator.models.specialists import TrainConfig
+from autoannotator.models.specialists.base import RETRAIN_STRATEGIES
 from autoannotator.models.specialists.encoder import concrete_encoder
 from autoannotator.review.base import Reviewer, ReviewItem, ReviewStatus
 from autoannotator.storage.registry import Registry
@@ -80,6 +81,9 @@ class SimulationConfig:
     # many texts of the seed and stream files, the project's own texts (unsupervised SimCSE).
     simcse_texts: int = 0
     refine_train: TrainConfig = field(default_factory=TrainConfig)
+    # How the fine-tuned members retrain: continue on new items and a replay sample, continue on all
+    # verified items, or refit from their encoder on all of them (RETRAIN_STRATEGIES, learning.refine).
+    retrain_strategy: str = "continual"
     holdout_fraction: float = 0.2
     # Share of the seed labels kept out of the cold start to calibrate the target policy with.
     calibration_seeds: float = 0.0
@@ -122,6 +126,10 @@ class SimulationConfig:
             raise ValueError("audit_share must be in [0, 1]")
         if not 0 <= self.audit_uncertified <= 1:
             raise ValueError("audit_uncertified must be in [0, 1]")
+        if self.retrain_strategy not in RETRAIN_STRATEGIES:
+            raise ValueError(
+                f"retrain_strategy must be one of {RETRAIN_STRATEGIES}, got {self.retrain_strategy!r}"
+            )
         if self.seed_choice not in SEED_CHOICES:
             raise ValueError(f"seed_choice must be one of {SEED_CHOICES}, got {self.seed_choice!r}")
 
@@ -441,7 +449,12 @@ def run_simulation(
             result = refine(
                 registry,
                 pool,
-                RefineConfig(beta=config.beta, train=config.refine_train),
+                RefineConfig(
+                    beta=config.beta,
+                    train=config.refine_train,
+                    strategy=config.retrain_strategy,
+                    refit_train=config.cold_start.transformer_train,
+                ),
                 labels=labels,
                 policy=policy,
                 weights=weights,
@@ -623,7 +636,9 @@ def _result_summary(result: Any) -> dict[str, Any]:
             "n_replay",
             "n_holdout",
             "seconds",
+            "member_seconds",
             "pruning",
+            "strategy",
         )
     }
 
@@ -693,6 +708,7 @@ def _report(
             "policy": policy.name,
             "reviewer": reviewer.name,
             "refine_train": asdict(config.refine_train),
+            "retrain_strategy": config.retrain_strategy,
             "cold_start": {
                 "encoder": concrete_encoder(config.cold_start.encoder),  # what "auto" picked
                 "kinds": list(config.cold_start.kinds),

@@ -18,7 +18,8 @@ class ColdStartConfig:
 
     The fine-tuned encoder gets a larger learning rate and more epochs than the paper's refinement
     defaults: at cold start its classification head is random, and 2e-5 for 3 epochs on a few
-    hundred examples leaves it near chance. Later refinements use the paper's values.
+    hundred examples leaves it near chance. Later refinements use the paper's values, except a
+    member that starts again from its encoder (the ``refit`` strategy), which uses this recipe.
     """
 
     encoder: str = "auto"  # MiniLM on a CPU; all-mpnet-base-v2 on a CUDA GPU when installed (encoder.py)

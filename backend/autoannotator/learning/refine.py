@@ -4,9 +4,17 @@ The paper fine-tunes each SLM on the hard pool once it holds β items and swaps 
 A product cannot trust that blindly (one careless annotator, one bad LLM prompt), so each attempt is
 gated (:class:`~autoannotator.learning.gate.Gate`): the new ensemble and the served one are scored
 on held-out verified items that no version ever trained on, with the routing policy the project
-serves, and the new one is published only if it is not worse. Incremental members (transformers,
-which continue from their weights) see the new items plus a replay sample of older ones, so they do
-not forget; linear members refit from scratch on every verified training item, which costs seconds.
+serves, and the new one is published only if it is not worse.
+
+How a member retrains is its kind's and the ``strategy``'s (``RETRAIN_STRATEGIES``). Linear
+members always refit from scratch on every verified training item, which costs seconds. Incremental
+members (transformers, which can continue from their weights) either continue on the new items plus
+a replay sample of older ones, so they do not forget (``continual``: the paper's way, the
+cheapest), continue on every verified training item (``mix``), or start again from the encoder they
+were first built on, with a new head, on every verified training item and the cold start's recipe
+(``refit``: what a member would be had all labels been seeds; a member loaded as a ready classifier
+has no such base and continues instead).
+
 Whatever happens, the served version is untouched until the new one is complete and has passed: see
 :class:`~autoannotator.storage.registry.Registry`.
 """
@@ -28,8 +36,9 @@ from autoannotator.core.policies import Policy
 from autoannotator.errors import TrainingError
 from autoannotator.learning.gate import METRICS, Gate, Pruning
 from autoannotator.learning.pool import VerifiedItem, VerifiedPool
+from autoannotator.learning.recipes import ColdStartConfig
 from autoannotator.models.ensemble import Ensemble, write_manifest
-from autoannotator.models.specialists.base import TrainConfig
+from autoannotator.models.specialists.base import RETRAIN_STRATEGIES, Specialist, TrainConfig
 from autoannotator.storage.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -45,10 +54,14 @@ class RefineConfig:
     version is promoted unevaluated (and the reason says so).
     ``tolerance``: how much of ``metric`` a new version may lose and still be promoted. ``prune``:
     drop members whose removal raises the held-out ``metric`` (never below two members).
+    ``strategy``: how incremental members retrain (:data:`RETRAIN_STRATEGIES`); ``train`` is their recipe
+    when they continue, ``refit_train`` (the cold start's) when they start again from their encoder.
     """
 
     beta: int = 100
     replay_ratio: float = 1.0
+    strategy: str = "continual"
+    refit_train: TrainConfig = field(default_factory=lambda: ColdStartConfig().transformer_train)
     min_holdout: int = 10
     tolerance: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -64,8 +77,10 @@ class RefineConfig:
             raise ValueError(f"min_holdout must be >= 0, got {self.min_holdout}")
         if not 0 <= self.tolerance <= 1:
             raise ValueError(f"tolerance must be in [0, 1] (a share of the metric), got {self.tolerance}")
-        if not isinstance(self.train, TrainConfig):
-            raise ValueError(f"train must be a TrainConfig, got {type(self.train).__name__}")
+        if not isinstance(self.train, TrainConfig) or not isinstance(self.refit_train, TrainConfig):
+            raise ValueError("train and refit_train must be TrainConfig instances")
+        if self.strategy not in RETRAIN_STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(RETRAIN_STRATEGIES)}, got {self.strategy!r}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {list(METRICS)}, got {self.metric!r}")
 
@@ -91,6 +106,8 @@ class RefinementResult:
     member_seconds: dict[str, float]
     # Members dropped from the candidate because the vote was better without them (see Gate.prune).
     pruning: dict[str, Any] | None = None
+    # How each member retrained: "continual", "mix" or "refit" (see RETRAIN_STRATEGIES).
+    strategy: dict[str, str] = field(default_factory=dict)
 
     @property
     def serving(self) -> str | None:
@@ -109,6 +126,29 @@ def should_train(pool: VerifiedPool, config: RefineConfig) -> bool:
 
 def _texts_labels(items: Sequence[VerifiedItem]) -> tuple[list[str], list[str]]:
     return [it.text for it in items], [it.label for it in items]
+
+
+def _member_plan(
+    member: Specialist,
+    config: RefineConfig,
+    continual: Sequence[VerifiedItem],
+    everything: Sequence[VerifiedItem],
+) -> tuple[Specialist, Sequence[VerifiedItem], TrainConfig, str]:
+    """What ``member`` trains from, on which items, with which recipe, and the word for it.
+
+    ``continual`` is the new items plus the replay sample; ``everything`` every verified training item.
+    """
+    if not member.incremental:
+        return member, everything, config.train, "refit"
+    if config.strategy == "mix":
+        return member, everything, config.train, "mix"
+    if config.strategy == "refit":
+        restart = getattr(member, "from_base", None)
+        fresh = restart(seed=config.refit_train.seed) if restart is not None else None
+        if fresh is not None:
+            return fresh, everything, config.refit_train, "refit"
+        logger.info("%s was loaded as a ready classifier: it continues instead of refitting", member.name)
+    return member, continual, config.train, "continual"
 
 
 def refine(
@@ -162,17 +202,19 @@ def refine(
         round(config.replay_ratio * len(new)), rng_seed=config.train.seed + int(version[1:])
     )
     train_all, holdout = pool.train_items(), pool.holdout_items()
-    n_replay = len(replay) if any(m.incremental for m in old.members) else 0
+    n_replay = 0  # the replay sample counts once a member continued on it
     logger.info(
-        "refining %s into %s: %d new, %d replay, %d training, %d held-out items",
+        "refining %s into %s (%s): %d new, %d replay, %d training, %d held-out items",
         previous,
         version,
+        config.strategy,
         len(new),
-        n_replay,
+        len(replay),
         len(train_all),
         len(holdout),
     )
     member_seconds: dict[str, float] = {}
+    member_strategy: dict[str, str] = {}
     metrics_old: dict[str, float] = {}
     metrics_new: dict[str, float] = {}
     pruned: list[Pruning] = []
@@ -191,6 +233,7 @@ def refine(
             time.perf_counter() - started,
             member_seconds,
             pruned[0].as_dict() if pruned else None,
+            dict(member_strategy),
         )
 
     def entry(res: RefinementResult, event: str) -> dict[str, Any]:
@@ -211,15 +254,19 @@ def refine(
                 unit="member",
                 leave=False,
             ):
-                texts, ys = _texts_labels([*new, *replay] if member.incremental else train_all)
                 t0 = time.perf_counter()
                 try:
-                    fitted.append(member.fit(texts, ys, tmp / sub, config.train))
+                    start, items, recipe, how = _member_plan(member, config, [*new, *replay], train_all)
+                    member_strategy[sub] = how
+                    texts, ys = _texts_labels(items)
+                    fitted.append(start.fit(texts, ys, tmp / sub, recipe))
                 except Exception as exc:
                     raise TrainingError(
                         f"member {member.name!r} ({sub}) of {previous} failed to train into {version}: {exc}"
                     ) from exc
                 member_seconds[sub] = time.perf_counter() - t0
+            if "continual" in member_strategy.values():
+                n_replay = len(replay)
             members = list(subdirs)
             if holdout:
                 metrics_old.update(gate.evaluate(old, holdout, labels, weights))

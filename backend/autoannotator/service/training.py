@@ -210,6 +210,8 @@ def _refine_config(s: Settings) -> RefineConfig:
         beta=s.retrain_every,
         min_holdout=s.min_holdout,
         train=TrainConfig(learning_rate=s.refine_lr, epochs=s.refine_epochs),
+        strategy=s.retrain_strategy,
+        refit_train=TrainConfig(learning_rate=s.cold_start_lr, epochs=s.cold_start_epochs),
     )
 
 

@@ -44,6 +44,12 @@ def check_texts(texts: Sequence[str]) -> list[str]:
     return out
 
 
+# How an incremental member (one that can continue from its weights) retrains on verified labels:
+# on the new items and a replay sample of older ones, on every verified item from its current weights,
+# or from the encoder it was first built on with a new head (learning.refine says which costs what).
+RETRAIN_STRATEGIES = ("continual", "mix", "refit")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Fine-tuning hyperparameters. Defaults are the paper's (cross-entropy, lr 2e-5, wd 0.01, 3 epochs).

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from autoannotator.core.labels import LabelSet, map_model_labels, project_columns
 from autoannotator.errors import SpecialistLoadError, TrainingError
@@ -166,6 +166,26 @@ class TransformerSpecialist(DescribedByMeta):
             train_config={"max_length": max_length},
         )
         return cls(model, tokenizer, meta, list(range(len(labels))), None, batch_size)
+
+    def from_base(self, seed: int = 0) -> TransformerSpecialist | None:
+        """A new head on the encoder this member's line was first built on (its ``base_model``), to
+        be fit from scratch; ``None`` when the line began as a ready classifier (a model with its
+        own head, loaded with a label mapping), which has no such encoder to start again from."""
+        src = resolve_model_source(self.meta.base_model)
+        try:
+            architectures = AutoConfig.from_pretrained(src).architectures or []
+        except (OSError, ValueError) as exc:
+            raise SpecialistLoadError(f"cannot read the base model {src!r} of {self.name!r}: {exc}") from exc
+        if any(a.endswith("ForSequenceClassification") for a in architectures):
+            return None
+        return type(self).from_encoder(
+            self.meta.base_model,
+            self.labels,
+            name=self.name,
+            max_length=int((self.meta.train_config or {}).get("max_length", 128)),
+            batch_size=self.batch_size,
+            seed=seed,
+        )
 
     def _check_trainable(self, what: str) -> None:
         dtype = next(self.model.parameters()).dtype
