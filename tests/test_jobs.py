@@ -621,6 +621,38 @@ def test_the_cold_start_can_adapt_its_encoder_to_the_projects_texts_first(
     assert member["base_model"] == str(encoder)
 
 
+@pytest.mark.e2e
+def test_self_training_adds_pseudo_labels_of_the_projects_unannotated_tasks(
+    make_ctx, label_studio, ls_project
+):
+    """AUTOANNOTATOR_SELF_TRAINING: a retraining also learns the served version's confident labels of
+    the project's unannotated tasks (read from Label Studio); the pool never holds them."""
+    project = ls_project(CONFIG)
+    unlabelled = [text for text, _ in corpus(150, seed=9)]
+    label_studio.client().projects.import_tasks(id=project.id, request=[{"text": t} for t in unlabelled])
+    ctx = make_ctx(
+        AUTOANNOTATOR_SELF_TRAINING="0.5",
+        AUTOANNOTATOR_PSEUDO_PRECISION="0.6",
+        AUTOANNOTATOR_MIN_HOLDOUT="1000",  # promoted unjudged: the test reads the version it built
+        LABEL_STUDIO_API_KEY=label_studio.token,
+    )
+    ctx.state.remember(ProjectInfo(UID, project.id, label_studio.url, CONFIG))
+    _seed_and_publish(ctx, n=200)  # about 40 held out: enough to calibrate a threshold on
+    for i, (text, label) in enumerate(corpus(12, seed=7), start=500):
+        annotate(i, text, label)
+    size = len(pool_of(ctx))
+    Queue("train", connection=ctx.state.redis).empty()
+    assert jobs.train_project(UID, True).startswith("v0002 published")
+    made = ctx.models.registry(UID).history()[-1]["self_training"]
+    assert made["calibrated_on"] == "held-out" and made["n_unlabelled"] == len(set(unlabelled))
+    assert 0 < made["n_used"] <= made["cap"] == int(0.5 * len(pool_of(ctx).train_items()))
+    meta = json.loads(
+        (ctx.models.registry(UID).path("v0002") / "m0-ngram-linear" / "specialist.json").read_text()
+    )
+    assert meta["n_train"] == len(pool_of(ctx).train_items()) + made["n_used"]
+    assert len(pool_of(ctx)) == size  # the pseudo-labels trained, and were never verified labels
+
+
 # ---------------------------------------------------------------------------- training settings
 
 
@@ -688,6 +720,9 @@ def test_the_refit_strategy_retrains_from_the_encoder_with_the_cold_start_recipe
         ("AUTOANNOTATOR_COLD_START_LR", "-1e-5"),
         ("AUTOANNOTATOR_COLD_START_EPOCHS", "0"),
         ("AUTOANNOTATOR_RETRAIN_STRATEGY", "restart"),
+        ("AUTOANNOTATOR_SELF_TRAINING", "-1"),
+        ("AUTOANNOTATOR_PSEUDO_WEIGHT", "0"),
+        ("AUTOANNOTATOR_PSEUDO_PRECISION", "1.5"),
     ],
 )
 def test_bad_training_hyperparameters_are_refused_at_startup(env, value):

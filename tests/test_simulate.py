@@ -119,6 +119,22 @@ def test_the_refit_strategy_retrains_the_fine_tuned_member_from_its_encoder(tmp_
             assert (meta["train_config"]["learning_rate"], meta["train_config"]["epochs"]) == (5e-3, 4)
 
 
+def test_self_training_calibrates_on_the_audit_and_never_on_gold_it_should_not_see(
+    tmp_path, data, tiny_encoder
+):
+    report, _ = run(
+        tmp_path, data, tiny_encoder, "--policy", "budget:0.25:mean", "--audit-share", "0.3",
+        "--self-training", "0.5", "--pseudo-precision", "0.6",
+    )  # fmt: skip
+    assert report["config"]["self_training"]["ratio"] == 0.5
+    made = [c["self_training"] for c in report["cycles"]]
+    assert made and all(m["calibrated_on"] == "audit" for m in made)
+    used = [m for m in made if m.get("n_used")]
+    assert used, "some retraining should have had pseudo-labels"
+    for m in used:
+        assert 0 < m["n_used"] <= m["cap"] and m["calibration_accuracy"] >= 0.6
+
+
 def test_paper_epsilon_rule_without_retraining(tmp_path, data, tiny_encoder):
     report, _ = run(tmp_path, data, tiny_encoder, "--policy", "epsilon:0.34", "--no-retrain")
     assert report["cycles"] == []

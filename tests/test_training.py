@@ -218,7 +218,12 @@ class ExplodingNgram(NgramSpecialist):
     seen_siblings: ClassVar[list[str]] = []
 
     def fit(
-        self, texts: Sequence[str], labels: Sequence[str], out_dir: Path, config: TrainConfig | None = None
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        out_dir: Path,
+        config: TrainConfig | None = None,
+        weights: Sequence[float] | None = None,
     ) -> NgramSpecialist:
         ExplodingNgram.seen_siblings = sorted(p.name for p in Path(out_dir).parent.iterdir())
         raise OSError(28, "No space left on device")

@@ -255,6 +255,22 @@ def _add_specialist_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-lr", type=float, default=5e-5)
     p.add_argument("--cold-epochs", type=int, default=6)
     p.add_argument(
+        "--self-training",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="at each retraining, add at most RATIO pseudo-labels per verified training item: the "
+        "served version's labels of texts nobody labelled, where a threshold calibrated on held-out "
+        "verified items says they are right --pseudo-precision of the time (0: off)",
+    )
+    p.add_argument("--pseudo-weight", type=float, default=0.5, help="a pseudo-label's training weight")
+    p.add_argument(
+        "--pseudo-precision",
+        type=float,
+        default=0.95,
+        help="held-out accuracy the pseudo-labels' confidence threshold must reach",
+    )
+    p.add_argument(
         "--retrain-strategy",
         choices=RETRAIN_STRATEGIES,
         default="continual",
@@ -317,6 +333,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
     from autoannotator.lab.simulate import SimulationConfig
+    from autoannotator.learning.pseudo import SelfTrainingConfig
 
     _quiet_libraries()
     args.out = args.out or Path("runs") / time.strftime(f"{command}-%Y%m%d-%H%M%S")
@@ -355,6 +372,9 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
         llm_seeds=args.llm_seeds,
         seed_choice=args.seed_choice,
         retrain_strategy=args.retrain_strategy,
+        self_training=SelfTrainingConfig(
+            ratio=args.self_training, weight=args.pseudo_weight, precision=args.pseudo_precision
+        ),
         seed=args.seed,
     )
 

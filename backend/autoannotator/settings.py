@@ -83,6 +83,21 @@ class Settings:
         3,
         "epochs of the fine-tuned members at each retraining (the paper's 3)",
     )
+    self_training: float = _setting(
+        "AUTOANNOTATOR_SELF_TRAINING",
+        0.0,
+        "self-training: at each retraining, at most this many pseudo-labels per verified training item, "
+        "the served version's labels of unannotated tasks that a threshold calibrated on held-out verified "
+        "labels calls confident; never judging a version, never in the pool (0: off)",
+    )
+    pseudo_weight: float = _setting(
+        "AUTOANNOTATOR_PSEUDO_WEIGHT", 0.5, "a pseudo-label's training weight (a verified label's is 1)"
+    )
+    pseudo_precision: float = _setting(
+        "AUTOANNOTATOR_PSEUDO_PRECISION",
+        0.95,
+        "how often held-out verified items at or above the pseudo-labels' confidence threshold must be right",
+    )
     retrain_strategy: str = _setting(
         "AUTOANNOTATOR_RETRAIN_STRATEGY",
         "continual",
@@ -276,6 +291,11 @@ class Settings:
             raise ValueError(f"AUTOANNOTATOR_THREADS must be >= 0 (0: automatic), got {self.threads}")
         if self.cpu_sharers < 1:
             raise ValueError(f"AUTOANNOTATOR_CPU_SHARERS must be >= 1, got {self.cpu_sharers}")
+        if self.self_training < 0:
+            raise ValueError(f"AUTOANNOTATOR_SELF_TRAINING must be >= 0 (0: off), got {self.self_training}")
+        for name in ("pseudo_weight", "pseudo_precision"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{_env(name)} must be in (0, 1], got {getattr(self, name)}")
         if self.retrain_strategy not in RETRAIN_STRATEGIES:
             raise ValueError(
                 f"AUTOANNOTATOR_RETRAIN_STRATEGY must be one of {RETRAIN_STRATEGIES}, "

@@ -50,6 +50,7 @@ from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.datasets import Example, read_jsonl
 from autoannotator.learning.first_version import FirstVersionPlan, build_first_version
 from autoannotator.learning.pool import Source, VerifiedPool
+from autoannotator.learning.pseudo import SelfTrainingConfig
 from autoannotator.learning.refine import RefineConfig, refine
 from autoannotator.models.ensemble import Ensemble
 from autoannotator.models.specialists import TrainConfig
@@ -84,6 +85,9 @@ class SimulationConfig:
     # How the fine-tuned members retrain: continue on new items and a replay sample, continue on all
     # verified items, or refit from their encoder on all of them (RETRAIN_STRATEGIES, learning.refine).
     retrain_strategy: str = "continual"
+    # Self-training (learning.pseudo): the served version's confident labels of texts nobody labelled
+    # (the seed file's unchosen ones and the stream's unreviewed, unaudited ones) join each retraining.
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
     holdout_fraction: float = 0.2
     # Share of the seed labels kept out of the cold start to calibrate the target policy with.
     calibration_seeds: float = 0.0
@@ -364,6 +368,8 @@ def run_simulation(
     ensemble = registry.load(first.version, labels)
     timer.add("cold_start", t)
     pool.add_many([(f"seed:{i}", e.text, e.label) for i, e in enumerate(seed)], seed_source)
+    chosen = {e.key for e in seed} | calibration_keys
+    unchosen = [e.text for e in seed_all if e.key not in chosen]  # nobody labels these
     pool.mark_trained()
     initial = ensemble
 
@@ -454,10 +460,16 @@ def run_simulation(
                     train=config.refine_train,
                     strategy=config.retrain_strategy,
                     refit_train=config.cold_start.transformer_train,
+                    self_training=config.self_training,
                 ),
                 labels=labels,
                 policy=policy,
                 weights=weights,
+                unlabelled=_unlabelled(unchosen, stream, audited) if config.self_training.on else (),
+                audit=[
+                    (text, labels.names[y])
+                    for text, y in zip(calibration.texts, calibration.gold, strict=True)
+                ],
             )
             timer.add("retrain", t)
             cycles.append({"after_items": int(idx[-1] + 1), **_result_summary(result)})
@@ -527,6 +539,11 @@ def run_simulation(
     report["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - started_all, 2)}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _unlabelled(unchosen: list[str], stream: Sequence[Example], audited: np.ndarray) -> list[str]:
+    """The texts nobody labelled for self-training; refine leaves out those in the pool (reviewed)."""
+    return unchosen + [e.text for e, a in zip(stream, audited.tolist(), strict=True) if not a]
 
 
 def _certificates_summary(
@@ -639,6 +656,7 @@ def _result_summary(result: Any) -> dict[str, Any]:
             "member_seconds",
             "pruning",
             "strategy",
+            "self_training",
         )
     }
 
@@ -709,6 +727,7 @@ def _report(
             "reviewer": reviewer.name,
             "refine_train": asdict(config.refine_train),
             "retrain_strategy": config.retrain_strategy,
+            "self_training": asdict(config.self_training),
             "cold_start": {
                 "encoder": concrete_encoder(config.cold_start.encoder),  # what "auto" picked
                 "kinds": list(config.cold_start.kinds),

@@ -15,6 +15,10 @@ were first built on, with a new head, on every verified training item and the co
 (``refit``: what a member would be had all labels been seeds; a member loaded as a ready classifier
 has no such base and continues instead).
 
+With self-training on (``RefineConfig.self_training``, :mod:`autoannotator.learning.pseudo`), every
+member also trains on the served version's confident labels of unannotated texts, at a lower weight;
+they never reach the pool, so the gate and the pruning judge on verified held-out labels alone.
+
 Whatever happens, the served version is untouched until the new one is complete and has passed: see
 :class:`~autoannotator.storage.registry.Registry`.
 """
@@ -32,10 +36,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from autoannotator.core.labels import LabelSet
+from autoannotator.core.limits import MAX_TEXT_CHARS
 from autoannotator.core.policies import Policy
 from autoannotator.errors import TrainingError
 from autoannotator.learning.gate import METRICS, Gate, Pruning
 from autoannotator.learning.pool import VerifiedItem, VerifiedPool
+from autoannotator.learning.pseudo import PseudoLabels, SelfTrainingConfig, pseudo_label
 from autoannotator.learning.recipes import ColdStartConfig
 from autoannotator.models.ensemble import Ensemble, write_manifest
 from autoannotator.models.specialists.base import RETRAIN_STRATEGIES, Specialist, TrainConfig
@@ -54,14 +60,16 @@ class RefineConfig:
     version is promoted unevaluated (and the reason says so).
     ``tolerance``: how much of ``metric`` a new version may lose and still be promoted. ``prune``:
     drop members whose removal raises the held-out ``metric`` (never below two members).
-    ``strategy``: how incremental members retrain (:data:`RETRAIN_STRATEGIES`); ``train`` is their recipe
-    when they continue, ``refit_train`` (the cold start's) when they start again from their encoder.
+    ``strategy``: how incremental members retrain (``RETRAIN_STRATEGIES``); ``train`` is their
+    recipe when they continue, ``refit_train`` (the cold start's) when they start again from their
+    encoder. ``self_training``: pseudo-labels of unannotated texts (off unless its ``ratio`` is > 0).
     """
 
     beta: int = 100
     replay_ratio: float = 1.0
     strategy: str = "continual"
     refit_train: TrainConfig = field(default_factory=lambda: ColdStartConfig().transformer_train)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
     min_holdout: int = 10
     tolerance: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -108,6 +116,8 @@ class RefinementResult:
     pruning: dict[str, Any] | None = None
     # How each member retrained: "continual", "mix" or "refit" (see RETRAIN_STRATEGIES).
     strategy: dict[str, str] = field(default_factory=dict)
+    # Self-training: the threshold, how many pseudo-labels every member trained on, and why so many.
+    self_training: dict[str, Any] | None = None
 
     @property
     def serving(self) -> str | None:
@@ -160,6 +170,8 @@ def refine(
     policy: Policy,
     weights: np.ndarray | None = None,
     force: bool = False,
+    unlabelled: Sequence[str] = (),
+    audit: Sequence[tuple[str, str]] = (),
 ) -> RefinementResult:
     """One refinement attempt: train every member into a staged version, evaluate, publish or reject.
 
@@ -168,7 +180,10 @@ def refine(
     the labels it would give. Without ``force`` nothing happens until the pool grew by β. A rejected
     version is deleted and the rejection recorded with both scores; a failure (raised as
     :class:`TrainingError` naming the member) deletes the half-built version. In both cases the
-    served version stays as it was.
+    served version stays as it was. ``unlabelled``: the project's unannotated texts, which
+    self-training draws its pseudo-labels from (read only when ``config.self_training`` is on), and
+    ``audit``: ``(text, label)`` items that fairly sample the project and that no version trained on
+    (the audit's), which calibrate its threshold; without them the held-out items do.
     """
     started = time.perf_counter()
     gate = config.gate(policy)
@@ -213,6 +228,22 @@ def refine(
         len(train_all),
         len(holdout),
     )
+    pseudo = PseudoLabels()
+    if config.self_training.on:
+        known = {it.text for it in pool.items()} | {text for text, _ in audit}
+        candidates = [t for t in unlabelled if t.strip() and len(t) <= MAX_TEXT_CHARS and t not in known]
+        pseudo = pseudo_label(
+            old,
+            policy,
+            weights,
+            list(audit) or [(it.text, it.label) for it in holdout],
+            candidates,
+            n_verified=len(train_all),
+            config=config.self_training,
+            labels=labels,
+            seed=config.train.seed + int(version[1:]),
+        )
+        pseudo.report["calibrated_on"] = "audit" if audit else "held-out"
     member_seconds: dict[str, float] = {}
     member_strategy: dict[str, str] = {}
     metrics_old: dict[str, float] = {}
@@ -234,6 +265,7 @@ def refine(
             member_seconds,
             pruned[0].as_dict() if pruned else None,
             dict(member_strategy),
+            pseudo.report if config.self_training.on else None,
         )
 
     def entry(res: RefinementResult, event: str) -> dict[str, Any]:
@@ -259,7 +291,11 @@ def refine(
                     start, items, recipe, how = _member_plan(member, config, [*new, *replay], train_all)
                     member_strategy[sub] = how
                     texts, ys = _texts_labels(items)
-                    fitted.append(start.fit(texts, ys, tmp / sub, recipe))
+                    example_weights = None
+                    if pseudo:
+                        example_weights = [1.0] * len(texts) + [config.self_training.weight] * len(pseudo)
+                        texts, ys = texts + pseudo.texts, ys + pseudo.labels
+                    fitted.append(start.fit(texts, ys, tmp / sub, recipe, example_weights))
                 except Exception as exc:
                     raise TrainingError(
                         f"member {member.name!r} ({sub}) of {previous} failed to train into {version}: {exc}"

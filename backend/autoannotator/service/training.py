@@ -15,9 +15,11 @@ from autoannotator.core.labels import LabelSet
 from autoannotator.errors import TrainingError
 from autoannotator.labelstudio.client import project_words
 from autoannotator.labelstudio.tasks import unannotated_texts
+from autoannotator.learning.audit import AuditLog
 from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.first_version import FirstVersionPlan, TaskDescription, build_first_version
 from autoannotator.learning.pool import VerifiedPool
+from autoannotator.learning.pseudo import SelfTrainingConfig
 from autoannotator.learning.refine import RefineConfig, refine
 from autoannotator.models.specialists.base import TrainConfig
 from autoannotator.service.calibration import recalibrate
@@ -29,6 +31,9 @@ from autoannotator.service.status_plot import write_holdout_tradeoff
 from autoannotator.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# Self-training reads at most this many of a project's unannotated tasks (the first, by id).
+SELF_TRAINING_TEXTS = 20_000
 
 # While a training runs, its lock and "pending" flag live this long and are renewed every third of
 # it: a training killed mid-way (its finally never runs) blocks the next one for two minutes at most.
@@ -83,6 +88,8 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
                 # the gate judges what /predict serves (a target policy: see gate_policy)
                 policy=gate_policy(ctx.routing.choice(uid)[0]),
                 force=force,
+                unlabelled=_unannotated(ctx, uid) if ctx.settings.self_training > 0 else (),
+                audit=[(r.text, r.gold) for r in AuditLog(ctx.audit_path(uid)).records() if r.gold in labels],
             )
             if not result.version:
                 if not snapshot.new_train_items():
@@ -187,6 +194,24 @@ def _project_texts(ctx: Context, uid: str, pool: VerifiedPool, limit: int) -> li
     return texts  # SimCSE samples at most `limit` of them
 
 
+def _unannotated(ctx: Context, uid: str) -> list[str]:
+    """The texts of the project's unannotated tasks, for self-training's pseudo-labels (none when
+    Label Studio cannot be reached: the retraining goes on with verified labels only)."""
+    info = ctx.info(uid)
+    try:
+        found, _ = unannotated_texts(
+            ctx.label_studio(info),
+            info.project_id,
+            ctx.config(info),
+            max_chars=ctx.settings.max_text_chars,
+            limit=SELF_TRAINING_TEXTS,
+        )
+    except Exception as exc:
+        logger.warning("project %s: no unannotated texts for self-training: %s", uid, exc)
+        return []
+    return [t.text or "" for t in found]
+
+
 def _first_version_plan(s: Settings) -> FirstVersionPlan:
     """Where the settings say a project's first members come from."""
     top_k = s.catalog_top_k()
@@ -212,6 +237,9 @@ def _refine_config(s: Settings) -> RefineConfig:
         train=TrainConfig(learning_rate=s.refine_lr, epochs=s.refine_epochs),
         strategy=s.retrain_strategy,
         refit_train=TrainConfig(learning_rate=s.cold_start_lr, epochs=s.cold_start_epochs),
+        self_training=SelfTrainingConfig(
+            ratio=s.self_training, weight=s.pseudo_weight, precision=s.pseudo_precision
+        ),
     )
 
 

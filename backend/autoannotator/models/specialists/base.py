@@ -130,6 +130,8 @@ class Specialist(Protocol):
     there, so the old one can go on serving until the new one is promoted.
     ``incremental`` says whether ``fit`` continues from the current weights (so new examples plus a
     replay sample are enough) or trains from scratch (so it needs every verified example).
+    ``weights`` (one per example, > 0; none: all 1) scale each example's share of the loss: a
+    self-training pseudo-label counts for less than a verified label.
     """
 
     kind: ClassVar[str]
@@ -150,6 +152,7 @@ class Specialist(Protocol):
         labels: Sequence[str],
         out_dir: Path,
         config: TrainConfig | None = None,
+        weights: Sequence[float] | None = None,
     ) -> Specialist: ...
 
 
@@ -196,6 +199,18 @@ def check_training_data(texts: Sequence[str], labels: Sequence[str], label_set: 
     check_texts(texts)
     y = label_set.indices(labels)
     return y
+
+
+def check_weights(weights: Sequence[float] | None, n: int) -> np.ndarray | None:
+    """Per-example training weights as an array (``None`` stays ``None``: every example weighs 1)."""
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,):
+        raise TrainingError(f"{n} training examples but {w.size} weights")
+    if not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise TrainingError("training weights must be finite and > 0")
+    return w
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

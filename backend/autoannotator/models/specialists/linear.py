@@ -27,6 +27,7 @@ from autoannotator.models.specialists.base import (
     TrainConfig,
     check_texts,
     check_training_data,
+    check_weights,
     read_meta,
     softmax,
     staged_dir,
@@ -40,7 +41,12 @@ _ABSENT_CLASS_BIAS = -30.0
 
 
 def fit_linear_head(
-    x: np.ndarray, y: Sequence[int], n_labels: int, c: float, seed: int
+    x: np.ndarray,
+    y: Sequence[int],
+    n_labels: int,
+    c: float,
+    seed: int,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression as ``(W [L, d], b [L])`` for ``softmax(x @ W.T + b)``.
 
@@ -55,7 +61,7 @@ def fit_linear_head(
             "a classifier needs examples of at least two labels"
         )
     clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-    clf.fit(x, y_arr)
+    clf.fit(x, y_arr, sample_weight=sample_weight)
     w = np.zeros((n_labels, x.shape[1]), dtype=np.float64)
     b = np.full(n_labels, _ABSENT_CLASS_BIAS, dtype=np.float64)
     if len(clf.classes_) == 2:
@@ -112,14 +118,16 @@ class _LinearSpecialist(DescribedByMeta):
         labels: Sequence[str],
         out_dir: Path,
         config: TrainConfig | None = None,
+        weights: Sequence[float] | None = None,
     ) -> _LinearSpecialist:
         config = config or TrainConfig()
         y = check_training_data(texts, labels, self.labels)
         clean = check_texts(texts)
+        w_examples = check_weights(weights, len(clean))
         new = type(self)(replace(self.meta), None, None)
         x = new._fit_features(clean)
         c = float(self.meta.extra.get("C", 1.0))
-        w, b = fit_linear_head(x, y, len(self.labels), c=c, seed=config.seed)
+        w, b = fit_linear_head(x, y, len(self.labels), c=c, seed=config.seed, sample_weight=w_examples)
         new.w, new.b = w, b
         out_dir = Path(out_dir)
         new.meta = replace(

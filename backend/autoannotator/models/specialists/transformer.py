@@ -26,6 +26,7 @@ from autoannotator.models.specialists.base import (
     TrainConfig,
     check_texts,
     check_training_data,
+    check_weights,
     read_meta,
     staged_dir,
     write_meta,
@@ -252,12 +253,14 @@ class TransformerSpecialist(DescribedByMeta):
         labels: Sequence[str],
         out_dir: Path,
         config: TrainConfig | None = None,
+        weights: Sequence[float] | None = None,
     ) -> TransformerSpecialist:
         """Fine-tune a copy of this model with cross-entropy and AdamW; save it in ``out_dir``.
 
         ``self`` keeps serving untouched. Every field of ``config`` is used: learning rate, weight
         decay (not on biases and norms), epochs, batch size, max length, linear warm-up then decay,
-        and the seed that fixes initial shuffling.
+        and the seed that fixes initial shuffling. ``weights`` scale each example's cross-entropy
+        (the batch's loss is their weighted mean over the batch size, so all-1 weights change nothing).
         """
         self._check_trainable("fine-tune")
         config = config or TrainConfig()
@@ -270,6 +273,8 @@ class TransformerSpecialist(DescribedByMeta):
             )
         inverse = {t: col for col, t in enumerate(self.targets)}
         y_model = torch.tensor([inverse[v] for v in y], dtype=torch.long)
+        w_examples = check_weights(weights, len(clean))
+        w_tensor = None if w_examples is None else torch.tensor(w_examples, dtype=torch.float32)
 
         started = time.perf_counter()
         torch.manual_seed(config.seed)
@@ -305,13 +310,19 @@ class TransformerSpecialist(DescribedByMeta):
                 for start in range(0, len(clean), config.batch_size):
                     idx = perm[start : start + config.batch_size]
                     batch = self._encode([clean[int(i)] for i in idx])
-                    out = model(**batch, labels=y_model[idx].to(self.device))
-                    out.loss.backward()
+                    if w_tensor is None:
+                        loss = model(**batch, labels=y_model[idx].to(self.device)).loss
+                    else:
+                        per_item = torch.nn.functional.cross_entropy(
+                            model(**batch).logits.float(), y_model[idx].to(self.device), reduction="none"
+                        )
+                        loss = (per_item * w_tensor[idx].to(self.device)).mean()
+                    loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    running += float(out.loss.detach()) * len(idx)
+                    running += float(loss.detach()) * len(idx)
                     bar.update(1)
                 epoch_losses.append(running / len(clean))
             bar.close()
