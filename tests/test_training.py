@@ -520,10 +520,10 @@ def test_refinement_drops_a_member_whose_removal_raises_held_out_accuracy(
     # Member c learns from a careless reviewer from now on: every label it is taught is rotated.
     real_fit = NgramSpecialist.fit
 
-    def careless(self, texts, labels, out_dir, config=None):  # type: ignore[no-untyped-def]
+    def careless(self, texts, labels, out_dir, config=None, weights=None):  # type: ignore[no-untyped-def]
         if self.name == "c":
             labels = [ROTATE[y] for y in labels]
-        return real_fit(self, texts, labels, out_dir, config)
+        return real_fit(self, texts, labels, out_dir, config, weights)
 
     monkeypatch.setattr(NgramSpecialist, "fit", careless)
     pool.add_many(rows(300, 1, "h"), Source.HUMAN)
