@@ -642,8 +642,11 @@ def test_self_training_adds_pseudo_labels_of_the_projects_unannotated_tasks(
         annotate(i, text, label)
     size = len(pool_of(ctx))
     Queue("train", connection=ctx.state.redis).empty()
-    assert jobs.train_project(UID, True).startswith("v0002 published")
+    outcome = jobs.train_project(UID, True)
+    assert outcome.startswith("v0002 published")
     made = ctx.models.registry(UID).history()[-1]["self_training"]
+    assert f"; {made['n_used']} pseudo-labels at confidence >= {made['threshold']:.3f}" in outcome
+    assert ctx.state.get(UID, "last_training") == outcome  # what /status shows
     assert made["calibrated_on"] == "held-out" and made["n_unlabelled"] == len(set(unlabelled))
     assert 0 < made["n_used"] <= made["cap"] == int(0.5 * len(pool_of(ctx).train_items()))
     meta = json.loads(

@@ -11,7 +11,7 @@ from autoannotator.core.labels import LabelSet
 from autoannotator.core.policies import policy_from_spec
 from autoannotator.errors import TrainingError
 from autoannotator.learning.pool import Source, VerifiedPool
-from autoannotator.learning.pseudo import SelfTrainingConfig, calibrated_threshold
+from autoannotator.learning.pseudo import SelfTrainingConfig, calibrated_threshold, summary
 from autoannotator.learning.refine import RefineConfig, refine
 from autoannotator.models.specialists import NgramSpecialist, TrainConfig, TransformerSpecialist
 from autoannotator.models.specialists.linear import fit_linear_head
@@ -157,7 +157,9 @@ def test_without_enough_calibration_no_pseudo_label_is_made_and_the_report_says_
     result = refine(registry, pool, config, labels=LABELS, policy=POLICY, unlabelled=UNLABELLED)
 
     assert result.promoted and result.self_training is not None
-    assert result.self_training["threshold"] is None and "fewer than 30" in result.self_training["reason"]
+    reason = result.self_training["reason"]
+    assert result.self_training["threshold"] is None and "at least 30 of the" in reason
+    assert summary(result.self_training) == f"no pseudo-label: {reason}"
     for member in registry.load(result.version, LABELS).members:
         assert member.meta.n_train == len(pool.train_items())
 

@@ -100,6 +100,17 @@ class PseudoLabels:
         return len(self.texts)
 
 
+def summary(report: dict[str, Any]) -> str:
+    """One line for a person: how many pseudo-labels a retraining used, and on what ground."""
+    if report.get("threshold") is None:
+        return f"no pseudo-label: {report.get('reason', 'self-training made none')}"
+    source = "audit labels" if report.get("calibrated_on") == "audit" else "held-out labels"
+    return (
+        f"{report.get('n_used', 0)} pseudo-labels at confidence >= {report['threshold']:.3f} "
+        f"({report['calibration_accuracy']:.0%} right on {report['calibration_items']} {source})"
+    )
+
+
 def pseudo_label(
     ensemble: Ensemble,
     policy: Policy,
@@ -136,8 +147,8 @@ def pseudo_label(
     report["threshold"] = threshold
     if threshold is None:
         report["reason"] = (
-            f"fewer than {config.min_calibration} held-out items at any confidence were right "
-            f"{config.precision:.0%} of the time"
+            f"no confidence above which at least {config.min_calibration} of the {len(calibration)} "
+            f"calibration labels were right {config.precision:.0%} of the time"
         )
         return PseudoLabels(report=report)
     above = decided.confidence >= threshold

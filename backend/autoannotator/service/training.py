@@ -20,6 +20,7 @@ from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.first_version import FirstVersionPlan, TaskDescription, build_first_version
 from autoannotator.learning.pool import VerifiedPool
 from autoannotator.learning.pseudo import SelfTrainingConfig
+from autoannotator.learning.pseudo import summary as pseudo_summary
 from autoannotator.learning.refine import RefineConfig, refine
 from autoannotator.models.specialists.base import TrainConfig
 from autoannotator.service.calibration import recalibrate
@@ -100,6 +101,8 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
                 return f"skipped: {result.reason}"
             ctx.state.count(uid, **{"trainings_published" if result.promoted else "trainings_rejected": 1})
             message = f"{result.version} {'published' if result.promoted else 'rejected'}: {result.reason}"
+            if result.self_training is not None:
+                message += f"; {pseudo_summary(result.self_training)}"
             published = result.promoted
     except Exception as exc:
         ctx.state.count(uid, trainings_failed=1)
