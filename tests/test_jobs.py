@@ -666,16 +666,19 @@ def test_the_trainers_defaults_are_the_settings_defaults():
     assert RefineConfig().beta == Settings().retrain_every
 
 
+# A fine-tuned member whose cold start and refinement differ in learning rate and epochs.
+TRAINING_ENV = {
+    "AUTOANNOTATOR_COLD_START_KINDS": "transformer",
+    "AUTOANNOTATOR_COLD_START_LR": "1e-3",
+    "AUTOANNOTATOR_COLD_START_EPOCHS": "2",
+    "AUTOANNOTATOR_REFINE_LR": "5e-4",
+    "AUTOANNOTATOR_REFINE_EPOCHS": "1",
+    "AUTOANNOTATOR_MIN_HOLDOUT": "1000",  # promoted unjudged: the tests read the version it built
+}
+
+
 def test_training_hyperparameters_come_from_the_settings(make_ctx, tiny_encoder):
-    ctx = make_ctx(
-        AUTOANNOTATOR_COLD_START_KINDS="transformer",
-        AUTOANNOTATOR_ENCODER=str(tiny_encoder),
-        AUTOANNOTATOR_COLD_START_LR="1e-3",
-        AUTOANNOTATOR_COLD_START_EPOCHS="2",
-        AUTOANNOTATOR_REFINE_LR="5e-4",
-        AUTOANNOTATOR_REFINE_EPOCHS="1",
-        AUTOANNOTATOR_MIN_HOLDOUT="1000",  # promoted unjudged: the test reads the version it built
-    )
+    ctx = make_ctx(**TRAINING_ENV, AUTOANNOTATOR_ENCODER=str(tiny_encoder))
     _seed_and_publish(ctx)
     registry = ctx.models.registry(UID)
 
@@ -693,14 +696,7 @@ def test_training_hyperparameters_come_from_the_settings(make_ctx, tiny_encoder)
 
 def test_the_refit_strategy_retrains_from_the_encoder_with_the_cold_start_recipe(make_ctx, tiny_encoder):
     ctx = make_ctx(
-        AUTOANNOTATOR_COLD_START_KINDS="transformer",
-        AUTOANNOTATOR_ENCODER=str(tiny_encoder),
-        AUTOANNOTATOR_COLD_START_LR="1e-3",
-        AUTOANNOTATOR_COLD_START_EPOCHS="2",
-        AUTOANNOTATOR_REFINE_LR="5e-4",
-        AUTOANNOTATOR_REFINE_EPOCHS="1",
-        AUTOANNOTATOR_RETRAIN_STRATEGY="refit",
-        AUTOANNOTATOR_MIN_HOLDOUT="1000",
+        **TRAINING_ENV, AUTOANNOTATOR_ENCODER=str(tiny_encoder), AUTOANNOTATOR_RETRAIN_STRATEGY="refit"
     )
     _seed_and_publish(ctx)
     registry = ctx.models.registry(UID)

@@ -313,16 +313,20 @@ CONTINUE = TrainConfig(learning_rate=5e-4, epochs=1, batch_size=8, max_length=24
 RESTART = TrainConfig(learning_rate=3e-3, epochs=2, batch_size=16, max_length=24, seed=11)
 
 
-def test_mix_continues_from_the_served_weights_on_every_verified_item(
-    tmp_path: Path, tiny_encoder: Path
-) -> None:
+def _with_a_cold_started_transformer(tmp_path: Path, encoder: Path) -> tuple[Registry, VerifiedPool]:
     start = TrainConfig(epochs=1, batch_size=16, learning_rate=1e-3, max_length=32)
-    registry, pool = _with_a_transformer(
+    return _with_a_transformer(
         tmp_path,
-        lambda d, texts, ys: TransformerSpecialist.from_encoder(tiny_encoder, LABELS, "bert").fit(
+        lambda d, texts, ys: TransformerSpecialist.from_encoder(encoder, LABELS, "bert").fit(
             texts, ys, d, start
         ),
     )
+
+
+def test_mix_continues_from_the_served_weights_on_every_verified_item(
+    tmp_path: Path, tiny_encoder: Path
+) -> None:
+    registry, pool = _with_a_cold_started_transformer(tmp_path, tiny_encoder)
     config = RefineConfig(beta=10, tolerance=1.0, strategy="mix", train=CONTINUE, refit_train=RESTART)
 
     result = refine(registry, pool, config, labels=LABELS, policy=SERVED)
@@ -340,13 +344,7 @@ def test_mix_continues_from_the_served_weights_on_every_verified_item(
 def test_refit_starts_again_from_the_encoder_with_the_cold_start_recipe(
     tmp_path: Path, tiny_encoder: Path
 ) -> None:
-    start = TrainConfig(epochs=1, batch_size=16, learning_rate=1e-3, max_length=32)
-    registry, pool = _with_a_transformer(
-        tmp_path,
-        lambda d, texts, ys: TransformerSpecialist.from_encoder(tiny_encoder, LABELS, "bert").fit(
-            texts, ys, d, start
-        ),
-    )
+    registry, pool = _with_a_cold_started_transformer(tmp_path, tiny_encoder)
     served = registry.load("v0001", LABELS).members[1]
     assert isinstance(served, TransformerSpecialist)
     config = RefineConfig(beta=10, tolerance=1.0, strategy="refit", train=CONTINUE, refit_train=RESTART)

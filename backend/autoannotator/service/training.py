@@ -89,7 +89,7 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
                 # the gate judges what /predict serves (a target policy: see gate_policy)
                 policy=gate_policy(ctx.routing.choice(uid)[0]),
                 force=force,
-                unlabelled=_unannotated(ctx, uid) if ctx.settings.self_training > 0 else (),
+                unlabelled=_pseudo_candidates(ctx, uid) if ctx.settings.self_training > 0 else (),
                 audit=[(r.text, r.gold) for r in AuditLog(ctx.audit_path(uid)).records() if r.gold in labels],
             )
             if not result.version:
@@ -183,8 +183,14 @@ def _first_version(ctx: Context, uid: str, registry: Any, pool: VerifiedPool, la
 def _project_texts(ctx: Context, uid: str, pool: VerifiedPool, limit: int) -> list[str]:
     """The project's texts for the encoder's unsupervised adaptation: every verified item's (held-out
     ones too: their labels are not used) and its unannotated tasks', ``limit`` at most."""
+    texts = [it.text for it in pool.items()] + _unannotated(ctx, uid, limit)
+    logger.info("project %s: %d texts to adapt the encoder to before the cold start", uid, len(texts))
+    return texts  # SimCSE samples at most `limit` of them
+
+
+def _unannotated(ctx: Context, uid: str, limit: int) -> list[str]:
+    """The texts of the project's first ``limit`` unannotated tasks, read from Label Studio."""
     info = ctx.info(uid)
-    texts = [it.text for it in pool.items()]
     found, _ = unannotated_texts(
         ctx.label_studio(info),
         info.project_id,
@@ -192,27 +198,17 @@ def _project_texts(ctx: Context, uid: str, pool: VerifiedPool, limit: int) -> li
         max_chars=ctx.settings.max_text_chars,
         limit=limit,
     )
-    texts += [t.text or "" for t in found]
-    logger.info("project %s: %d texts to adapt the encoder to before the cold start", uid, len(texts))
-    return texts  # SimCSE samples at most `limit` of them
+    return [t.text or "" for t in found]
 
 
-def _unannotated(ctx: Context, uid: str) -> list[str]:
-    """The texts of the project's unannotated tasks, for self-training's pseudo-labels (none when
-    Label Studio cannot be reached: the retraining goes on with verified labels only)."""
-    info = ctx.info(uid)
+def _pseudo_candidates(ctx: Context, uid: str) -> list[str]:
+    """The unannotated texts self-training may pseudo-label; none when Label Studio cannot be
+    reached (the retraining goes on with verified labels only)."""
     try:
-        found, _ = unannotated_texts(
-            ctx.label_studio(info),
-            info.project_id,
-            ctx.config(info),
-            max_chars=ctx.settings.max_text_chars,
-            limit=SELF_TRAINING_TEXTS,
-        )
+        return _unannotated(ctx, uid, SELF_TRAINING_TEXTS)
     except Exception as exc:
         logger.warning("project %s: no unannotated texts for self-training: %s", uid, exc)
         return []
-    return [t.text or "" for t in found]
 
 
 def _first_version_plan(s: Settings) -> FirstVersionPlan:
