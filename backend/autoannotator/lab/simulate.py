@@ -465,11 +465,11 @@ def run_simulation(
                 labels=labels,
                 policy=policy,
                 weights=weights,
-                unlabelled=_unlabelled(unchosen, stream, audited) if config.self_training.on else (),
-                audit=[
-                    (text, labels.names[y])
-                    for text, y in zip(calibration.texts, calibration.gold, strict=True)
-                ],
+                **(
+                    _self_training_inputs(unchosen, stream, audited, calibration, labels)
+                    if config.self_training.on
+                    else {}
+                ),
             )
             timer.add("retrain", t)
             cycles.append({"after_items": int(idx[-1] + 1), **_result_summary(result)})
@@ -541,9 +541,21 @@ def run_simulation(
     return report
 
 
-def _unlabelled(unchosen: list[str], stream: Sequence[Example], audited: np.ndarray) -> list[str]:
-    """The texts nobody labelled for self-training; refine leaves out those in the pool (reviewed)."""
-    return unchosen + [e.text for e, a in zip(stream, audited.tolist(), strict=True) if not a]
+def _self_training_inputs(
+    unchosen: list[str],
+    stream: Sequence[Example],
+    audited: np.ndarray,
+    calibration: CalibrationSet,
+    labels: LabelSet,
+) -> dict[str, Any]:
+    """Self-training's ``unlabelled`` and ``audit`` for :func:`refine`: the texts nobody labelled (refine
+    leaves out those in the pool, the reviewed ones) and the calibration set's labels."""
+    return {
+        "unlabelled": unchosen + [e.text for e, a in zip(stream, audited.tolist(), strict=True) if not a],
+        "audit": [
+            (text, labels.names[y]) for text, y in zip(calibration.texts, calibration.gold, strict=True)
+        ],
+    }
 
 
 def _certificates_summary(

@@ -89,8 +89,7 @@ def _train(ctx: Context, uid: str, force: bool) -> str:
                 # the gate judges what /predict serves (a target policy: see gate_policy)
                 policy=gate_policy(ctx.routing.choice(uid)[0]),
                 force=force,
-                unlabelled=_pseudo_candidates(ctx, uid) if ctx.settings.self_training > 0 else (),
-                audit=[(r.text, r.gold) for r in AuditLog(ctx.audit_path(uid)).records() if r.gold in labels],
+                **(_self_training_inputs(ctx, uid, labels) if ctx.settings.self_training > 0 else {}),
             )
             if not result.version:
                 if not snapshot.new_train_items():
@@ -201,14 +200,17 @@ def _unannotated(ctx: Context, uid: str, limit: int) -> list[str]:
     return [t.text or "" for t in found]
 
 
-def _pseudo_candidates(ctx: Context, uid: str) -> list[str]:
-    """The unannotated texts self-training may pseudo-label; none when Label Studio cannot be
-    reached (the retraining goes on with verified labels only)."""
+def _self_training_inputs(ctx: Context, uid: str, labels: LabelSet) -> dict[str, Any]:
+    """What self-training reads, as :func:`refine`'s ``unlabelled`` and ``audit``: the unannotated
+    texts it may pseudo-label (none when Label Studio cannot be reached: the retraining goes on with
+    verified labels only) and the audit labels that calibrate its threshold."""
     try:
-        return _unannotated(ctx, uid, SELF_TRAINING_TEXTS)
+        unlabelled = _unannotated(ctx, uid, SELF_TRAINING_TEXTS)
     except Exception as exc:
         logger.warning("project %s: no unannotated texts for self-training: %s", uid, exc)
-        return []
+        unlabelled = []
+    audit = [(r.text, r.gold) for r in AuditLog(ctx.audit_path(uid)).records() if r.gold in labels]
+    return {"unlabelled": unlabelled, "audit": audit}
 
 
 def _first_version_plan(s: Settings) -> FirstVersionPlan:
