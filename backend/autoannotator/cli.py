@@ -278,6 +278,14 @@ def _add_specialist_args(p: argparse.ArgumentParser) -> None:
         "(the paper's), continue on every verified item (mix), or start again from their encoder "
         "on every verified item with the cold start's recipe (refit)",
     )
+    p.add_argument(
+        "--shared-layers",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep the fine-tuned member's embeddings and lower K layers frozen at the cold start and "
+        "every retraining, so a served version runs them once for it and the embedding member (0: off)",
+    )
     p.add_argument("--lr", type=float, default=2e-5, help="refinement learning rate (paper: 2e-5)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="refinement weight decay (paper: 0.01)")
     p.add_argument("--epochs", type=int, default=3, help="refinement epochs (paper: 3)")
@@ -353,7 +361,10 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
             encoder=args.encoder,
             kinds=tuple(_items(args.kinds)),
             transformer_train=TrainConfig(
-                learning_rate=args.cold_lr, epochs=args.cold_epochs, seed=args.seed
+                learning_rate=args.cold_lr,
+                epochs=args.cold_epochs,
+                seed=args.seed,
+                frozen_layers=args.shared_layers,
             ),
             seed=args.seed,
         ),
@@ -363,6 +374,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=args.seed,
+            frozen_layers=args.shared_layers,
         ),
         max_stream=args.max_stream,
         calibration_seeds=_calibration_seeds(args),

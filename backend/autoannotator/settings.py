@@ -147,6 +147,13 @@ class Settings:
     cold_start_epochs: int = _setting(
         "AUTOANNOTATOR_COLD_START_EPOCHS", 6, "epochs of the fine-tuned member at the cold start"
     )
+    shared_layers: int = _setting(
+        "AUTOANNOTATOR_SHARED_LAYERS",
+        0,
+        "lower encoder layers (with the embeddings) the fine-tuned member keeps frozen at the cold start "
+        "and at every retraining, so that a served version runs them once per text for it and the "
+        "embedding member on the same encoder (0: it trains whole, and runs whole)",
+    )
     cold_start_contrastive: int = _setting(
         "AUTOANNOTATOR_COLD_START_CONTRASTIVE",
         0,
@@ -318,6 +325,8 @@ class Settings:
         for name in ("llm_timeout_s", "refine_lr", "cold_start_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_env(name)} must be > 0, got {getattr(self, name)}")
+        if self.shared_layers < 0:
+            raise ValueError(f"AUTOANNOTATOR_SHARED_LAYERS must be >= 0 (0: off), got {self.shared_layers}")
         if self.llm_seeds < 0:
             raise ValueError(f"AUTOANNOTATOR_LLM_SEEDS must be >= 0 (0: off), got {self.llm_seeds}")
         if not 0.0 <= self.llm_min_confidence < 1.0:

@@ -17,6 +17,7 @@ from autoannotator.models.specialists import Specialist, load_specialist
 from autoannotator.models.specialists.base import check_texts
 from autoannotator.models.specialists.batching import shared_tokens
 from autoannotator.models.specialists.runtime import release_freed_memory
+from autoannotator.models.specialists.trunk import shared_trunk_states
 
 ENSEMBLE_FILE = "ensemble.json"
 # After a call with this many texts, the heap's freed activation buffers go back to the OS.
@@ -54,7 +55,9 @@ class Ensemble:
         """``[k, n, L]``: each member's probabilities. Time per member is kept in ``timings``."""
         clean = check_texts(texts)
         out = np.zeros((self.k, len(clean), len(self.labels)))
-        with shared_tokens():  # members on the same encoder tokenize each text once between them
+        # Members on the same encoder tokenize each text once between them, and members that share its
+        # lower layers run those once.
+        with shared_tokens(), shared_trunk_states():
             for i, m in enumerate(self.members):
                 started = time.perf_counter()
                 out[i] = m.predict_proba(clean)
@@ -80,7 +83,28 @@ def load_ensemble(directory: Path, labels: LabelSet, *, serving: bool = False) -
     directory = Path(directory)
     desc = json.loads((directory / ENSEMBLE_FILE).read_text())
     members = [load_specialist(directory / sub, labels, serving=serving) for sub in desc["members"]]
+    if serving:
+        share_trunks(members)
     return Ensemble(members, labels, version=str(desc["version"]))
+
+
+def share_trunks(members: Sequence[Specialist]) -> dict[str, int]:
+    """Let each fine-tuned member whose frozen lower layers are an embedding member's encoder run on
+    that encoder's trunk, computed once per text for both (``models.specialists.trunk``).
+    Returns, per fine-tuned member that shares, the depth shared."""
+    embedding: list[Any] = [m for m in members if hasattr(m, "trunk_depth")]
+    shared: dict[str, int] = {}
+    for member in members:
+        share = getattr(member, "share_trunk", None)
+        if share is None:
+            continue
+        for head in embedding:
+            depth = int(share(head.encoder))
+            if depth:
+                head.trunk_depth = depth
+                shared[member.name] = depth
+                break
+    return shared
 
 
 def write_manifest(

@@ -223,7 +223,9 @@ def _first_version_plan(s: Settings) -> FirstVersionPlan:
         cold_start=ColdStartConfig(
             encoder=s.encoder,
             kinds=s.cold_start_kinds,
-            transformer_train=TrainConfig(learning_rate=s.cold_start_lr, epochs=s.cold_start_epochs),
+            transformer_train=TrainConfig(
+                learning_rate=s.cold_start_lr, epochs=s.cold_start_epochs, frozen_layers=s.shared_layers
+            ),
         ),
         contrastive_pairs=s.cold_start_contrastive,
         simcse_texts=s.cold_start_simcse,
@@ -235,9 +237,11 @@ def _refine_config(s: Settings) -> RefineConfig:
     return RefineConfig(
         beta=s.retrain_every,
         min_holdout=s.min_holdout,
-        train=TrainConfig(learning_rate=s.refine_lr, epochs=s.refine_epochs),
+        train=TrainConfig(learning_rate=s.refine_lr, epochs=s.refine_epochs, frozen_layers=s.shared_layers),
         strategy=s.retrain_strategy,
-        refit_train=TrainConfig(learning_rate=s.cold_start_lr, epochs=s.cold_start_epochs),
+        refit_train=TrainConfig(
+            learning_rate=s.cold_start_lr, epochs=s.cold_start_epochs, frozen_layers=s.shared_layers
+        ),
         self_training=SelfTrainingConfig(
             ratio=s.self_training, weight=s.pseudo_weight, precision=s.pseudo_precision
         ),

@@ -64,6 +64,9 @@ class TrainConfig:
     max_length: int = 128
     warmup_ratio: float = 0.0
     seed: int = 0
+    # Transformer kinds: the embeddings and this many lower layers keep the encoder's weights, so a
+    # served version runs them once for this member and the embedding member (specialists.trunk).
+    frozen_layers: int = 0
 
     def __post_init__(self) -> None:
         if not self.learning_rate > 0:
@@ -78,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"max_length must be >= 8 tokens, got {self.max_length}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.frozen_layers < 0:
+            raise ValueError(f"frozen_layers must be >= 0, got {self.frozen_layers}")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from autoannotator.models.specialists.runtime import (
     usable_length,
     weights_dtype,
 )
+from autoannotator.models.specialists.trunk import Trunk, layer_view, layers_of, padded
 
 # Cached vectors (1.5 KB each at MiniLM's 384 dimensions): up to ~150 MB for a process that refits
 # heads on a verified pool, ~3 MB for one that only serves (vectors of the texts it labelled last).
@@ -137,6 +138,8 @@ class Encoder:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        # depth -> (the trunk below it, this model's layers above it), made when a member first shares one
+        self._splits: dict[int, tuple[Trunk, torch.nn.Module]] = {}
 
     @classmethod
     def shared(cls, source: str | Path, max_length: int = 128, *, serving: bool = False) -> Encoder:
@@ -157,6 +160,11 @@ class Encoder:
             return encoder
 
     @property
+    def tokenizer_key(self) -> str:
+        """How this encoder's tokenizer cuts text (:func:`tokenizer_key`)."""
+        return self._tokenizer_key
+
+    @property
     def cache_size(self) -> int:
         """How many vectors the cache keeps at most (the oldest go first)."""
         return self._cache_size
@@ -170,12 +178,31 @@ class Encoder:
         with self._lock:
             self._cache.clear()
 
+    def trunk(self, depth: int) -> Trunk:
+        """This encoder's embeddings and first ``depth`` layers, for members that share them
+        (:mod:`~autoannotator.models.specialists.trunk`); one per depth per process."""
+        return self._split(depth)[0]
+
+    def _split(self, depth: int) -> tuple[Trunk, torch.nn.Module]:
+        with self._lock:
+            split = self._splits.get(depth)
+            if split is None:
+                if layers_of(self.model) is None:
+                    raise ValueError(f"{self.source!r} cannot be split into a trunk and upper layers")
+                trunk = Trunk(
+                    self.model, depth, self.tokenizer, self._tokenizer_key, self.max_length, self.batch_size
+                )
+                split = self._splits[depth] = (trunk, layer_view(self.model, depth, None))
+            return split
+
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """``[n, dim]`` float32 unit vectors; texts seen before come from the cache."""
+    def embed(self, texts: Sequence[str], depth: int = 0) -> np.ndarray:
+        """``[n, dim]`` float32 unit vectors; texts seen before come from the cache. ``depth`` > 0 runs
+        the model as its :meth:`trunk` of that depth and the layers above it, so that a member sharing
+        the trunk in the same ensemble call computes it once for both; the vectors are the same."""
         keys = [hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         todo: dict[str, list[int]] = {}
@@ -188,7 +215,7 @@ class Encoder:
                     out[i] = hit
         if todo:
             firsts = [idxs[0] for idxs in todo.values()]
-            vecs = self._forward([texts[i] for i in firsts])
+            vecs = self._forward([texts[i] for i in firsts], depth)
             with self._lock:
                 for (k, idxs), v in zip(todo.items(), vecs, strict=True):
                     out[idxs] = v
@@ -197,13 +224,20 @@ class Encoder:
                     self._cache.popitem(last=False)
         return out
 
-    def _forward(self, texts: Sequence[str]) -> np.ndarray:
+    def _forward(self, texts: Sequence[str], depth: int = 0) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         ids = token_ids(self.tokenizer, self._tokenizer_key, texts, self.max_length)
         pad_id = self.tokenizer.pad_token_id or 0
         with inference_mode(self.device):
+            trunk, upper = self._split(depth) if depth > 0 else (None, self.model)
+            states = trunk.states(texts) if trunk is not None else []
             for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device, self.max_length):
-                hidden = self.model(**batch).last_hidden_state.float()
+                if trunk is None:
+                    hidden = upper(**batch).last_hidden_state.float()
+                else:
+                    below = padded([states[i] for i in idx], batch["input_ids"].shape[1])
+                    hidden = upper(inputs_embeds=below, attention_mask=batch["attention_mask"])
+                    hidden = hidden.last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()

@@ -181,6 +181,10 @@ class EmbeddingSpecialist(_LinearSpecialist):
         )
         return cls(meta, None, None)
 
+    # The depth of the encoder's trunk a fine-tuned member of the same served version shares, set when
+    # the version loads (models.ensemble.share_trunks); embedding through it gives the same vectors.
+    trunk_depth: int = 0
+
     @property
     def encoder(self) -> Encoder:
         """The process's shared encoder; a serving head asks for a small cache, one being fit for room
@@ -188,7 +192,7 @@ class EmbeddingSpecialist(_LinearSpecialist):
         return Encoder.shared(self.meta.base_model, serving=self.serving)
 
     def features(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encoder.embed(texts)
+        return self.encoder.embed(texts, depth=self.trunk_depth)
 
 
 VECTORIZER_FILE = "ngrams.json"

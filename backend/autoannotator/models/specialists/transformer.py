@@ -38,13 +38,23 @@ from autoannotator.models.specialists.batching import (
     tokenizer_key,
     tokenizer_lock,
 )
-from autoannotator.models.specialists.encoder import concrete_encoder, resolve_model_source
+from autoannotator.models.specialists.encoder import Encoder, concrete_encoder, resolve_model_source
 from autoannotator.models.specialists.runtime import (
     configure_torch,
     default_device,
     inference_mode,
     usable_length,
     weights_dtype,
+)
+from autoannotator.models.specialists.trunk import (
+    Trunk,
+    base_of,
+    frozen_depth,
+    layer_view,
+    layers_of,
+    lower_modules,
+    padded,
+    same_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,6 +89,8 @@ class TransformerSpecialist(DescribedByMeta):
         # Tokenizers emit inputs (token_type_ids) that some architectures do not accept.
         self._model_inputs = set(inspect.signature(model.forward).parameters)
         self._tokenizer_key = tokenizer_key(tokenizer)
+        # Set by share_trunk: the encoder's trunk this member runs on, and its own layers above it.
+        self._shared: tuple[Trunk, torch.nn.Module] | None = None
 
     # ----------------------------------------------------------------- loading
 
@@ -188,6 +200,38 @@ class TransformerSpecialist(DescribedByMeta):
             seed=seed,
         )
 
+    @property
+    def frozen_layers(self) -> int:
+        """How many lower layers (with the embeddings) this member kept from its encoder when it was
+        last fine-tuned (``TrainConfig.frozen_layers`` as applied); 0 for one trained whole."""
+        return int((self.meta.train_config or {}).get("frozen_layers", 0) or 0)
+
+    @property
+    def shared_depth(self) -> int:
+        """The depth of the trunk it shares with an embedding member, 0 when it runs whole."""
+        return 0 if self._shared is None else self._shared[0].depth
+
+    def share_trunk(self, encoder: Encoder) -> int:
+        """Run on ``encoder``'s trunk from now on, where this member's frozen lower layers are that
+        encoder's weights, bit for bit, and both cut text into the same tokens; then hold the
+        encoder's modules instead of its own copies. Returns the shared depth, 0 where nothing is
+        shared (the member keeps running its whole model). For members loaded to serve."""
+        depth = frozen_depth(self.model, self.frozen_layers)
+        own = layers_of(self.model)
+        theirs = layers_of(encoder.model)
+        if depth == 0 or own is None or theirs is None or len(theirs) <= depth:
+            return 0
+        if self._tokenizer_key != encoder.tokenizer_key or self.max_length != encoder.max_length:
+            return 0
+        trunk = encoder.trunk(depth)
+        if not same_weights(lower_modules(self.model, depth), trunk.modules):
+            return 0
+        base_of(self.model).embeddings = base_of(encoder.model).embeddings
+        for i in range(depth):
+            own[i] = theirs[i]
+        self._shared = (trunk, layer_view(self.model, depth, None))
+        return depth
+
     def _check_trainable(self, what: str) -> None:
         dtype = next(self.model.parameters()).dtype
         if dtype != torch.float32:
@@ -221,9 +265,16 @@ class TransformerSpecialist(DescribedByMeta):
         ids = token_ids(self.tokenizer, self._tokenizer_key, clean, self.max_length)
         pad_id = self.tokenizer.pad_token_id or 0
         with inference_mode(self.device):
+            trunk, upper = self._shared or (None, self.model)
+            states = trunk.states(clean) if trunk is not None else []
             for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device, self.max_length):
-                inputs = {k: v for k, v in batch.items() if k in self._model_inputs}
-                out[idx] = torch.softmax(self.model(**inputs).logits.float(), dim=-1).cpu().numpy()
+                if trunk is None:
+                    inputs = {k: v for k, v in batch.items() if k in self._model_inputs}
+                    logits = upper(**inputs).logits
+                else:
+                    below = padded([states[i] for i in idx], batch["input_ids"].shape[1])
+                    logits = upper(inputs_embeds=below, attention_mask=batch["attention_mask"]).logits
+                out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return project_columns(out, self.targets, len(self.labels))
 
     def save(self, directory: Path) -> None:
@@ -259,8 +310,11 @@ class TransformerSpecialist(DescribedByMeta):
 
         ``self`` keeps serving untouched. Every field of ``config`` is used: learning rate, weight
         decay (not on biases and norms), epochs, batch size, max length, linear warm-up then decay,
-        and the seed that fixes initial shuffling. ``weights`` scale each example's cross-entropy
-        (the batch's loss is their weighted mean over the batch size, so all-1 weights change nothing).
+        the seed that fixes initial shuffling, and ``frozen_layers``: the embeddings and that many
+        lower layers keep their weights (at least one layer trains; an architecture that cannot be
+        split trains whole), and the meta records the depth applied. ``weights`` scale each
+        example's cross-entropy (the batch's loss is their weighted mean over the batch size, so
+        all-1 weights change nothing).
         """
         self._check_trainable("fine-tune")
         config = config or TrainConfig()
@@ -280,8 +334,13 @@ class TransformerSpecialist(DescribedByMeta):
         torch.manual_seed(config.seed)
         model = copy.deepcopy(self.model)
         model.train()
-        decay = [p for n, p in model.named_parameters() if not any(k in n for k in _NO_DECAY)]
-        no_decay = [p for n, p in model.named_parameters() if any(k in n for k in _NO_DECAY)]
+        depth = frozen_depth(model, config.frozen_layers)
+        model.requires_grad_(True)
+        for module in lower_modules(model, depth):
+            module.requires_grad_(False)
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trained if not any(k in n for k in _NO_DECAY)]
+        no_decay = [p for n, p in trained if any(k in n for k in _NO_DECAY)]
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": config.weight_decay},
@@ -318,7 +377,7 @@ class TransformerSpecialist(DescribedByMeta):
                         )
                         loss = (per_item * w_tensor[idx].to(self.device)).mean()
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -342,7 +401,7 @@ class TransformerSpecialist(DescribedByMeta):
             created_at=time.time(),
             n_train=len(clean),
             parent=str(self.directory) if self.directory else None,
-            train_config=asdict(config),
+            train_config=asdict(replace(config, frozen_layers=depth)),
             metrics={"train_loss": epoch_losses, "train_seconds": round(time.perf_counter() - started, 2)},
             extra={k: v for k, v in self.meta.extra.items() if k != "label_mapping"},
         )
