@@ -90,6 +90,11 @@ def configure_precision(precision: str) -> None:
     logger.debug("inference precision: %s", precision)
 
 
+def configured_precision() -> str:
+    """What :func:`configure_precision` was last given (``auto`` until then)."""
+    return _precision
+
+
 @functools.cache
 def native_cpu_bf16() -> bool:
     """Whether this CPU has bf16 dot products (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower
