@@ -94,7 +94,9 @@ def test_a_served_version_shares_the_trunk_and_gives_the_whole_models_labels(
     assert member.model.base_model.embeddings is encoder.model.embeddings
     assert member.model.base_model.encoder.layer[0] is encoder.model.encoder.layer[0]
     encoder.clear_cache()
-    np.testing.assert_allclose(served.predict_proba(texts), whole.predict_proba(texts), atol=1e-5)
+    shared = served.predict_proba(texts)
+    encoder.clear_cache()  # the embedding member's vectors from its own whole pass too
+    np.testing.assert_allclose(shared, whole.predict_proba(texts), atol=1e-5)
 
 
 def test_the_trunk_runs_once_per_text_for_both_members(fp32, tmp_path, tiny_encoder, tiny_corpus):
@@ -160,3 +162,25 @@ def test_the_setting_reaches_the_cold_start_and_every_retraining(monkeypatch):
     monkeypatch.setenv("AUTOANNOTATOR_SHARED_LAYERS", "-1")
     with pytest.raises(ValueError, match="AUTOANNOTATOR_SHARED_LAYERS"):
         Settings.from_env()
+
+
+def test_a_long_call_goes_through_in_slices_with_the_same_result(
+    fp32, monkeypatch, tmp_path, tiny_encoder, tiny_corpus
+):
+    """The trunk's states are kept for one slice at a time, so a call of many texts holds a bounded store."""
+    from autoannotator.models import ensemble as ensemble_module
+    from autoannotator.models.specialists.trunk import Trunk
+
+    version = _version(tmp_path / "v", tiny_encoder, tiny_corpus, frozen=1)
+    served = load_ensemble(version, LABELS, serving=True)
+    whole = load_ensemble(version, LABELS)
+    texts = [f"{t} on {i}" for i, (t, _) in enumerate(tiny_corpus)]  # 240 texts
+    asked: list[int] = []
+    states = Trunk.states
+    monkeypatch.setattr(Trunk, "states", lambda self, t: asked.append(len(t)) or states(self, t))
+    monkeypatch.setattr(ensemble_module, "SHARED_TRUNK_SLICE", 50)
+    served.members[1].encoder.clear_cache()
+    shared = served.predict_proba(texts)
+    served.members[1].encoder.clear_cache()
+    np.testing.assert_allclose(shared, whole.predict_proba(texts), atol=1e-5)
+    assert asked and max(asked) == 50 and sum(asked) == 2 * len(texts)  # both members, slice by slice

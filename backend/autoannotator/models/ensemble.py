@@ -22,6 +22,9 @@ from autoannotator.models.specialists.trunk import shared_trunk_states
 ENSEMBLE_FILE = "ensemble.json"
 # After a call with this many texts, the heap's freed activation buffers go back to the OS.
 RELEASE_AFTER_TEXTS = 256
+# Where members share a trunk, its hidden states are kept for the call (specialists.trunk): calls of
+# more texts go through in slices of this many, which bounds that store (~20 MB in fp32 for MiniLM).
+SHARED_TRUNK_SLICE = 256
 
 
 @dataclass
@@ -55,13 +58,17 @@ class Ensemble:
         """``[k, n, L]``: each member's probabilities. Time per member is kept in ``timings``."""
         clean = check_texts(texts)
         out = np.zeros((self.k, len(clean), len(self.labels)))
-        # Members on the same encoder tokenize each text once between them, and members that share its
-        # lower layers run those once.
-        with shared_tokens(), shared_trunk_states():
-            for i, m in enumerate(self.members):
-                started = time.perf_counter()
-                out[i] = m.predict_proba(clean)
-                self.timings[m.name] = self.timings.get(m.name, 0.0) + time.perf_counter() - started
+        shares = any(getattr(m, "shared_depth", 0) for m in self.members)
+        step = SHARED_TRUNK_SLICE if shares else max(1, len(clean))
+        for start in range(0, len(clean), step):
+            part = clean[start : start + step]
+            # Members on the same encoder tokenize each text once between them, and members that
+            # share its lower layers run those once.
+            with shared_tokens(), shared_trunk_states():
+                for i, m in enumerate(self.members):
+                    started = time.perf_counter()
+                    out[i, start : start + step] = m.predict_proba(part)
+                    self.timings[m.name] = self.timings.get(m.name, 0.0) + time.perf_counter() - started
         if len(clean) >= RELEASE_AFTER_TEXTS:
             release_freed_memory()
         return out
