@@ -184,3 +184,27 @@ def test_a_long_call_goes_through_in_slices_with_the_same_result(
     served.members[1].encoder.clear_cache()
     np.testing.assert_allclose(shared, whole.predict_proba(texts), atol=1e-5)
     assert asked and max(asked) == 50 and sum(asked) == 2 * len(texts)  # both members, slice by slice
+
+
+def test_an_mpnet_splits_as_exactly_and_an_unknown_architecture_trains_whole(tmp_path):
+    """The other encoder family the product ships for (all-mpnet-base-v2), built tiny from a config;
+    DistilBERT names its layers otherwise, so it is never split and its members train whole."""
+    from transformers import DistilBertConfig, DistilBertModel, MPNetConfig, MPNetForSequenceClassification
+
+    from autoannotator.models.specialists.trunk import frozen_depth, layers_of
+
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64
+    )
+    model = MPNetForSequenceClassification(config).eval()
+    ids = torch.randint(5, 50, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask).logits
+        lower = layer_view(model.mpnet, 0, 1, pooler=False)(input_ids=ids, attention_mask=mask)
+        upper = layer_view(model, 1, None)(inputs_embeds=lower.last_hidden_state, attention_mask=mask)
+    torch.testing.assert_close(upper.logits, whole, atol=1e-6, rtol=1e-5)
+    distil = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, hidden_dim=64))
+    assert layers_of(distil) is None and frozen_depth(distil, 1) == 0

@@ -335,6 +335,13 @@ class TransformerSpecialist(DescribedByMeta):
         model = copy.deepcopy(self.model)
         model.train()
         depth = frozen_depth(model, config.frozen_layers)
+        if config.frozen_layers and not depth:
+            logger.warning(
+                "%s: %s has no lower layers to freeze (an architecture this backend cannot split, or "
+                "a single layer); it trains whole",
+                self.name,
+                type(model).__name__,
+            )
         model.requires_grad_(True)
         for module in lower_modules(model, depth):
             module.requires_grad_(False)
