@@ -15,6 +15,7 @@ from autoannotator.core.labels import LabelSet
 from autoannotator.models.ensemble import load_ensemble, share_trunks, write_manifest
 from autoannotator.models.specialists import EmbeddingSpecialist, TrainConfig, TransformerSpecialist, runtime
 from autoannotator.models.specialists.encoder import Encoder
+from autoannotator.models.specialists.loading import load_specialist
 from autoannotator.models.specialists.trunk import layer_view, lower_modules, same_weights
 from autoannotator.service import training
 from autoannotator.settings import Settings
@@ -208,3 +209,47 @@ def test_an_mpnet_splits_as_exactly_and_an_unknown_architecture_trains_whole(tmp
     torch.testing.assert_close(upper.logits, whole, atol=1e-6, rtol=1e-5)
     distil = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, hidden_dim=64))
     assert layers_of(distil) is None and frozen_depth(distil, 1) == 0
+
+
+# ------------------------------------------------------------ an embedding member on fewer layers
+
+
+def test_an_embedding_member_can_pool_the_states_after_fewer_layers(
+    fp32, tmp_path, tiny_encoder, tiny_corpus
+):
+    texts, ys = [t for t, _ in tiny_corpus[:120]], [y for _, y in tiny_corpus[:120]]
+    head = EmbeddingSpecialist.untrained(tiny_encoder, LABELS, layers=1).fit(texts, ys, tmp_path / "m1")
+    encoder = head.encoder
+    probe = [t for t, _ in tiny_corpus[200:210]]
+    batch = encoder.tokenizer(probe, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        after_one = encoder.model(**batch, output_hidden_states=True).hidden_states[1]
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((after_one * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    encoder.clear_cache()
+    np.testing.assert_allclose(head.features(probe), expected, atol=1e-5)
+    # Other vectors than the last layer's, cached apart from them.
+    assert not np.allclose(encoder.embed(probe), expected, atol=1e-3)
+    np.testing.assert_allclose(head.features(probe), expected, atol=1e-5)
+    # The choice is recorded, survives a reload and every refit.
+    reloaded = load_specialist(tmp_path / "m1", LABELS)
+    assert reloaded.layers == 1
+    refit = reloaded.fit(texts[:60], ys[:60], tmp_path / "m1b")
+    assert refit.layers == 1 and load_specialist(tmp_path / "m1b", LABELS).layers == 1
+    # As many layers as the encoder has, or more, is every layer.
+    assert np.allclose(encoder.embed(probe, layers=5), encoder.embed(probe))
+    with pytest.raises(ValueError, match="layers"):
+        EmbeddingSpecialist.untrained(tiny_encoder, LABELS, layers=-1)
+
+
+def test_the_embedding_layers_setting_reaches_the_cold_start(monkeypatch):
+    from autoannotator.learning.coldstart import untrained_member
+
+    monkeypatch.setenv("AUTOANNOTATOR_EMBEDDING_LAYERS", "4")
+    config = training._first_version_plan(Settings.from_env()).cold_start
+    assert config.embedding_layers == 4
+    member = untrained_member("embedding-linear", 1, LABELS, config)
+    assert member.layers == 4
+    monkeypatch.setenv("AUTOANNOTATOR_EMBEDDING_LAYERS", "-1")
+    with pytest.raises(ValueError, match="AUTOANNOTATOR_EMBEDDING_LAYERS"):
+        Settings.from_env()

@@ -279,6 +279,13 @@ def _add_specialist_args(p: argparse.ArgumentParser) -> None:
         "on every verified item with the cold start's recipe (refit)",
     )
     p.add_argument(
+        "--embedding-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the embedding member pools its encoder's states after N layers, not the last (0: the last)",
+    )
+    p.add_argument(
         "--shared-layers",
         type=int,
         default=0,
@@ -360,6 +367,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
         cold_start=ColdStartConfig(
             encoder=args.encoder,
             kinds=tuple(_items(args.kinds)),
+            embedding_layers=args.embedding_layers,
             transformer_train=TrainConfig(
                 learning_rate=args.cold_lr,
                 epochs=args.cold_epochs,

@@ -147,6 +147,12 @@ class Settings:
     cold_start_epochs: int = _setting(
         "AUTOANNOTATOR_COLD_START_EPOCHS", 6, "epochs of the fine-tuned member at the cold start"
     )
+    embedding_layers: int = _setting(
+        "AUTOANNOTATOR_EMBEDDING_LAYERS",
+        0,
+        "the cold-started embedding member pools its encoder's states after this many layers instead of "
+        "the last (fewer layers, less time per prediction; 0: the last)",
+    )
     shared_layers: int = _setting(
         "AUTOANNOTATOR_SHARED_LAYERS",
         0,
@@ -325,6 +331,10 @@ class Settings:
         for name in ("llm_timeout_s", "refine_lr", "cold_start_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_env(name)} must be > 0, got {getattr(self, name)}")
+        if self.embedding_layers < 0:
+            raise ValueError(
+                f"AUTOANNOTATOR_EMBEDDING_LAYERS must be >= 0 (0: the last), got {self.embedding_layers}"
+            )
         if self.shared_layers < 0:
             raise ValueError(f"AUTOANNOTATOR_SHARED_LAYERS must be >= 0 (0: off), got {self.shared_layers}")
         if self.llm_seeds < 0:

@@ -746,6 +746,7 @@ def _report(
                 "contrastive_pairs": config.contrastive_pairs,
                 "simcse_texts": config.simcse_texts,
                 "frozen_layers": config.cold_start.transformer_train.frozen_layers,
+                "embedding_layers": config.cold_start.embedding_layers,
             },
             "audit": {"share": config.audit_share, "uncertified": config.audit_uncertified},
             "calibrate_on_reviews": config.calibrate_on_reviews,

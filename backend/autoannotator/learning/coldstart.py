@@ -54,7 +54,9 @@ def untrained_member(kind: str, index: int, labels: LabelSet, config: ColdStartC
     if kind == "transformer":
         return TransformerSpecialist.from_encoder(encoder, labels, name=name, seed=config.seed)
     if kind == "embedding-linear":
-        return EmbeddingSpecialist.untrained(encoder, labels, name=name, c=config.embedding_c)
+        return EmbeddingSpecialist.untrained(
+            encoder, labels, name=name, c=config.embedding_c, layers=config.embedding_layers
+        )
     return NgramSpecialist.untrained(labels, name=name, c=config.ngram_c)
 
 

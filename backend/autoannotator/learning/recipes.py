@@ -26,6 +26,8 @@ class ColdStartConfig:
     kinds: tuple[str, ...] = KINDS
     transformer_train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-5, epochs=6))
     embedding_c: float = 4.0
+    # The embedding member pools the encoder's states after this many layers (0: after the last).
+    embedding_layers: int = 0
     ngram_c: float = 8.0
     min_per_label: int = 2
     seed: int = 0

@@ -223,6 +223,7 @@ def _first_version_plan(s: Settings) -> FirstVersionPlan:
         cold_start=ColdStartConfig(
             encoder=s.encoder,
             kinds=s.cold_start_kinds,
+            embedding_layers=s.embedding_layers,
             transformer_train=TrainConfig(
                 learning_rate=s.cold_start_lr, epochs=s.cold_start_epochs, frozen_layers=s.shared_layers
             ),

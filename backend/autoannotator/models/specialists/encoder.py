@@ -140,6 +140,8 @@ class Encoder:
         self._lock = threading.Lock()
         # depth -> (the trunk below it, this model's layers above it), made when a member first shares one
         self._splits: dict[int, tuple[Trunk, torch.nn.Module]] = {}
+        # (first layer, stop) -> a view running those layers only (embed(..., layers=N))
+        self._views: dict[tuple[int, int], torch.nn.Module] = {}
 
     @classmethod
     def shared(cls, source: str | Path, max_length: int = 128, *, serving: bool = False) -> Encoder:
@@ -195,15 +197,32 @@ class Encoder:
                 split = self._splits[depth] = (trunk, layer_view(self.model, depth, None))
             return split
 
+    def _view(self, start: int, stop: int) -> torch.nn.Module:
+        with self._lock:
+            view = self._views.get((start, stop))
+            if view is None:
+                view = self._views[(start, stop)] = layer_view(self.model, start, stop, pooler=False)
+            return view
+
+    @property
+    def layer_count(self) -> int | None:
+        """How many layers the encoder has, where it can be cut (None where it cannot)."""
+        layers = layers_of(self.model)
+        return None if layers is None else len(layers)
+
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def embed(self, texts: Sequence[str], depth: int = 0) -> np.ndarray:
-        """``[n, dim]`` float32 unit vectors; texts seen before come from the cache. ``depth`` > 0 runs
-        the model as its :meth:`trunk` of that depth and the layers above it, so that a member sharing
-        the trunk in the same ensemble call computes it once for both; the vectors are the same."""
-        keys = [hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in texts]
+    def embed(self, texts: Sequence[str], depth: int = 0, layers: int = 0) -> np.ndarray:
+        """``[n, dim]`` float32 unit vectors; texts seen before come from the cache. ``layers`` > 0
+        pools the states after that many layers instead of the last (fewer layers, less time).
+        ``depth`` > 0 runs the model as its :meth:`trunk` of that depth and the layers above it, so
+        that a member sharing the trunk in the same ensemble call computes it once for both; the
+        vectors are the same."""
+        layers = self._usable_layers(layers)
+        tag = f"{layers}:" if layers else ""  # vectors pooled after fewer layers are other vectors
+        keys = [tag + hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         todo: dict[str, list[int]] = {}
         with self._lock:
@@ -215,7 +234,7 @@ class Encoder:
                     out[i] = hit
         if todo:
             firsts = [idxs[0] for idxs in todo.values()]
-            vecs = self._forward([texts[i] for i in firsts], depth)
+            vecs = self._forward([texts[i] for i in firsts], depth, layers)
             with self._lock:
                 for (k, idxs), v in zip(todo.items(), vecs, strict=True):
                     out[idxs] = v
@@ -224,12 +243,29 @@ class Encoder:
                     self._cache.popitem(last=False)
         return out
 
-    def _forward(self, texts: Sequence[str], depth: int = 0) -> np.ndarray:
+    def _usable_layers(self, layers: int) -> int:
+        """``layers`` as :meth:`embed` runs it: 0 (every layer) when it is 0 or not fewer than the
+        encoder has; a ValueError for an encoder that cannot be cut."""
+        if layers <= 0:
+            return 0
+        count = self.layer_count
+        if count is None:
+            raise ValueError(f"{self.source!r} cannot be cut after {layers} layers")
+        return 0 if layers >= count else layers
+
+    def _forward(self, texts: Sequence[str], depth: int = 0, layers: int = 0) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         ids = token_ids(self.tokenizer, self._tokenizer_key, texts, self.max_length)
         pad_id = self.tokenizer.pad_token_id or 0
+        if layers and depth >= layers:
+            depth = 0  # a trunk as deep as the layers wanted saves nothing here
         with inference_mode(self.device):
-            trunk, upper = self._split(depth) if depth > 0 else (None, self.model)
+            if depth > 0:
+                trunk, upper = self._split(depth)
+                if layers:
+                    upper = self._view(depth, layers)
+            else:
+                trunk, upper = None, self._view(0, layers) if layers else self.model
             states = trunk.states(texts) if trunk is not None else []
             for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device, self.max_length):
                 if trunk is None:

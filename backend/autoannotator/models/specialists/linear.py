@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -170,16 +170,32 @@ class EmbeddingSpecialist(_LinearSpecialist):
 
     @classmethod
     def untrained(
-        cls, encoder: str | Path, labels: LabelSet, name: str = "embedding-linear", c: float = 4.0
+        cls,
+        encoder: str | Path,
+        labels: LabelSet,
+        name: str = "embedding-linear",
+        c: float = 4.0,
+        layers: int = 0,
     ) -> EmbeddingSpecialist:
+        """``layers`` > 0: pool the encoder's states after that many layers, not after its last."""
+        if layers < 0:
+            raise ValueError(f"layers must be >= 0 (0: all of them), got {layers}")
+        extra: dict[str, Any] = {"C": c}
+        if layers:
+            extra["layers"] = layers
         meta = SpecialistMeta(
             kind=cls.kind,
             name=name,
             labels=labels.names,
             base_model=concrete_encoder(encoder),
-            extra={"C": c},
+            extra=extra,
         )
         return cls(meta, None, None)
+
+    @property
+    def layers(self) -> int:
+        """How many of the encoder's layers its features come from (0: all of them)."""
+        return int(self.meta.extra.get("layers", 0) or 0)
 
     # The depth of the encoder's trunk a fine-tuned member of the same served version shares, set when
     # the version loads (models.ensemble.share_trunks); embedding through it gives the same vectors.
@@ -192,7 +208,7 @@ class EmbeddingSpecialist(_LinearSpecialist):
         return Encoder.shared(self.meta.base_model, serving=self.serving)
 
     def features(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encoder.embed(texts, depth=self.trunk_depth)
+        return self.encoder.embed(texts, depth=self.trunk_depth, layers=self.layers)
 
 
 VECTORIZER_FILE = "ngrams.json"
