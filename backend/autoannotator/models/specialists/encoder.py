@@ -138,10 +138,10 @@ class Encoder:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        # depth -> (the trunk below it, this model's layers above it), made when a member first shares one
-        self._splits: dict[int, tuple[Trunk, torch.nn.Module]] = {}
-        # (first layer, stop) -> a view running those layers only (embed(..., layers=N))
-        self._views: dict[tuple[int, int], torch.nn.Module] = {}
+        # depth -> the trunk below it, made when a member first shares one
+        self._trunks: dict[int, Trunk] = {}
+        # (first layer, stop or None for the last) -> a view of the model running those layers only
+        self._views: dict[tuple[int, int | None], torch.nn.Module] = {}
 
     @classmethod
     def shared(cls, source: str | Path, max_length: int = 128, *, serving: bool = False) -> Encoder:
@@ -183,21 +183,17 @@ class Encoder:
     def trunk(self, depth: int) -> Trunk:
         """This encoder's embeddings and first ``depth`` layers, for members that share them
         (:mod:`~autoannotator.models.specialists.trunk`); one per depth per process."""
-        return self._split(depth)[0]
-
-    def _split(self, depth: int) -> tuple[Trunk, torch.nn.Module]:
         with self._lock:
-            split = self._splits.get(depth)
-            if split is None:
+            trunk = self._trunks.get(depth)
+            if trunk is None:
                 if layers_of(self.model) is None:
                     raise ValueError(f"{self.source!r} cannot be split into a trunk and upper layers")
-                trunk = Trunk(
+                trunk = self._trunks[depth] = Trunk(
                     self.model, depth, self.tokenizer, self._tokenizer_key, self.max_length, self.batch_size
                 )
-                split = self._splits[depth] = (trunk, layer_view(self.model, depth, None))
-            return split
+            return trunk
 
-    def _view(self, start: int, stop: int) -> torch.nn.Module:
+    def _view(self, start: int, stop: int | None) -> torch.nn.Module:
         with self._lock:
             view = self._views.get((start, stop))
             if view is None:
@@ -260,12 +256,8 @@ class Encoder:
         if layers and depth >= layers:
             depth = 0  # a trunk as deep as the layers wanted saves nothing here
         with inference_mode(self.device):
-            if depth > 0:
-                trunk, upper = self._split(depth)
-                if layers:
-                    upper = self._view(depth, layers)
-            else:
-                trunk, upper = None, self._view(0, layers) if layers else self.model
+            trunk = self.trunk(depth) if depth > 0 else None
+            upper = self._view(depth, layers or None) if trunk is not None or layers else self.model
             states = trunk.states(texts) if trunk is not None else []
             for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device, self.max_length):
                 if trunk is None:
