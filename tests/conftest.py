@@ -1,6 +1,10 @@
 """Fixtures shared by the whole suite: tiny models built once per session, paths to shared data, a
 private Redis per session, and one real Label Studio server per session for the end-to-end tests
-(marker ``e2e``). The suite brings up every server it talks to and never touches one it did not start."""
+(marker ``e2e``). The suite brings up every server it talks to and never touches one it did not start.
+
+The web stack (Flask, redis-py, the Label Studio SDK) is imported by the fixtures that use it, not
+here: the model tests (``test_trunk``, ``test_specialists``, ``test_coldstart`` ...) then run on a
+machine that has only torch and transformers, such as a GPU box with its own PyTorch build."""
 
 from __future__ import annotations
 
@@ -9,17 +13,17 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import redis
-from flask import Flask
-from flask.testing import FlaskClient
-from label_studio_sdk.errors import NotFoundError
 
 from tests import tiny
-from tests.ls_server import LS_EXECUTABLE, LabelStudioServer
-from tests.redis_server import RedisServer
+
+if TYPE_CHECKING:
+    import redis
+
+    from tests.ls_server import LabelStudioServer
+    from tests.redis_server import RedisServer
 
 # Nothing in the test suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,20 +50,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         raise pytest.UsageError("\n".join(wrong))
 
 
-class ServerLikeClient(FlaskClient):
-    """Flask's test client, closing every response as a WSGI server does once it has sent it.
-
-    /predict counts and queues its review job in a close callback (after the answer is sent); the
-    plain test client never closes responses, so those callbacks would never run in unit tests.
-    """
-
-    def open(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("buffered", True)
-        return super().open(*args, **kwargs)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _server_like_test_client() -> Iterator[None]:
+    """Flask apps in tests get :class:`tests.flask_client.ServerLikeClient` (nothing to do without Flask)."""
+    try:
+        from flask import Flask
+
+        from tests.flask_client import ServerLikeClient
+    except ImportError:  # a machine with only the model stack: no test there builds an app
+        yield
+        return
     previous = Flask.test_client_class
     Flask.test_client_class = ServerLikeClient
     yield
@@ -111,6 +111,8 @@ def shared_dataset():
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """The session's own ``redis-server`` on a free loopback port (see ``tests/redis_server.py``)."""
+    from tests.redis_server import RedisServer
+
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
@@ -126,6 +128,8 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     """A client of :func:`redis_url`'s (empty) database."""
+    import redis
+
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
@@ -139,6 +143,8 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
     ``LabelStudio`` client), ``startup_s`` and ``log_path`` (kept in pytest's temp dir for post-mortems).
     Skipped when ``.venv-ls`` was not built (``make install-ls``); ``make test`` always builds it.
     """
+    from tests.ls_server import LS_EXECUTABLE, LabelStudioServer
+
     if not LS_EXECUTABLE.is_file():
         pytest.skip(f"{LS_EXECUTABLE} is absent: run `make install-ls` to run the Label Studio e2e tests")
     with LabelStudioServer(tmp_path_factory.mktemp("label-studio") / "data") as server:
@@ -150,6 +156,8 @@ def ls_project(label_studio: LabelStudioServer) -> Iterator[Callable[..., Any]]:
     """Factory: ``ls_project(label_config_xml, title=None, **fields)`` creates an LS project and returns
     it as the SDK answered (``.id``, ``.label_config``, ...); every project it made is deleted after
     the test, so tests sharing the session's server never see each other's projects."""
+    from label_studio_sdk.errors import NotFoundError
+
     client = label_studio.client()
     created: list[int] = []
 

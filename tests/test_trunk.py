@@ -17,7 +17,6 @@ from autoannotator.models.specialists import EmbeddingSpecialist, TrainConfig, T
 from autoannotator.models.specialists.encoder import Encoder
 from autoannotator.models.specialists.loading import load_specialist
 from autoannotator.models.specialists.trunk import layer_view, lower_modules, same_weights
-from autoannotator.service import training
 from autoannotator.settings import Settings
 from tests import tiny
 
@@ -155,6 +154,8 @@ def test_a_layer_view_shares_weights_and_splits_the_forward_pass_exactly(fp32, t
 
 
 def test_the_setting_reaches_the_cold_start_and_every_retraining(monkeypatch):
+    from autoannotator.service import training  # the service stack: here, not at the top (conftest)
+
     monkeypatch.setenv("AUTOANNOTATOR_SHARED_LAYERS", "3")
     s = Settings.from_env()
     assert training._first_version_plan(s).cold_start.transformer_train.frozen_layers == 3
@@ -244,6 +245,7 @@ def test_an_embedding_member_can_pool_the_states_after_fewer_layers(
 
 def test_the_embedding_layers_setting_reaches_the_cold_start(monkeypatch):
     from autoannotator.learning.coldstart import untrained_member
+    from autoannotator.service import training
 
     monkeypatch.setenv("AUTOANNOTATOR_EMBEDDING_LAYERS", "4")
     config = training._first_version_plan(Settings.from_env()).cold_start
