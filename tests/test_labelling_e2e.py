@@ -240,7 +240,15 @@ def test_a_label_worker_killed_mid_run_loses_nothing_once_a_worker_is_back(
                 run = wait_for("the run to complete", lambda: _run_of(state, uid, "v0001"), 300)
             finally:
                 second.send_signal(signal.SIGTERM)
-                second.wait(30)
+                try:
+                    second.wait(30)
+                except subprocess.TimeoutExpired:
+                    # rq's warm shutdown once hung here after the run's last job, its log ending at
+                    # "unsubscribing from channel" (rq 3.0 joining its pubsub thread, then closing
+                    # the connection that thread blocks on). No job is in hand by then, and this
+                    # test is about the killed worker's chunk, so the cleanup kills it instead.
+                    second.kill()
+                    second.wait(10)
         finally:
             if first.poll() is None:
                 first.kill()
