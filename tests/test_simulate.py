@@ -57,6 +57,7 @@ def test_oracle_run_reports_accuracy_review_share_cycles_baselines_and_a_plot(
     final = report["final"]
     n = report["config"]["n_stream"]
     assert n == 270
+    assert report["config"]["gate_alpha"] == 0.0  # the paper's gate unless told otherwise
     # Budget: exactly ceil(0.25 * 45) = 12 items of every 45-item chunk.
     assert final["reviewed"] == 6 * 12
     assert final["review_share"] == pytest.approx(72 / 270)
@@ -99,6 +100,30 @@ def test_a_budget_over_the_weighted_vote_gets_member_weights_after_each_retraini
             members = len(cycle["pruning"]["kept"])
         weights = cycle["member_weights"]
         assert len(weights) == members >= 2 and all(0 < w < 1 for w in weights)
+
+
+def test_with_gate_alpha_only_a_significant_drop_rejects_a_retraining(tmp_path, data, tiny_encoder):
+    """A reviewer right only 30% of the time makes retrainings worse on the (equally noisy) held-out
+    labels; with alpha every such drop is put to the sign test, and only a significant one rejects."""
+    report, _ = run(
+        tmp_path,
+        data,
+        tiny_encoder,
+        "--policy",
+        "budget:0.25:mean",
+        "--gate-alpha",
+        "0.05",
+        "--review",
+        "noisy:0.3",
+    )
+    assert report["config"]["gate_alpha"] == 0.05
+    drops = [c for c in report["cycles"] if c["metrics_new"]["accuracy"] < c["metrics_old"]["accuracy"]]
+    assert drops, "the noisy reviewer should have made at least one retraining worse"
+    for cycle in drops:  # every drop was put to the test, promoted or not
+        assert "sign test p = " in cycle["reason"], cycle["reason"]
+    for cycle in report["cycles"]:
+        if not cycle["promoted"]:
+            assert ", a significant drop (" in cycle["reason"], cycle["reason"]
 
 
 def test_the_refit_strategy_retrains_the_fine_tuned_member_from_its_encoder(tmp_path, data, tiny_encoder):

@@ -137,13 +137,21 @@ def test_a_better_version_is_promoted_and_the_old_one_stays_untouched(tmp_path: 
     assert pool.growth_since_training() == 0
 
 
+def _careless(pool: VerifiedPool, share: float = 1.0) -> list[tuple[str, str, str]]:
+    """300 new items, a ``share`` of the training ones (never a held-out one) wrongly labelled."""
+    rng = np.random.default_rng(3)
+    return [
+        (k, t, y if pool.is_holdout(k) or rng.random() >= share else ROTATE[y])
+        for k, t, y in rows(300, 1, "h")
+    ]
+
+
 def test_a_worse_version_is_rejected_deleted_and_recorded(tmp_path: Path) -> None:
     registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
     cold_start(registry, pool, rows(150, 0, "s"))
     # Careless reviewers: every new training item carries the wrong label; held-out ones stay right,
     # so the clean held-out set shows that retraining on them made the ensemble worse.
-    new = [(k, t, y if pool.is_holdout(k) else ROTATE[y]) for k, t, y in rows(300, 1, "h")]
-    pool.add_many(new, Source.HUMAN)
+    pool.add_many(_careless(pool), Source.HUMAN)
 
     result = refine(registry, pool, RefineConfig(beta=100), labels=LABELS, policy=SERVED)
 
@@ -160,6 +168,105 @@ def test_a_worse_version_is_rejected_deleted_and_recorded(tmp_path: Path) -> Non
     # The attempt counts as training: the same items do not trigger another one at once.
     assert pool.growth_since_training() == 0
     assert refine(registry, pool, RefineConfig(beta=100), labels=LABELS, policy=SERVED).version == ""
+
+
+def test_with_alpha_a_drop_rejects_only_when_the_sign_test_calls_it_significant() -> None:
+    """30 held-out items the served version got all right; the candidate loses some and wins none
+    (or one back). The paper's rule (alpha 0) rejects any drop; alpha 0.05 only one the exact sign
+    test calls significant: 1 lost (p = 0.5) or 5 lost and 1 won (p = 7/64) promote, 6 lost (p = 1/64)
+    rejects."""
+    old_right = np.ones(30, dtype=bool)
+
+    def judge(gate: Gate, lost: int, won: int = 0) -> tuple[bool, str]:
+        was = old_right.copy()
+        was[:won] = False  # items the served version got wrong and the candidate gets right
+        now = was.copy()
+        now[:won] = True
+        now[won : won + lost] = False
+        old, new = {"accuracy": float(was.mean())}, {"accuracy": float(now.mean())}
+        return gate.verdict(30, old, new, was, now)
+
+    paper, significant = Gate(SERVED), Gate(SERVED, alpha=0.05)
+    assert judge(paper, 1) == (
+        False,
+        "rejected: held-out accuracy fell from 1.0000 to 0.9667 (tolerance 0.0)",
+    )
+    promoted, reason = judge(significant, 1)
+    assert promoted and reason.endswith(
+        "not a significant drop (1 items lost, 0 won, sign test p = 0.5 > alpha 0.05)"
+    )
+    promoted, reason = judge(significant, 5, 1)
+    assert promoted and "(5 items lost, 1 won, sign test p = 0.11 > alpha 0.05)" in reason
+    assert sign_test(5, 1) == pytest.approx(7 / 64)
+    promoted, reason = judge(significant, 6)
+    assert not promoted
+    assert reason == (
+        "rejected: held-out accuracy fell from 1.0000 to 0.8000, a significant drop "
+        "(6 items lost, 0 won, sign test p = 0.016 <= alpha 0.05)"
+    )
+    assert judge(significant, 0)[0] and judge(significant, 0, 3)[0]  # not worse: no test needed
+    with pytest.raises(ValueError, match="per-item correctness"):
+        significant.verdict(30, {"accuracy": 1.0}, {"accuracy": 0.9})
+    with pytest.raises(ValueError, match="cover the 30"):
+        significant.verdict(30, {"accuracy": 1.0}, {"accuracy": 0.9}, old_right[:29], old_right[:29])
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="alpha"):
+            Gate(SERVED, alpha=bad)
+        with pytest.raises(ValueError, match="gate_alpha"):
+            RefineConfig(gate_alpha=bad)
+    assert RefineConfig(gate_alpha=0.05).gate(SERVED).alpha == 0.05
+
+
+def test_a_retraining_one_held_out_item_worse_is_rejected_by_default_and_promoted_with_alpha(
+    tmp_path: Path,
+) -> None:
+    """The same retraining, twice: 15% of its new training labels are wrong, and the candidate
+    gets one held-out item wrong that the served version got right. The paper's rule keeps the
+    served version; alpha 0.05 serves the candidate, and its reason gives the test."""
+    results = []
+    for alpha in (0.0, 0.05):
+        registry, pool = Registry(tmp_path / str(alpha)), VerifiedPool(LABELS)
+        cold_start(registry, pool, rows(100, 0, "s"))
+        pool.add_many(_careless(pool, 0.15), Source.HUMAN)
+        results.append(
+            refine(registry, pool, RefineConfig(beta=100, gate_alpha=alpha), labels=LABELS, policy=SERVED)
+        )
+        assert registry.current() == ("v0001" if alpha == 0 else "v0002")
+    paper, significant = results
+    assert paper.metrics_old == significant.metrics_old and paper.metrics_new == significant.metrics_new
+    n = paper.n_holdout
+    assert round((paper.metrics_old["accuracy"] - paper.metrics_new["accuracy"]) * n) == 1
+    assert not paper.promoted and paper.reason.startswith("rejected: held-out accuracy fell")
+    assert significant.promoted
+    assert significant.reason.endswith(
+        "not a significant drop (1 items lost, 0 won, sign test p = 0.5 > alpha 0.05)"
+    )
+
+
+def test_with_alpha_a_significantly_worse_retraining_is_still_rejected(tmp_path: Path) -> None:
+    """Every new training label wrong (the careless reviewers above): the drop is far beyond chance."""
+    registry, pool = Registry(tmp_path), VerifiedPool(LABELS)
+    cold_start(registry, pool, rows(150, 0, "s"))
+    pool.add_many(_careless(pool), Source.HUMAN)
+    result = refine(registry, pool, RefineConfig(beta=100, gate_alpha=0.05), labels=LABELS, policy=SERVED)
+    assert not result.promoted and registry.current() == "v0001"
+    assert ", a significant drop (" in result.reason and "<= alpha 0.05)" in result.reason
+    lost = int(result.reason.split("(")[1].split(" items lost")[0])
+    won = int(result.reason.split("items lost, ")[1].split(" won")[0])
+    n = result.n_holdout
+    assert lost - won == round((result.metrics_old["accuracy"] - result.metrics_new["accuracy"]) * n)
+
+
+def test_the_gate_alpha_setting_reaches_the_backend_retraining(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoannotator.service import training  # the service stack, imported here (conftest)
+
+    assert training._refine_config(Settings.from_env()).gate_alpha == 0.0  # the paper's rule by default
+    monkeypatch.setenv("AUTOANNOTATOR_GATE_ALPHA", "0.05")
+    assert training._refine_config(Settings.from_env()).gate(SERVED).alpha == 0.05
+    for bad in ("1", "-0.01"):
+        monkeypatch.setenv("AUTOANNOTATOR_GATE_ALPHA", bad)
+        with pytest.raises(ValueError, match="AUTOANNOTATOR_GATE_ALPHA"):
+            Settings.from_env()
 
 
 def test_too_few_held_out_items_promote_without_evaluation(tmp_path: Path) -> None:

@@ -279,6 +279,15 @@ def _add_specialist_args(p: argparse.ArgumentParser) -> None:
         "on every verified item with the cold start's recipe (refit)",
     )
     p.add_argument(
+        "--gate-alpha",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="0: reject a retrained version that is worse on the held-out items (the paper's rule); "
+        "above 0: only when an exact sign test calls the drop significant at this level "
+        "(the backend: AUTOANNOTATOR_GATE_ALPHA)",
+    )
+    p.add_argument(
         "--embedding-layers",
         type=int,
         default=0,
@@ -392,6 +401,7 @@ def _config(args: argparse.Namespace, command: str) -> SimulationConfig:
         llm_seeds=args.llm_seeds,
         seed_choice=args.seed_choice,
         retrain_strategy=args.retrain_strategy,
+        gate_alpha=args.gate_alpha,
         self_training=SelfTrainingConfig(
             ratio=args.self_training, weight=args.pseudo_weight, precision=args.pseudo_precision
         ),

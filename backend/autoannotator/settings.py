@@ -73,6 +73,13 @@ class Settings:
         10,
         "held-out verified labels needed to judge a new version; with fewer it is promoted unjudged",
     )
+    gate_alpha: float = _setting(
+        "AUTOANNOTATOR_GATE_ALPHA",
+        0.0,
+        "0: a new version that is worse on the held-out labels is rejected (the paper's rule); above 0: "
+        "only when an exact sign test on the items the two versions disagree about calls the drop "
+        "significant at this level",
+    )
     refine_lr: float = _setting(
         "AUTOANNOTATOR_REFINE_LR",
         2e-5,
@@ -294,6 +301,8 @@ class Settings:
             )
         if self.min_holdout < 0:
             raise ValueError(f"AUTOANNOTATOR_MIN_HOLDOUT must be >= 0, got {self.min_holdout}")
+        if not 0 <= self.gate_alpha < 1:
+            raise ValueError(f"AUTOANNOTATOR_GATE_ALPHA must be in [0, 1) (0: off), got {self.gate_alpha}")
         for name in (
             *("ingest_timeout_s", "review_timeout_s", "sync_timeout_s", "train_timeout_s"),
             *("label_timeout_s", "label_chunk"),

@@ -85,6 +85,9 @@ class SimulationConfig:
     # How the fine-tuned members retrain: continue on new items and a replay sample, continue on all
     # verified items, or refit from their encoder on all of them (RETRAIN_STRATEGIES, learning.refine).
     retrain_strategy: str = "continual"
+    # > 0: a retrained version that is worse on the held-out items is still promoted unless the sign
+    # test calls the drop significant at this level (learning.gate.Gate.alpha); 0 is the paper's rule.
+    gate_alpha: float = 0.0
     # Self-training (learning.pseudo): the served version's confident labels of texts nobody labelled
     # (the seed file's unchosen ones and the stream's unreviewed, unaudited ones) join each retraining.
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
@@ -130,6 +133,8 @@ class SimulationConfig:
             raise ValueError("audit_share must be in [0, 1]")
         if not 0 <= self.audit_uncertified <= 1:
             raise ValueError("audit_uncertified must be in [0, 1]")
+        if not 0 <= self.gate_alpha < 1:
+            raise ValueError("gate_alpha must be in [0, 1)")
         if self.retrain_strategy not in RETRAIN_STRATEGIES:
             raise ValueError(
                 f"retrain_strategy must be one of {RETRAIN_STRATEGIES}, got {self.retrain_strategy!r}"
@@ -459,6 +464,7 @@ def run_simulation(
                     beta=config.beta,
                     train=config.refine_train,
                     strategy=config.retrain_strategy,
+                    gate_alpha=config.gate_alpha,
                     refit_train=config.cold_start.transformer_train,
                     self_training=config.self_training,
                 ),
@@ -739,6 +745,7 @@ def _report(
             "reviewer": reviewer.name,
             "refine_train": asdict(config.refine_train),
             "retrain_strategy": config.retrain_strategy,
+            "gate_alpha": config.gate_alpha,
             "self_training": asdict(config.self_training),
             "cold_start": {
                 "encoder": concrete_encoder(config.cold_start.encoder),  # what "auto" picked

@@ -9,6 +9,14 @@ candidate is promoted if it is not worse on ``metric`` by more than ``tolerance`
 ``min_holdout`` held-out items a comparison means nothing, and the candidate is promoted unjudged
 (the reason says so).
 
+With ``alpha`` > 0 a drop rejects the candidate only when it is significant: the same exact sign
+test as pruning's (below), on the held-out items exactly one of the two versions gets right, must
+give p <= ``alpha`` that the candidate is the worse one. The held-out sets are small (tens of items
+in a project's first retrainings), and with ``alpha`` = 0 (the paper's rule, the default) a
+candidate one item behind is rejected; a rejected continual retraining leaves the older version
+serving and learning nothing from those items, so one item's noise becomes a lasting difference.
+``alpha`` trades that against promoting a version that is really worse by a little.
+
 Before the comparison, :meth:`Gate.prune` drops the candidate's members that pull the vote down
 (the paper's Table 13: one weak member can make the vote worse than the best single model) on the
 same held-out items, never below :data:`MIN_MEMBERS`. A member goes only on evidence, not on one
@@ -115,6 +123,7 @@ class Gate:
     metric: str = "accuracy"
     tolerance: float = 0.0
     min_holdout: int = 10
+    alpha: float = 0.0
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -123,6 +132,8 @@ class Gate:
             raise ValueError(f"tolerance must be in [0, 1] (a share of the metric), got {self.tolerance}")
         if self.min_holdout < 0:
             raise ValueError(f"min_holdout must be >= 0, got {self.min_holdout}")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"alpha must be in [0, 1) (0: any drop rejects), got {self.alpha}")
 
     def score(
         self, probs: np.ndarray, gold: np.ndarray, weights: np.ndarray | None = None
@@ -133,6 +144,10 @@ class Gate:
         if pred.shape != (probs.shape[1],):
             raise ValueError(f"the policy must label each of {probs.shape[1]} items, got shape {pred.shape}")
         return classification_metrics(np.asarray(gold), pred, probs.shape[2])
+
+    def right(self, probs: np.ndarray, gold: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """Per item of ``gold``, whether the policy's label for ``probs`` (``[k, n, L]``) is right."""
+        return np.asarray(self.policy.decide(np.asarray(probs), weights).labels) == np.asarray(gold)
 
     def evaluate(
         self,
@@ -170,8 +185,7 @@ class Gate:
             return None
 
         def right(subset: list[int]) -> np.ndarray:
-            w = None if weights is None else np.asarray(weights)[subset]
-            return np.asarray(self.policy.decide(probs[subset], w).labels) == gold
+            return self.right(probs[subset], gold, None if weights is None else np.asarray(weights)[subset])
 
         def metric(subset: list[int]) -> float:
             w = None if weights is None else np.asarray(weights)[subset]
@@ -205,8 +219,21 @@ class Gate:
             p_value=max(p_values),
         )
 
-    def verdict(self, n_holdout: int, old: dict[str, float], new: dict[str, float]) -> tuple[bool, str]:
-        """Whether a candidate scoring ``new`` may replace a version scoring ``old``, and why."""
+    def verdict(
+        self,
+        n_holdout: int,
+        old: dict[str, float],
+        new: dict[str, float],
+        old_right: np.ndarray | None = None,
+        new_right: np.ndarray | None = None,
+    ) -> tuple[bool, str]:
+        """Whether a candidate scoring ``new`` may replace a version scoring ``old``, and why.
+
+        ``old_right`` and ``new_right`` (per held-out item, whether each version's label is right)
+        are needed when ``alpha`` > 0: a drop beyond the tolerance then rejects only if the sign test
+        (:func:`sign_test`) on the items they disagree about, ``lost`` right before and wrong now
+        against ``won`` the reverse, gives p <= ``alpha``.
+        """
         if n_holdout < self.min_holdout:
             return True, (
                 f"promoted without evaluation: only {n_holdout} held-out items "
@@ -215,6 +242,24 @@ class Gate:
         m, before, after = self.metric, old[self.metric], new[self.metric]
         if after >= before - self.tolerance - 1e-12:
             return True, f"promoted: held-out {m} {after:.4f} vs {before:.4f} (tolerance {self.tolerance})"
+        if self.alpha > 0:
+            if old_right is None or new_right is None:
+                raise ValueError("a gate with alpha > 0 needs both versions' per-item correctness")
+            was, now = np.asarray(old_right, dtype=bool), np.asarray(new_right, dtype=bool)
+            if was.shape != (n_holdout,) or now.shape != (n_holdout,):
+                raise ValueError(f"per-item correctness must cover the {n_holdout} held-out items")
+            lost, won = int(np.sum(was & ~now)), int(np.sum(now & ~was))
+            p = sign_test(lost, won)
+            test = f"{lost} items lost, {won} won, sign test p = {p:.2g}"
+            if p > self.alpha:
+                return True, (
+                    f"promoted: held-out {m} {after:.4f} vs {before:.4f}, not a significant drop "
+                    f"({test} > alpha {self.alpha})"
+                )
+            return False, (
+                f"rejected: held-out {m} fell from {before:.4f} to {after:.4f}, a significant drop "
+                f"({test} <= alpha {self.alpha})"
+            )
         return (
             False,
             f"rejected: held-out {m} fell from {before:.4f} to {after:.4f} (tolerance {self.tolerance})",

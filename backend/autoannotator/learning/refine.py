@@ -58,7 +58,9 @@ class RefineConfig:
     ``AUTOANNOTATOR_RETRAIN_EVERY``). ``replay_ratio``: older items per new item for incremental
     members. ``min_holdout``: below this many held-out items a comparison means nothing, so the new
     version is promoted unevaluated (and the reason says so).
-    ``tolerance``: how much of ``metric`` a new version may lose and still be promoted. ``prune``:
+    ``tolerance``: how much of ``metric`` a new version may lose and still be promoted;
+    ``gate_alpha`` > 0: a larger loss still promotes unless the sign test calls it significant at
+    that level (:class:`~autoannotator.learning.gate.Gate`). ``prune``:
     drop members whose removal raises the held-out ``metric`` (never below two members).
     ``strategy``: how incremental members retrain (``RETRAIN_STRATEGIES``); ``train`` is their
     recipe when they continue, ``refit_train`` (the cold start's) when they start again from their
@@ -72,6 +74,7 @@ class RefineConfig:
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
     min_holdout: int = 10
     tolerance: float = 0.0
+    gate_alpha: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
     metric: str = "accuracy"
     prune: bool = True
@@ -85,6 +88,8 @@ class RefineConfig:
             raise ValueError(f"min_holdout must be >= 0, got {self.min_holdout}")
         if not 0 <= self.tolerance <= 1:
             raise ValueError(f"tolerance must be in [0, 1] (a share of the metric), got {self.tolerance}")
+        if not 0 <= self.gate_alpha < 1:
+            raise ValueError(f"gate_alpha must be in [0, 1) (0: any drop rejects), got {self.gate_alpha}")
         if not isinstance(self.train, TrainConfig) or not isinstance(self.refit_train, TrainConfig):
             raise ValueError("train and refit_train must be TrainConfig instances")
         if self.strategy not in RETRAIN_STRATEGIES:
@@ -94,7 +99,13 @@ class RefineConfig:
 
     def gate(self, policy: Policy) -> Gate:
         """The promotion gate these settings describe, judging with the routing policy ``policy``."""
-        return Gate(policy, metric=self.metric, tolerance=self.tolerance, min_holdout=self.min_holdout)
+        return Gate(
+            policy,
+            metric=self.metric,
+            tolerance=self.tolerance,
+            min_holdout=self.min_holdout,
+            alpha=self.gate_alpha,
+        )
 
 
 @dataclass(frozen=True)
@@ -304,10 +315,14 @@ def refine(
             if "continual" in member_strategy.values():
                 n_replay = len(replay)
             members = list(subdirs)
+            old_right = new_right = None
             if holdout:
-                metrics_old.update(gate.evaluate(old, holdout, labels, weights))
-                probs = Ensemble(fitted, labels, version=version).predict_proba([it.text for it in holdout])
+                texts = [it.text for it in holdout]
                 gold = np.asarray(labels.indices([it.label for it in holdout]))
+                old_probs = old.predict_proba(texts)
+                metrics_old.update(gate.score(old_probs, gold, weights))
+                old_right = gate.right(old_probs, gold, weights)
+                probs = Ensemble(fitted, labels, version=version).predict_proba(texts)
                 kept = list(range(len(members)))
                 if config.prune:
                     pruning = gate.prune(probs, gold, members, weights)
@@ -318,10 +333,10 @@ def refine(
                             shutil.rmtree(tmp / dropped)
                         members = list(pruning.kept)
                         logger.info("%s: %s", version, pruning.summary())
-                metrics_new.update(
-                    gate.score(probs[kept], gold, None if weights is None else np.asarray(weights)[kept])
-                )
-            promoted, reason = gate.verdict(len(holdout), metrics_old, metrics_new)
+                kept_weights = None if weights is None else np.asarray(weights)[kept]
+                metrics_new.update(gate.score(probs[kept], gold, kept_weights))
+                new_right = gate.right(probs[kept], gold, kept_weights)
+            promoted, reason = gate.verdict(len(holdout), metrics_old, metrics_new, old_right, new_right)
             if pruned:
                 reason = f"{reason}; {pruned[0].summary()}"
             if not promoted:

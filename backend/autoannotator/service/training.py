@@ -238,6 +238,7 @@ def _refine_config(s: Settings) -> RefineConfig:
     return RefineConfig(
         beta=s.retrain_every,
         min_holdout=s.min_holdout,
+        gate_alpha=s.gate_alpha,
         train=TrainConfig(learning_rate=s.refine_lr, epochs=s.refine_epochs, frozen_layers=s.shared_layers),
         strategy=s.retrain_strategy,
         refit_train=TrainConfig(
