@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autoannotator.core.labels import LabelSet
-from autoannotator.core.precision import PRECISIONS
+from autoannotator.core.precision import PRECISIONS, RUNTIMES
 from autoannotator.demo.config import DemoConfig
 from autoannotator.errors import AutoAnnotatorError, BadInputError
 from autoannotator.learning.recipes import KINDS, ColdStartConfig
@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="forward passes that label (not training steps): auto picks bf16 where the hardware "
         "computes it natively, else fp32 (as AUTOANNOTATOR_PRECISION does for the service)",
     )
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="what runs forward passes that label on a CPU: torch, openvino (the openvino extra) or auto "
+        "(openvino where installed), as AUTOANNOTATOR_RUNTIME does for the service",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulation_commands(sub)
     _add_model_commands(sub)
@@ -60,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from autoannotator.models.specialists.runtime import configure_precision
 
         configure_precision(args.precision)
+    if args.runtime != "torch":
+        from autoannotator.models.specialists.compiled import set_runtime
+
+        set_runtime(args.runtime)
     try:
         return int(args.func(args))
     except AutoAnnotatorError as exc:

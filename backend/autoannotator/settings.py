@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autoannotator.core.limits import MAX_TEXT_CHARS
-from autoannotator.core.precision import PRECISIONS
+from autoannotator.core.precision import PRECISIONS, RUNTIMES
 from autoannotator.models.specialists.base import RETRAIN_STRATEGIES
 
 REVIEW_MODES = ("llm", "human", "off")
@@ -251,6 +251,13 @@ class Settings:
         "forward passes that serve: auto (bf16 where the CPU or GPU computes it natively, else fp32; "
         "fp16 on GPUs without bf16), fp32, bf16 or fp16; training stays fp32",
     )
+    runtime: str = _setting(
+        "AUTOANNOTATOR_RUNTIME",
+        "torch",
+        "what runs serving forward passes on a CPU: torch, openvino (the openvino extra: the same "
+        "outputs, about twice as fast in fp32, more memory; BENCHMARKS.md 7e) or auto (openvino "
+        "where installed)",
+    )
     # Labelling runs: every new version predicts the project's unannotated tasks in the background.
     label_chunk: int = _setting(
         "AUTOANNOTATOR_LABEL_CHUNK",
@@ -323,6 +330,8 @@ class Settings:
                 f"AUTOANNOTATOR_RETRAIN_STRATEGY must be one of {RETRAIN_STRATEGIES}, "
                 f"got {self.retrain_strategy!r}"
             )
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"AUTOANNOTATOR_RUNTIME must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"AUTOANNOTATOR_PRECISION must be one of {PRECISIONS}, got {self.precision!r}")
         if self.label_pause_s < 0:

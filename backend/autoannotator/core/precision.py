@@ -3,3 +3,7 @@
 ``auto`` lets the process pick by its hardware (``models.specialists.runtime.inference_dtype``)."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# What runs serving forward passes on a CPU (``AUTOANNOTATOR_RUNTIME``): torch, OpenVINO, or ``auto``
+# (OpenVINO where it is installed); ``models.specialists.compiled`` applies it.
+RUNTIMES = ("torch", "openvino", "auto")

@@ -57,6 +57,7 @@ from autoannotator.lab.bench_predict import (
 from autoannotator.lab.benchmark import machine
 from autoannotator.models.ensemble import read_manifest
 from autoannotator.models.specialists.base import read_meta
+from autoannotator.models.specialists.compiled import configured_runtime
 from autoannotator.models.specialists.runtime import configured_precision
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,8 @@ def _servers(bench: _Bench, *, pinned: bool, workers: int) -> Iterator[tuple[_Si
     # `autoannotator --precision fp32 bench-peer` serves ours in fp32, as on a CPU without native bf16
     # (the peer always runs fp32).
     ours_env["AUTOANNOTATOR_PRECISION"] = configured_precision()
+    # `autoannotator --runtime openvino bench-peer`: ours compiled by OpenVINO.
+    ours_env["AUTOANNOTATOR_RUNTIME"] = configured_runtime()
     peer_dir = work / f"peer-models-{tag}"
     peer_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("AUTOANNOTATOR_", "LABEL_STUDIO_"))},
@@ -294,6 +297,7 @@ def run_bench_peer(
     result: dict[str, Any] = {
         "machine": machine(),
         "precision": configured_precision(),
+        "runtime": configured_runtime(),
         "version_dir": str(version_dir),
         "peer": {"example_dir": str(peer.example_dir), "python": str(peer.python)},
         "load_average_start": [round(x, 2) for x in os.getloadavg()],

@@ -92,6 +92,10 @@ def load_ensemble(directory: Path, labels: LabelSet, *, serving: bool = False) -
     members = [load_specialist(directory / sub, labels, serving=serving) for sub in desc["members"]]
     if serving:
         share_trunks(members)
+        for member in members:  # where a compiled runtime serves, compile before the first request
+            compile_now = getattr(member, "compile_for_serving", None)
+            if compile_now is not None:
+                compile_now()
     return Ensemble(members, labels, version=str(desc["version"]))
 
 

@@ -19,6 +19,7 @@ from autoannotator.errors import LockTimeoutError, NotConfiguredError
 from autoannotator.labelstudio.client import connect
 from autoannotator.labelstudio.config import ProjectConfig
 from autoannotator.learning.pool import VerifiedPool
+from autoannotator.models.specialists.compiled import set_runtime
 from autoannotator.models.specialists.runtime import configure_precision, configure_torch, threads_per_process
 from autoannotator.review.llm import ReviewCache
 from autoannotator.service.annotator import Annotator, project_config
@@ -34,12 +35,13 @@ logger = logging.getLogger(__name__)
 
 
 def configure_runtime(settings: Settings) -> int:
-    """Size this process's torch/BLAS threads and set its inference precision from ``settings``,
+    """Size this process's torch/BLAS threads and set its inference precision and runtime from ``settings``,
     before its first forward pass; every serving process (web, worker) calls it once. Returns the
     thread count."""
     threads = threads_per_process(settings.threads, settings.cpu_sharers)
     configure_torch(threads)
     configure_precision(settings.precision)
+    set_runtime(settings.runtime)
     return threads
 
 

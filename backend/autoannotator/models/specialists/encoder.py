@@ -25,6 +25,7 @@ from autoannotator.models.specialists.batching import (
     token_ids,
     tokenizer_key,
 )
+from autoannotator.models.specialists.compiled import BATCH_ROWS, LazyCompiled
 from autoannotator.models.specialists.runtime import (
     configure_torch,
     default_device,
@@ -142,6 +143,8 @@ class Encoder:
         self._trunks: dict[int, Trunk] = {}
         # (first layer, stop or None for the last) -> a view of the model running those layers only
         self._views: dict[tuple[int, int | None], torch.nn.Module] = {}
+        # The whole model's pooled vectors compiled, where the runtime says so (``compiled``).
+        self._compiled = LazyCompiled("pooled")
 
     @classmethod
     def shared(cls, source: str | Path, max_length: int = 128, *, serving: bool = False) -> Encoder:
@@ -239,6 +242,11 @@ class Encoder:
                     self._cache.popitem(last=False)
         return out
 
+    def compile_whole(self) -> bool:
+        """Compile the whole model's pooled vectors now where the runtime compiles them (``compiled``);
+        True if they are compiled."""
+        return self._compiled.get(self.model, self.device) is not None
+
     def _usable_layers(self, layers: int) -> int:
         """``layers`` as :meth:`embed` runs it: 0 (every layer) when it is 0 or not fewer than the
         encoder has; a ValueError for an encoder that cannot be cut."""
@@ -255,6 +263,12 @@ class Encoder:
         pad_id = self.tokenizer.pad_token_id or 0
         if layers and depth >= layers:
             depth = 0  # a trunk as deep as the layers wanted saves nothing here
+        compiled = self._compiled.get(self.model, self.device) if not depth and not layers else None
+        if compiled is not None:
+            rows = min(self.batch_size, BATCH_ROWS)
+            for idx, batch in length_batches(ids, rows, pad_id, self.device, self.max_length):
+                out[idx] = compiled(batch)
+            return out
         with inference_mode(self.device):
             trunk = self.trunk(depth) if depth > 0 else None
             upper = self._view(depth, layers or None) if trunk is not None or layers else self.model

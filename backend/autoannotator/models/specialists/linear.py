@@ -210,6 +210,11 @@ class EmbeddingSpecialist(_LinearSpecialist):
     def features(self, texts: Sequence[str]) -> np.ndarray:
         return self.encoder.embed(texts, depth=self.trunk_depth, layers=self.layers)
 
+    def compile_for_serving(self) -> bool:
+        """Compile the encoder's forward pass now where the runtime compiles it (``compiled``), so
+        the first request does not wait for it; True if it is compiled."""
+        return not self.trunk_depth and not self.layers and self.encoder.compile_whole()
+
 
 VECTORIZER_FILE = "ngrams.json"
 

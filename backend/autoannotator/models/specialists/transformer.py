@@ -38,6 +38,7 @@ from autoannotator.models.specialists.batching import (
     tokenizer_key,
     tokenizer_lock,
 )
+from autoannotator.models.specialists.compiled import BATCH_ROWS, LazyCompiled
 from autoannotator.models.specialists.encoder import Encoder, concrete_encoder, resolve_model_source
 from autoannotator.models.specialists.runtime import (
     configure_torch,
@@ -91,6 +92,9 @@ class TransformerSpecialist(DescribedByMeta):
         self._tokenizer_key = tokenizer_key(tokenizer)
         # Set by share_trunk: the encoder's trunk this member runs on, and its own layers above it.
         self._shared: tuple[Trunk, torch.nn.Module] | None = None
+        # Set by load(serving=True): the model will not change, so a compiled runtime may run it.
+        self._serving = False
+        self._compiled = LazyCompiled("logits")
 
     # ----------------------------------------------------------------- loading
 
@@ -143,7 +147,9 @@ class TransformerSpecialist(DescribedByMeta):
             model.requires_grad_(False)
             tokenizer = shared_tokenizer(tokenizer)
         directory = Path(src) if Path(src).is_dir() else None
-        return cls(model, tokenizer, meta, targets, directory, batch_size)
+        specialist = cls(model, tokenizer, meta, targets, directory, batch_size)
+        specialist._serving = serving
+        return specialist
 
     @classmethod
     def from_encoder(
@@ -232,6 +238,11 @@ class TransformerSpecialist(DescribedByMeta):
         self._shared = (trunk, layer_view(self.model, depth, None))
         return depth
 
+    def compile_for_serving(self) -> bool:
+        """Compile this serving member's forward pass now where the runtime compiles it
+        (``compiled``), so the first request does not wait for it; True if it is compiled."""
+        return self._serving and not self._shared and self._compiled.get(self.model, self.device) is not None
+
     def _check_trainable(self, what: str) -> None:
         dtype = next(self.model.parameters()).dtype
         if dtype != torch.float32:
@@ -264,11 +275,16 @@ class TransformerSpecialist(DescribedByMeta):
         out = np.zeros((len(clean), len(self.targets)), dtype=np.float64)
         ids = token_ids(self.tokenizer, self._tokenizer_key, clean, self.max_length)
         pad_id = self.tokenizer.pad_token_id or 0
+        # A member that serves whole runs compiled where the runtime says so (``compiled``).
+        compiled = self._compiled.get(self.model, self.device) if self._serving and not self._shared else None
+        rows = self.batch_size if compiled is None else min(self.batch_size, BATCH_ROWS)
         with inference_mode(self.device):
             trunk, upper = self._shared or (None, self.model)
             states = trunk.states(clean) if trunk is not None else []
-            for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device, self.max_length):
-                if trunk is None:
+            for idx, batch in length_batches(ids, rows, pad_id, self.device, self.max_length):
+                if compiled is not None:
+                    logits = torch.from_numpy(compiled(batch))
+                elif trunk is None:
                     inputs = {k: v for k, v in batch.items() if k in self._model_inputs}
                     logits = upper(**inputs).logits
                 else:
