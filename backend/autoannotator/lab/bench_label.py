@@ -57,7 +57,7 @@ from label_studio_sdk import LabelStudio
 from autoannotator.core.labels import LabelSet
 from autoannotator.core.policies import policy_from_spec
 from autoannotator.errors import AutoAnnotatorError, BadInputError
-from autoannotator.lab.benchmark import machine, process_memory_mb, quiet_loggers
+from autoannotator.lab.benchmark import forward_settings, machine, process_memory_mb, quiet_loggers
 from autoannotator.labelstudio.config import ProjectConfig, parse_label_config, prediction
 from autoannotator.labelstudio.tasks import (
     delete_version,
@@ -388,7 +388,8 @@ class _Bench:
         return seconds
 
     def worker_env(self, store: Path) -> dict[str, str]:
-        """This environment minus every backend setting, plus the benchmark's."""
+        """This environment minus every backend setting, plus the benchmark's and this process's
+        precision and runtime (those of the raw forward pass it is timed against)."""
         env = {
             k: v
             for k, v in os.environ.items()
@@ -402,6 +403,7 @@ class _Bench:
                 "AUTOANNOTATOR_CPU_SHARERS": str(self.config.cpu_sharers),
                 "AUTOANNOTATOR_POLICY": self.config.policy,
                 "AUTOANNOTATOR_REVIEW_MODE": self.config.review_mode,
+                **forward_settings(),
                 "LABEL_STUDIO_URL": self.ls_url,
                 "LABEL_STUDIO_API_KEY": self.token,
                 "HF_HUB_OFFLINE": "1",

@@ -194,11 +194,8 @@ def _servers(bench: _Bench, *, pinned: bool, workers: int) -> Iterator[tuple[_Si
     ours_env = server_env(store, bench.redis_url, "off")
     ours_env["AUTOANNOTATOR_THREADS"] = "1" if pinned else "0"
     ours_env["AUTOANNOTATOR_CPU_SHARERS"] = str(workers)
-    # `autoannotator --precision fp32 bench-peer` serves ours in fp32, as on a CPU without native bf16
-    # (the peer always runs fp32).
-    ours_env["AUTOANNOTATOR_PRECISION"] = configured_precision()
-    # `autoannotator --runtime openvino bench-peer`: ours compiled by OpenVINO.
-    ours_env["AUTOANNOTATOR_RUNTIME"] = configured_runtime()
+    # server_env carries --precision and --runtime: `autoannotator --precision fp32 bench-peer` serves
+    # ours in fp32, as on a CPU without native bf16 (the peer always runs fp32).
     peer_dir = work / f"peer-models-{tag}"
     peer_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("AUTOANNOTATOR_", "LABEL_STUDIO_"))},

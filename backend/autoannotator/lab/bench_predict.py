@@ -54,7 +54,7 @@ import numpy as np
 import redis
 
 from autoannotator.errors import AutoAnnotatorError
-from autoannotator.lab.benchmark import machine, process_memory_mb, quiet_loggers
+from autoannotator.lab.benchmark import forward_settings, machine, process_memory_mb, quiet_loggers
 from autoannotator.labelstudio.config import parse_label_config
 from autoannotator.models.ensemble import Ensemble, read_manifest
 from autoannotator.service.annotator import Annotator
@@ -173,7 +173,8 @@ class Server:
 
 
 def server_env(model_dir: Path, redis_url: str, review_mode: str) -> dict[str, str]:
-    """This environment minus any backend setting, plus the store, Redis and default mode."""
+    """This environment minus any backend setting, plus the store, Redis, default mode, and this
+    process's precision and runtime."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -184,6 +185,7 @@ def server_env(model_dir: Path, redis_url: str, review_mode: str) -> dict[str, s
             "AUTOANNOTATOR_MODEL_DIR": str(model_dir),
             "AUTOANNOTATOR_REDIS_URL": redis_url,
             "AUTOANNOTATOR_REVIEW_MODE": review_mode,
+            **forward_settings(),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",

@@ -171,3 +171,12 @@ def quiet_loggers(*names: str) -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+def forward_settings() -> dict[str, str]:
+    """The settings that make a server or worker compute as this process does (the CLI's
+    ``--precision`` and ``--runtime``), so its time is comparable with the raw forward pass here."""
+    from autoannotator.models.specialists.compiled import configured_runtime
+    from autoannotator.models.specialists.runtime import configured_precision
+
+    return {"AUTOANNOTATOR_PRECISION": configured_precision(), "AUTOANNOTATOR_RUNTIME": configured_runtime()}
