@@ -108,6 +108,18 @@ def shared_dataset():
     return get
 
 
+@pytest.fixture
+def fp32() -> Iterator[None]:
+    """Serving forward passes in fp32 for the test (where two ways of computing must agree to float
+    rounding), and the process's precision back afterwards."""
+    from autoannotator.models.specialists import runtime
+
+    saved = runtime.configured_precision()
+    runtime.configure_precision("fp32")
+    yield
+    runtime.configure_precision(saved)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """The session's own ``redis-server`` on a free loopback port (see ``tests/redis_server.py``)."""

@@ -32,14 +32,6 @@ FP32_TOLERANCE = 1e-5
 
 
 @pytest.fixture
-def fp32() -> Iterator[None]:
-    saved = runtime._precision
-    runtime.configure_precision("fp32")
-    yield
-    runtime.configure_precision(saved)
-
-
-@pytest.fixture
 def openvino() -> Iterator[None]:
     """The runtime set to OpenVINO for the test, and back to torch after it; encoders loaded under
     either are dropped so no test sees another's compiled model."""

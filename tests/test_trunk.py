@@ -4,7 +4,6 @@ Tiny real BERTs (2 layers): the fine-tuned member keeps the embeddings and layer
 version computes them once per text for both members, and the labels stay those of the whole models.
 """
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.models.ensemble import load_ensemble, share_trunks, write_manifest
-from autoannotator.models.specialists import EmbeddingSpecialist, TrainConfig, TransformerSpecialist, runtime
+from autoannotator.models.specialists import EmbeddingSpecialist, TrainConfig, TransformerSpecialist
 from autoannotator.models.specialists.encoder import Encoder
 from autoannotator.models.specialists.loading import load_specialist
 from autoannotator.models.specialists.trunk import layer_view, lower_modules, same_weights
@@ -22,15 +21,6 @@ from tests import tiny
 
 LABELS = LabelSet.of(tiny.LABELS)
 FIT = {"learning_rate": 5e-3, "epochs": 3, "batch_size": 16, "seed": 0}
-
-
-@pytest.fixture
-def fp32() -> Iterator[None]:
-    """Compare shared and whole passes in fp32, where they must agree to float rounding."""
-    saved = runtime._precision
-    runtime.configure_precision("fp32")
-    yield
-    runtime.configure_precision(saved)
 
 
 def _version(
