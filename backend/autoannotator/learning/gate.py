@@ -15,7 +15,9 @@ give p <= ``alpha`` that the candidate is the worse one. The held-out sets are s
 in a project's first retrainings), and with ``alpha`` = 0 (the paper's rule, the default) a
 candidate one item behind is rejected; a rejected continual retraining leaves the older version
 serving and learning nothing from those items, so one item's noise becomes a lasting difference.
-``alpha`` trades that against promoting a version that is really worse by a little.
+``alpha`` trades that against promoting a version that is really worse by a little, and on the
+smallest held-out sets by more than a little: of 10 items a candidate may lose 4 and win none
+(p = 0.0625) and be promoted at 0.05, which is why it is off by default (BENCHMARKS.md, section 9).
 
 Before the comparison, :meth:`Gate.prune` drops the candidate's members that pull the vote down
 (the paper's Table 13: one weak member can make the vote worse than the best single model) on the
