@@ -13,8 +13,8 @@ the frozen encoder. Training, GPUs, and members that share a trunk with the enco
 
 OpenVINO is optional (``pip install 'autoannotator[openvino]'``). Asked for without it, the first
 forward pass raises :class:`~autoannotator.errors.SpecialistLoadError`, which says what to install;
-``auto`` uses it where it is installed and the device is a CPU. The default is ``torch``
-(``settings.Settings.runtime`` says why).
+``auto`` uses it where it is installed and the device is a CPU. The default is ``torch``: OpenVINO
+holds about half as much memory again per worker (BENCHMARKS.md, 7e).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ BATCH_ROWS = 8
 
 def set_runtime(runtime: str) -> None:
     """Which library runs serving forward passes on a CPU: ``torch``, ``openvino``, or ``auto``
-    (OpenVINO where it is installed). Takes effect for models compiled after the call."""
+    (OpenVINO where it is installed). Takes effect at each model's next forward pass; a compiled
+    model is kept, should the runtime come back to OpenVINO."""
     global _runtime
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
