@@ -42,6 +42,8 @@ def configure_runtime(settings: Settings) -> int:
     configure_torch(threads)
     configure_precision(settings.precision)
     set_runtime(settings.runtime)
+    s = settings
+    logger.info("forward passes: %d threads, %s precision, %s runtime", threads, s.precision, s.runtime)
     return threads
 
 
