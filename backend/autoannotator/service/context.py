@@ -35,15 +35,16 @@ logger = logging.getLogger(__name__)
 
 
 def configure_runtime(settings: Settings) -> int:
-    """Size this process's torch/BLAS threads and set its inference precision and runtime from ``settings``,
-    before its first forward pass; every serving process (web, worker) calls it once. Returns the
-    thread count."""
+    """Size this process's torch/BLAS threads and set its inference precision and runtime from
+    ``settings``, before its first forward pass; every serving process (web, worker) calls it once.
+    Returns the thread count."""
     threads = threads_per_process(settings.threads, settings.cpu_sharers)
     configure_torch(threads)
     configure_precision(settings.precision)
     set_runtime(settings.runtime)
-    s = settings
-    logger.info("forward passes: %d threads, %s precision, %s runtime", threads, s.precision, s.runtime)
+    logger.info(
+        "forward passes: %d threads, %s precision, %s runtime", threads, settings.precision, settings.runtime
+    )
     return threads
 
 

@@ -158,3 +158,11 @@ def length_batches(
             input_ids[row, : lengths[i]] = torch.as_tensor(ids[i], dtype=torch.long)
             mask[row, : lengths[i]] = 1
         yield idx, {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence vectors: the mean of each text's token states over its unpadded tokens, L2-normalised
+    (``Encoder.embed``'s vectors, in torch and in the compiled graph alike)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)

@@ -32,6 +32,7 @@ import torch
 
 from autoannotator.core.precision import RUNTIMES
 from autoannotator.errors import SpecialistLoadError
+from autoannotator.models.specialists.batching import mean_pooled
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,7 @@ class _MeanPooled(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        return mean_pooled(hidden, attention_mask)
 
 
 class CompiledForward:

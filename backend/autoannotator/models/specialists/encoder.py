@@ -21,11 +21,12 @@ from transformers import AutoModel, AutoTokenizer
 from autoannotator.errors import SpecialistLoadError
 from autoannotator.models.specialists.batching import (
     length_batches,
+    mean_pooled,
     shared_tokenizer,
     token_ids,
     tokenizer_key,
 )
-from autoannotator.models.specialists.compiled import BATCH_ROWS, LazyCompiled
+from autoannotator.models.specialists.compiled import BATCH_ROWS, CompiledForward, LazyCompiled
 from autoannotator.models.specialists.runtime import (
     configure_torch,
     default_device,
@@ -242,10 +243,12 @@ class Encoder:
                     self._cache.popitem(last=False)
         return out
 
-    def compile_whole(self) -> bool:
-        """Compile the whole model's pooled vectors now where the runtime compiles them (``compiled``);
-        True if they are compiled."""
-        return self._compiled.get(self.model, self.device) is not None
+    def compiled_forward(self, depth: int = 0, layers: int = 0) -> CompiledForward | None:
+        """The compiled whole model that :meth:`embed` with this ``depth`` and ``layers`` runs, compiled
+        now if it was not yet; None where it runs torch (the runtime's choice, a trunk, fewer layers)."""
+        if depth or self._usable_layers(layers):
+            return None
+        return self._compiled.get(self.model, self.device)
 
     def _usable_layers(self, layers: int) -> int:
         """``layers`` as :meth:`embed` runs it: 0 (every layer) when it is 0 or not fewer than the
@@ -263,7 +266,7 @@ class Encoder:
         pad_id = self.tokenizer.pad_token_id or 0
         if layers and depth >= layers:
             depth = 0  # a trunk as deep as the layers wanted saves nothing here
-        compiled = self._compiled.get(self.model, self.device) if not depth and not layers else None
+        compiled = self.compiled_forward(depth, layers)
         if compiled is not None:
             rows = min(self.batch_size, BATCH_ROWS)
             for idx, batch in length_batches(ids, rows, pad_id, self.device, self.max_length):
@@ -280,7 +283,5 @@ class Encoder:
                     below = padded([states[i] for i in idx], batch["input_ids"].shape[1])
                     hidden = upper(inputs_embeds=below, attention_mask=batch["attention_mask"])
                     hidden = hidden.last_hidden_state.float()
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+                out[idx] = mean_pooled(hidden, batch["attention_mask"]).cpu().numpy()
         return out

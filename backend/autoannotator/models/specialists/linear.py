@@ -213,7 +213,7 @@ class EmbeddingSpecialist(_LinearSpecialist):
     def compile_for_serving(self) -> bool:
         """Compile the encoder's forward pass now where the runtime compiles it (``compiled``), so
         the first request does not wait for it; True if it is compiled."""
-        return not self.trunk_depth and not self.layers and self.encoder.compile_whole()
+        return self.encoder.compiled_forward(self.trunk_depth, self.layers) is not None
 
 
 VECTORIZER_FILE = "ngrams.json"

@@ -38,7 +38,7 @@ from autoannotator.models.specialists.batching import (
     tokenizer_key,
     tokenizer_lock,
 )
-from autoannotator.models.specialists.compiled import BATCH_ROWS, LazyCompiled
+from autoannotator.models.specialists.compiled import BATCH_ROWS, CompiledForward, LazyCompiled
 from autoannotator.models.specialists.encoder import Encoder, concrete_encoder, resolve_model_source
 from autoannotator.models.specialists.runtime import (
     configure_torch,
@@ -241,7 +241,14 @@ class TransformerSpecialist(DescribedByMeta):
     def compile_for_serving(self) -> bool:
         """Compile this serving member's forward pass now where the runtime compiles it
         (``compiled``), so the first request does not wait for it; True if it is compiled."""
-        return self._serving and not self._shared and self._compiled.get(self.model, self.device) is not None
+        return self._compiled_forward() is not None
+
+    def _compiled_forward(self) -> CompiledForward | None:
+        """The compiled model, where the runtime compiles and this member serves whole (loaded to
+        serve, so it will not change, and not on a shared trunk); None where it runs torch."""
+        if not self._serving or self._shared:
+            return None
+        return self._compiled.get(self.model, self.device)
 
     def _check_trainable(self, what: str) -> None:
         dtype = next(self.model.parameters()).dtype
@@ -275,8 +282,7 @@ class TransformerSpecialist(DescribedByMeta):
         out = np.zeros((len(clean), len(self.targets)), dtype=np.float64)
         ids = token_ids(self.tokenizer, self._tokenizer_key, clean, self.max_length)
         pad_id = self.tokenizer.pad_token_id or 0
-        # A member that serves whole runs compiled where the runtime says so (``compiled``).
-        compiled = self._compiled.get(self.model, self.device) if self._serving and not self._shared else None
+        compiled = self._compiled_forward()
         rows = self.batch_size if compiled is None else min(self.batch_size, BATCH_ROWS)
         with inference_mode(self.device):
             trunk, upper = self._shared or (None, self.model)
