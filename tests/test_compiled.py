@@ -5,6 +5,7 @@ gives the probabilities torch gives, both members run compiled, every batch widt
 compiled model, and models that still train never compile.
 """
 
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from autoannotator.errors import SpecialistLoadError
 from autoannotator.models.ensemble import load_ensemble, write_manifest
 from autoannotator.models.specialists import EmbeddingSpecialist, TrainConfig, TransformerSpecialist, runtime
 from autoannotator.models.specialists import compiled as compiled_runtime
+from autoannotator.models.specialists import encoder as encoder_module
 from autoannotator.models.specialists.encoder import Encoder, clear_encoder_caches
 from autoannotator.settings import Settings
 from tests import tiny
@@ -31,13 +33,30 @@ LABELS = LabelSet.of(tiny.LABELS)
 FP32_TOLERANCE = 1e-5
 
 
+@pytest.fixture(scope="module")
+def ov_cache(tmp_path_factory) -> Path:
+    """One cache of converted models for the module: a test that loads a model another test
+    converted (the same files) reuses it, as a second process would."""
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(ov_cache, monkeypatch) -> None:
+    """Converted models go to the module's cache, never the user's, and the weight format is put
+    back after each test."""
+    monkeypatch.setattr(compiled_runtime, "_cache_dir", ov_cache)
+    monkeypatch.setattr(compiled_runtime, "_weights", compiled_runtime.configured_weights())
+
+
 @pytest.fixture
-def openvino() -> Iterator[None]:
-    """The runtime set to OpenVINO for the test, and back to torch after it; encoders loaded under
-    either are dropped so no test sees another's compiled model."""
+def openvino(monkeypatch) -> Iterator[None]:
+    """The runtime set to OpenVINO with fp32 weights (outputs comparable with torch's to float
+    rounding) for the test, and back after it; the test starts with no shared encoder, so none that
+    an earlier test loaded (with its torch weights, its compiled model) serves it."""
     saved = compiled_runtime.configured_runtime()
+    monkeypatch.setattr(encoder_module, "_ENCODERS", {})
     clear_encoder_caches()
-    compiled_runtime.set_runtime("openvino")
+    compiled_runtime.set_runtime("openvino", weights="fp32")
     yield
     compiled_runtime.set_runtime(saved)
     clear_encoder_caches()
@@ -79,7 +98,7 @@ def test_a_served_version_gives_torchs_probabilities_with_both_members_compiled(
     reference = load_ensemble(version, LABELS, serving=True).predict_proba(texts)
     saved = compiled_runtime.configured_runtime()
     clear_encoder_caches()
-    compiled_runtime.set_runtime("openvino")
+    compiled_runtime.set_runtime("openvino", weights="fp32")
     try:
         served = load_ensemble(version, LABELS, serving=True)
         transformer, embedding = served.members[0], served.members[1]
@@ -186,9 +205,19 @@ def test_which_devices_and_settings_use_openvino(monkeypatch):
         assert compiled_runtime.uses_openvino(torch.device("cpu"))
         assert not compiled_runtime.uses_openvino(torch.device("cuda"))  # a GPU keeps torch
         compiled_runtime.set_runtime("auto")
-        assert compiled_runtime.uses_openvino(torch.device("cpu"))  # installed here
+        # auto: where it is installed (here) and forward passes run in fp32; where they run in bf16,
+        # torch's bf16 serves (as fast, less memory: BENCHMARKS 7e).
+        monkeypatch.setattr(runtime, "_precision", "fp32")
+        assert compiled_runtime.uses_openvino(torch.device("cpu"))
+        monkeypatch.setattr(runtime, "_precision", "bf16")
+        assert not compiled_runtime.uses_openvino(torch.device("cpu"))
+        monkeypatch.setattr(compiled_runtime, "openvino_installed", lambda: False)
+        monkeypatch.setattr(runtime, "_precision", "fp32")
+        assert not compiled_runtime.uses_openvino(torch.device("cpu"))
         with pytest.raises(ValueError, match="runtime must be one of"):
             compiled_runtime.set_runtime("onnx")
+        with pytest.raises(ValueError, match="OpenVINO weights must be one of"):
+            compiled_runtime.set_runtime("openvino", weights="int4")
     finally:
         compiled_runtime.set_runtime(saved)
 
@@ -198,14 +227,142 @@ def test_the_setting_is_read_and_applied_before_the_first_forward_pass(monkeypat
 
     saved = compiled_runtime.configured_runtime()
     monkeypatch.setenv("AUTOANNOTATOR_RUNTIME", "openvino")
+    monkeypatch.setenv("AUTOANNOTATOR_OPENVINO_WEIGHTS", "fp32")
+    monkeypatch.setenv("AUTOANNOTATOR_MODEL_DIR", "/srv/models")
     try:
         settings = Settings.from_env()
-        assert settings.runtime == "openvino"
+        assert (settings.runtime, settings.openvino_weights) == ("openvino", "fp32")
         configure_runtime(settings)
         assert compiled_runtime.configured_runtime() == "openvino"
+        assert compiled_runtime.configured_weights() == "fp32"
+        # Converted models are kept beside the versions, which every worker shares.
+        assert compiled_runtime.cache_dir() == Path("/srv/models/openvino")
     finally:
         compiled_runtime.set_runtime(saved)
     assert Settings().runtime == "torch"
+    assert Settings().openvino_weights == "int8"
     monkeypatch.setenv("AUTOANNOTATOR_RUNTIME", "onnx")
     with pytest.raises(ValueError, match="AUTOANNOTATOR_RUNTIME must be one of"):
         Settings.from_env()
+    monkeypatch.setenv("AUTOANNOTATOR_RUNTIME", "openvino")
+    monkeypatch.setenv("AUTOANNOTATOR_OPENVINO_WEIGHTS", "int4")
+    with pytest.raises(ValueError, match="AUTOANNOTATOR_OPENVINO_WEIGHTS must be one of"):
+        Settings.from_env()
+
+
+# Weight-only int8 against fp32 on a tiny BERT trained for a few steps: its probabilities sit close
+# together, so a label flips more easily than on a real MiniLM (99.7% the same there, BENCHMARKS 7f).
+INT8_SAME_LABELS = 0.95
+INT8_PROB_TOLERANCE = 0.05
+
+
+def test_int8_weights_give_the_same_labels_within_a_stated_tolerance_at_a_third_of_the_size(
+    tmp_path, tiny_encoder, tiny_corpus, fp32, openvino
+):
+    version = _version(tmp_path / "v", tiny_encoder, tiny_corpus)
+    texts = _texts(tiny_corpus)
+    compiled_runtime.set_runtime("torch")
+    clear_encoder_caches()
+    reference = load_ensemble(version, LABELS, serving=True).predict_proba(texts)
+    compiled_runtime.set_runtime("openvino", weights="int8")
+    clear_encoder_caches()
+    served = load_ensemble(version, LABELS, serving=True)
+    probs = served.predict_proba(texts)
+    for member in range(reference.shape[0]):
+        same = (probs[member].argmax(-1) == reference[member].argmax(-1)).mean()
+        assert same >= INT8_SAME_LABELS
+        assert np.abs(probs[member] - reference[member]).max() < INT8_PROB_TOLERANCE
+    int8_file = served.members[0]._compiled._compiled.model_file
+    fp32_file = compiled_runtime.ir_file(str(version / "m0-transformer"), "logits", "fp32")
+    assert int8_file != fp32_file
+    assert int8_file.with_suffix(".bin").stat().st_size < 0.4 * fp32_file.with_suffix(".bin").stat().st_size
+
+
+def test_a_member_served_compiled_holds_no_torch_weights_until_asked(
+    tmp_path, tiny_encoder, tiny_corpus, fp32, openvino
+):
+    version = _version(tmp_path / "v", tiny_encoder, tiny_corpus)
+    texts = _texts(tiny_corpus)
+    served = load_ensemble(version, LABELS, serving=True)
+    transformer, encoder = served.members[0], served.members[1].encoder
+    probs = served.predict_proba(texts)
+    # Loaded, compiled and predicting, neither holds a torch weight: the skeletons are on torch's
+    # meta device, which allocates nothing.
+    assert not transformer.holds_weights and not encoder.holds_weights
+    assert {p.device.type for p in transformer._model.parameters()} == {"meta"}
+    assert {p.device.type for p in encoder._model.parameters()} == {"meta"}
+    # What asks for the torch model gets it, loaded then, with the weights on disk.
+    compiled_runtime.set_runtime("torch")
+    encoder.clear_cache()  # else the vectors of the compiled pass answer
+    torch_probs = served.predict_proba(texts)
+    assert transformer.holds_weights and encoder.holds_weights
+    assert {p.device.type for p in transformer.model.parameters()} == {"cpu"}
+    assert np.abs(torch_probs - probs).max() < FP32_TOLERANCE
+
+
+def test_a_model_is_converted_once_and_again_when_its_weights_change(
+    tmp_path, tiny_encoder, tiny_corpus, fp32, openvino, monkeypatch
+):
+    conversions: list[str] = []
+    convert = compiled_runtime._convert_in_child
+
+    def counted(source, kind, weights, out_dir):
+        conversions.append(kind)
+        convert(source, kind, weights, out_dir)
+
+    monkeypatch.setattr(compiled_runtime, "_convert_in_child", counted)
+    member_dir = _version(tmp_path / "v", tiny_encoder, tiny_corpus) / "m0-transformer"
+    first = compiled_runtime.ir_file(str(member_dir), "logits")
+    assert compiled_runtime.ir_file(str(member_dir), "logits") == first and conversions == ["logits"]
+    # New weights in the same folder (a member refit in place) are another model.
+    weights = member_dir / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert compiled_runtime.ir_file(str(member_dir), "logits") != first
+    assert conversions == ["logits", "logits"]
+
+
+def test_two_threads_converting_at_once_convert_once(
+    tmp_path, tiny_encoder, tiny_corpus, openvino, monkeypatch
+):
+    conversions: list[str] = []
+    convert = compiled_runtime._convert_in_child
+
+    def counted(source, kind, weights, out_dir):
+        conversions.append(kind)
+        convert(source, kind, weights, out_dir)
+
+    monkeypatch.setattr(compiled_runtime, "_convert_in_child", counted)
+    member_dir = _version(tmp_path / "v", tiny_encoder, tiny_corpus) / "m0-transformer"
+    found: list[Path] = []
+    workers = [
+        threading.Thread(target=lambda: found.append(compiled_runtime.ir_file(str(member_dir), "logits")))
+        for _ in range(3)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(found) == 3 and len(set(found)) == 1 and conversions == ["logits"]
+
+
+def test_a_model_that_cannot_be_converted_says_why_and_leaves_nothing_cached(
+    tmp_path, tiny_encoder, tiny_corpus, openvino, ov_cache
+):
+    member_dir = _version(tmp_path / "v", tiny_encoder, tiny_corpus) / "m0-transformer"
+    (member_dir / "model.safetensors").write_bytes(b"not a weights file")
+    before = set(ov_cache.iterdir())
+    with pytest.raises(SpecialistLoadError, match=r"cannot convert .* for OpenVINO"):
+        compiled_runtime.ir_file(str(member_dir), "logits")
+    left = {p for p in set(ov_cache.iterdir()) - before if not p.name.endswith(".lock")}
+    assert left == set()
+
+
+def test_int8_without_nncf_says_what_to_install(tmp_path, tiny_encoder, tiny_corpus, openvino, monkeypatch):
+    member_dir = _version(tmp_path / "v", tiny_encoder, tiny_corpus) / "m0-transformer"
+    find_spec = compiled_runtime.importlib.util.find_spec
+    monkeypatch.setattr(
+        compiled_runtime.importlib.util, "find_spec", lambda name: None if name == "nncf" else find_spec(name)
+    )
+    with pytest.raises(SpecialistLoadError, match=r"nncf package: pip install 'autoannotator\[openvino\]'"):
+        compiled_runtime.ir_file(str(member_dir), "logits", "int8")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autoannotator.core.labels import LabelSet
-from autoannotator.core.precision import PRECISIONS, RUNTIMES
+from autoannotator.core.precision import OPENVINO_WEIGHTS, PRECISIONS, RUNTIMES
 from autoannotator.demo.config import DemoConfig
 from autoannotator.errors import AutoAnnotatorError, BadInputError
 from autoannotator.learning.recipes import KINDS, ColdStartConfig
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="what runs forward passes that label on a CPU: torch, openvino (the openvino extra) or auto "
         "(openvino where installed), as AUTOANNOTATOR_RUNTIME does for the service",
     )
+    parser.add_argument(
+        "--openvino-weights",
+        choices=OPENVINO_WEIGHTS,
+        default="int8",
+        help="how OpenVINO holds the weights: int8 (weight-only) or fp32, as AUTOANNOTATOR_OPENVINO_WEIGHTS",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulation_commands(sub)
     _add_model_commands(sub)
@@ -70,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.runtime != "torch":
         from autoannotator.models.specialists.compiled import set_runtime
 
-        set_runtime(args.runtime)
+        set_runtime(args.runtime, weights=args.openvino_weights)
     try:
         return int(args.func(args))
     except AutoAnnotatorError as exc:
@@ -719,7 +725,12 @@ def _add_bench_precision_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--stream", type=Path, action="append", required=True, help="labelled JSONL: one, or one per version"
     )
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated; the first is the reference")
+    p.add_argument(
+        "--precisions",
+        default="fp32,bf16",
+        help="comma-separated arms, the first the reference: a precision, optionally with a runtime and "
+        "OpenVINO's weights (PRECISION[:RUNTIME[:WEIGHTS]], e.g. fp32,fp32:openvino:int8)",
+    )
     p.add_argument("--policy", default="budget:0.2:mean", help="routing policy spec (who is reviewed)")
     p.add_argument("--n", type=int, default=None, help="only the first N texts of each stream")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the usable CPUs)")

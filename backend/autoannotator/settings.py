@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autoannotator.core.limits import MAX_TEXT_CHARS
-from autoannotator.core.precision import PRECISIONS, RUNTIMES
+from autoannotator.core.precision import OPENVINO_WEIGHTS, PRECISIONS, RUNTIMES
 from autoannotator.models.specialists.base import RETRAIN_STRATEGIES
 
 REVIEW_MODES = ("llm", "human", "off")
@@ -254,9 +254,15 @@ class Settings:
     runtime: str = _setting(
         "AUTOANNOTATOR_RUNTIME",
         "torch",
-        "what runs serving forward passes on a CPU: torch, openvino (the openvino extra: the same "
-        "outputs, about twice as fast in fp32, more memory; BENCHMARKS.md 7e) or auto (openvino "
-        "where installed)",
+        "what runs serving forward passes on a CPU: torch, openvino (the openvino extra: about twice "
+        "as fast in fp32; BENCHMARKS.md 7e, 7f) or auto (openvino where installed and forward passes "
+        "run in fp32)",
+    )
+    openvino_weights: str = _setting(
+        "AUTOANNOTATOR_OPENVINO_WEIGHTS",
+        "int8",
+        "how OpenVINO holds the weights: int8 (weight-only, a quarter of the memory; 7f) or fp32 "
+        "(outputs equal to torch's); converted models are cached in AUTOANNOTATOR_MODEL_DIR/openvino",
     )
     # Labelling runs: every new version predicts the project's unannotated tasks in the background.
     label_chunk: int = _setting(
@@ -332,6 +338,11 @@ class Settings:
             )
         if self.runtime not in RUNTIMES:
             raise ValueError(f"AUTOANNOTATOR_RUNTIME must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.openvino_weights not in OPENVINO_WEIGHTS:
+            raise ValueError(
+                f"AUTOANNOTATOR_OPENVINO_WEIGHTS must be one of {OPENVINO_WEIGHTS}, "
+                f"got {self.openvino_weights!r}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"AUTOANNOTATOR_PRECISION must be one of {PRECISIONS}, got {self.precision!r}")
         if self.label_pause_s < 0:

@@ -1,6 +1,7 @@
 """``autoannotator bench-precision``: what a cheaper forward pass costs in labels, and what it saves.
 
-The same published version labels the same stream once per precision. Reported per version: each
+The same published version labels the same stream once per arm: a precision, and optionally a
+runtime and OpenVINO's weight format (``fp32``, ``bf16``, ``fp32:openvino:int8``). Reported per version: each
 member's label agreement with fp32 and its largest probability change; the ensemble's accuracy when
 the routing policy sends its share of the stream to review (reviewed items take the gold label, as a
 perfect reviewer would give); and the time per text of each member's forward passes, in this
@@ -21,18 +22,38 @@ import torch
 
 from autoannotator.core.labels import LabelSet
 from autoannotator.core.policies import policy_from_spec
+from autoannotator.core.precision import OPENVINO_WEIGHTS, PRECISIONS, RUNTIMES
 from autoannotator.learning.datasets import read_jsonl
 from autoannotator.models.ensemble import load_ensemble, read_manifest
+from autoannotator.models.specialists.compiled import configured_runtime, configured_weights, set_runtime
 from autoannotator.models.specialists.encoder import clear_encoder_caches
-from autoannotator.models.specialists.runtime import configure_precision, inference_dtype
+from autoannotator.models.specialists.runtime import (
+    configure_precision,
+    configured_precision,
+    inference_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def _label_pass(ensemble: Any, texts: Sequence[str], precision: str) -> tuple[np.ndarray, dict[str, float]]:
-    """``[k, n, L]`` probabilities and each member's ms per text, the embedding cache emptied first
-    (a cached vector would be the other precision's, and free)."""
+def apply_arm(arm: str) -> None:
+    """Set this process's forward passes to ``arm``: ``PRECISION[:RUNTIME[:WEIGHTS]]``, for example
+    ``fp32``, ``bf16``, ``fp32:openvino`` or ``fp32:openvino:int8`` (runtime torch by default, and
+    OpenVINO's weights int8 by default)."""
+    precision, runtime, weights = ([*arm.split(":"), "torch", "int8"])[:3]
+    if precision not in PRECISIONS or runtime not in RUNTIMES or weights not in OPENVINO_WEIGHTS:
+        raise ValueError(
+            f"an arm is PRECISION[:RUNTIME[:WEIGHTS]] from {PRECISIONS}, {RUNTIMES}, "
+            f"{OPENVINO_WEIGHTS}; got {arm!r}"
+        )
     configure_precision(precision)
+    set_runtime(runtime, weights=weights)
+
+
+def _label_pass(ensemble: Any, texts: Sequence[str], arm: str) -> tuple[np.ndarray, dict[str, float]]:
+    """``[k, n, L]`` probabilities and each member's ms per text, the embedding cache emptied first
+    (a cached vector would be the other arm's, and free)."""
+    apply_arm(arm)
     clear_encoder_caches()
     ensemble.predict_proba(list(texts[:32]))  # warm-up: lazy inits, autocast's weight casts
     clear_encoder_caches()
@@ -64,14 +85,15 @@ def bench_version(
     gold = np.asarray(labels.indices([e.label for e in examples]))
     runs = {}
     for p in precisions:
-        # Loaded anew per precision, as a serving process loads it: weights in the forward's dtype.
-        configure_precision(p)
+        # Loaded anew per arm, as a serving process loads it: weights in the forward's dtype, and
+        # compiled where the arm's runtime compiles.
+        apply_arm(p)
         ensemble = load_ensemble(version_dir, labels, serving=True)
         runs[p] = _label_pass(ensemble, texts, p)
     reference, _ = runs[precisions[0]]
     out: dict[str, Any] = {"version_dir": str(version_dir), "n": len(texts), "precisions": {}}
     for p, (probs, ms) in runs.items():
-        configure_precision(p)  # to name the dtype each precision resolved to on this machine
+        apply_arm(p)  # to name the dtype each arm resolved to on this machine
         dtype = inference_dtype(torch.device("cpu"))
         out["precisions"][p] = {
             "computes_in": str(dtype or torch.float32).replace("torch.", ""),
@@ -95,10 +117,28 @@ def run_bench_precision(
     policy: str = "budget:0.2:mean",
     n: int | None = None,
 ) -> dict[str, Any]:
-    """Each version on its stream (one stream for all, or one per version), the first precision the
-    reference; then the change in accuracy per precision over the versions, mean and spread."""
+    """Each version on its stream (one stream for all, or one per version), the first arm (a precision,
+    optionally with a runtime: :func:`apply_arm`) the reference; then the change in accuracy per arm
+    over the versions, mean and spread. The process's runtime is put back after."""
     if len(stream_files) not in (1, len(version_dirs)):
         raise ValueError("give one stream file for all versions, or one per version")
+    for arm in precisions:
+        apply_arm(arm)  # a bad arm is refused before any version loads
+    saved = configured_precision(), configured_runtime(), configured_weights()
+    try:
+        return _run(version_dirs, stream_files, precisions, policy, n)
+    finally:
+        configure_precision(saved[0])
+        set_runtime(saved[1], weights=saved[2])
+
+
+def _run(
+    version_dirs: Sequence[Path],
+    stream_files: Sequence[Path],
+    precisions: Sequence[str],
+    policy: str,
+    n: int | None,
+) -> dict[str, Any]:
     streams = list(stream_files) * len(version_dirs) if len(stream_files) == 1 else list(stream_files)
     started = time.perf_counter()
     versions = []

@@ -175,8 +175,13 @@ def quiet_loggers(*names: str) -> Iterator[None]:
 
 def forward_settings() -> dict[str, str]:
     """The settings that make a server or worker compute as this process does (the CLI's
-    ``--precision`` and ``--runtime``), so its time is comparable with the raw forward pass here."""
-    from autoannotator.models.specialists.compiled import configured_runtime
+    ``--precision``, ``--runtime`` and ``--openvino-weights``), so its time is comparable with the
+    raw forward pass here."""
+    from autoannotator.models.specialists.compiled import configured_runtime, configured_weights
     from autoannotator.models.specialists.runtime import configured_precision
 
-    return {"AUTOANNOTATOR_PRECISION": configured_precision(), "AUTOANNOTATOR_RUNTIME": configured_runtime()}
+    return {
+        "AUTOANNOTATOR_PRECISION": configured_precision(),
+        "AUTOANNOTATOR_RUNTIME": configured_runtime(),
+        "AUTOANNOTATOR_OPENVINO_WEIGHTS": configured_weights(),
+    }

@@ -41,9 +41,15 @@ def configure_runtime(settings: Settings) -> int:
     threads = threads_per_process(settings.threads, settings.cpu_sharers)
     configure_torch(threads)
     configure_precision(settings.precision)
-    set_runtime(settings.runtime)
+    set_runtime(
+        settings.runtime, weights=settings.openvino_weights, cache_dir=settings.model_dir / "openvino"
+    )
     logger.info(
-        "forward passes: %d threads, %s precision, %s runtime", threads, settings.precision, settings.runtime
+        "forward passes: %d threads, %s precision, %s runtime (OpenVINO weights %s)",
+        threads,
+        settings.precision,
+        settings.runtime,
+        settings.openvino_weights,
     )
     return threads
 

@@ -13,10 +13,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from autoannotator.errors import SpecialistLoadError
 from autoannotator.models.specialists.batching import (
@@ -26,7 +27,7 @@ from autoannotator.models.specialists.batching import (
     token_ids,
     tokenizer_key,
 )
-from autoannotator.models.specialists.compiled import BATCH_ROWS, CompiledForward, LazyCompiled
+from autoannotator.models.specialists.compiled import BATCH_ROWS, CompiledForward, LazyCompiled, uses_openvino
 from autoannotator.models.specialists.runtime import (
     configure_torch,
     default_device,
@@ -129,13 +130,22 @@ class Encoder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.device = default_device()
+        # Where the whole model runs compiled, it holds its weights in OpenVINO only: ``model`` is a
+        # skeleton without weights (torch's meta device) until something asks for torch's forward pass
+        # (a trunk, fewer layers, the torch runtime), which then loads them.
+        self._weights_lock = threading.Lock()
+        self._holds_weights = not uses_openvino(self.device)
+        self._model: Any
         try:
             self.tokenizer = shared_tokenizer(AutoTokenizer.from_pretrained(self.source))
-            self.model = AutoModel.from_pretrained(self.source, dtype=weights_dtype(self.device))
-            self.model.to(self.device).eval().requires_grad_(False)
+            if self._holds_weights:
+                self._model = self._torch_weights()
+            else:
+                with torch.device("meta"):
+                    self._model = AutoModel.from_config(AutoConfig.from_pretrained(self.source))
         except (OSError, ValueError) as exc:
             raise SpecialistLoadError(f"cannot load encoder {self.source!r}: {exc}") from exc
-        self.max_length = usable_length(self.model, self.tokenizer, max_length)
+        self.max_length = usable_length(self._model, self.tokenizer, max_length)
         self._tokenizer_key = tokenizer_key(self.tokenizer)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
@@ -145,7 +155,26 @@ class Encoder:
         # (first layer, stop or None for the last) -> a view of the model running those layers only
         self._views: dict[tuple[int, int | None], torch.nn.Module] = {}
         # The whole model's pooled vectors compiled, where the runtime says so (``compiled``).
-        self._compiled = LazyCompiled("pooled")
+        self._compiled = LazyCompiled("pooled", self.source)
+
+    def _torch_weights(self) -> torch.nn.Module:
+        model = AutoModel.from_pretrained(self.source, dtype=weights_dtype(self.device))
+        return model.to(self.device).eval().requires_grad_(False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The torch model, its weights loaded on first use where the encoder runs compiled."""
+        if not self._holds_weights:
+            with self._weights_lock:
+                if not self._holds_weights:
+                    self._model = self._torch_weights()
+                    self._holds_weights = True
+        return self._model
+
+    @property
+    def holds_weights(self) -> bool:
+        """False while an encoder that runs compiled has not loaded its torch weights."""
+        return self._holds_weights
 
     @classmethod
     def shared(cls, source: str | Path, max_length: int = 128, *, serving: bool = False) -> Encoder:
@@ -207,12 +236,12 @@ class Encoder:
     @property
     def layer_count(self) -> int | None:
         """How many layers the encoder has, where it can be cut (None where it cannot)."""
-        layers = layers_of(self.model)
+        layers = layers_of(self._model)
         return None if layers is None else len(layers)
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self._model.config.hidden_size)
 
     def embed(self, texts: Sequence[str], depth: int = 0, layers: int = 0) -> np.ndarray:
         """``[n, dim]`` float32 unit vectors; texts seen before come from the cache. ``layers`` > 0
@@ -248,7 +277,7 @@ class Encoder:
         now if it was not yet; None where it runs torch (the runtime's choice, a trunk, fewer layers)."""
         if depth or self._usable_layers(layers):
             return None
-        return self._compiled.get(self.model, self.device)
+        return self._compiled.get(self.device)
 
     def _usable_layers(self, layers: int) -> int:
         """``layers`` as :meth:`embed` runs it: 0 (every layer) when it is 0 or not fewer than the

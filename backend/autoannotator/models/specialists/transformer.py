@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import math
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,7 +40,7 @@ from autoannotator.models.specialists.batching import (
     tokenizer_key,
     tokenizer_lock,
 )
-from autoannotator.models.specialists.compiled import BATCH_ROWS, CompiledForward, LazyCompiled
+from autoannotator.models.specialists.compiled import BATCH_ROWS, CompiledForward, LazyCompiled, uses_openvino
 from autoannotator.models.specialists.encoder import Encoder, concrete_encoder, resolve_model_source
 from autoannotator.models.specialists.runtime import (
     configure_torch,
@@ -60,6 +62,13 @@ from autoannotator.models.specialists.trunk import (
 
 logger = logging.getLogger(__name__)
 
+
+def _served_weights(source: str, dtype: torch.dtype) -> PreTrainedModel:
+    """A served member's torch weights, loaded when first needed (``TransformerSpecialist.model``)."""
+    model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype)
+    return model.to(default_device()).eval().requires_grad_(False)
+
+
 # Parameters that conventionally get no weight decay (as in BERT's and HF Trainer's recipe).
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -79,13 +88,18 @@ class TransformerSpecialist(DescribedByMeta):
         directory: Path | None = None,
         batch_size: int = 32,
     ) -> None:
-        self.model = model
+        self._model = model
+        # Set by load() for a member served compiled: ``model`` is then a skeleton without weights
+        # (torch's meta device), and this loads the weights the first time anything asks for them.
+        self._load_weights: Callable[[], PreTrainedModel] | None = None
+        self._weights_lock = threading.Lock()
         self.tokenizer = tokenizer
         self.meta = meta
         self.targets = list(targets)
         self.directory = directory
         self.batch_size = batch_size
-        self.device = next(model.parameters()).device
+        device = next(model.parameters()).device
+        self.device = default_device() if device.type == "meta" else device
         self.max_length = self._fit_length(int((meta.train_config or {}).get("max_length", 128)))
         # Tokenizers emit inputs (token_type_ids) that some architectures do not accept.
         self._model_inputs = set(inspect.signature(model.forward).parameters)
@@ -94,7 +108,27 @@ class TransformerSpecialist(DescribedByMeta):
         self._shared: tuple[Trunk, torch.nn.Module] | None = None
         # Set by load(serving=True): the model will not change, so a compiled runtime may run it.
         self._serving = False
-        self._compiled = LazyCompiled("logits")
+        self._compiled = LazyCompiled("logits", directory)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The torch model; for a member served compiled, loaded on first use (training, a shared
+        trunk, the torch runtime), so that a compiled member holds its weights once, in OpenVINO."""
+        if self._load_weights is not None:
+            with self._weights_lock:
+                if self._load_weights is not None:
+                    self._model = self._load_weights()
+                    self._load_weights = None
+        return self._model
+
+    @model.setter
+    def model(self, model: PreTrainedModel) -> None:
+        self._model = model
+
+    @property
+    def holds_weights(self) -> bool:
+        """False while a member served compiled has not loaded its torch weights."""
+        return self._load_weights is None
 
     # ----------------------------------------------------------------- loading
 
@@ -121,9 +155,17 @@ class TransformerSpecialist(DescribedByMeta):
         src = resolve_model_source(source)
         meta = read_meta(Path(src)) if (Path(src) / META_FILE).is_file() else None
         dtype = weights_dtype(default_device()) if serving else torch.float32
+        # Served compiled (a model file of its own, made from the weights on disk), the member needs
+        # only the model's structure here; unless it froze lower layers to share the encoder's trunk.
+        frozen = int(((meta.train_config if meta else None) or {}).get("frozen_layers", 0) or 0)
+        compiled = serving and Path(src).is_dir() and not frozen and uses_openvino(default_device())
         try:
             tokenizer = AutoTokenizer.from_pretrained(src)
-            model = AutoModelForSequenceClassification.from_pretrained(src, dtype=dtype)
+            if compiled:
+                with torch.device("meta"):
+                    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(src))
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(src, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise SpecialistLoadError(
                 f"cannot load classifier {src!r}: {exc}. A hub id needs network access "
@@ -142,13 +184,16 @@ class TransformerSpecialist(DescribedByMeta):
             )
         else:
             meta = replace(meta, labels=labels.names, name=name or meta.name)
-        model.to(default_device()).eval()
+        if not compiled:
+            model.to(default_device()).eval()
         if serving:
             model.requires_grad_(False)
             tokenizer = shared_tokenizer(tokenizer)
         directory = Path(src) if Path(src).is_dir() else None
         specialist = cls(model, tokenizer, meta, targets, directory, batch_size)
         specialist._serving = serving
+        if compiled:
+            specialist._load_weights = functools.partial(_served_weights, src, dtype)
         return specialist
 
     @classmethod
@@ -222,6 +267,8 @@ class TransformerSpecialist(DescribedByMeta):
         encoder's weights, bit for bit, and both cut text into the same tokens; then hold the
         encoder's modules instead of its own copies. Returns the shared depth, 0 where nothing is
         shared (the member keeps running its whole model). For members loaded to serve."""
+        if not self.frozen_layers:  # before touching the model, which a compiled member lacks
+            return 0
         depth = frozen_depth(self.model, self.frozen_layers)
         own = layers_of(self.model)
         theirs = layers_of(encoder.model)
@@ -248,7 +295,7 @@ class TransformerSpecialist(DescribedByMeta):
         serve, so it will not change, and not on a shared trunk); None where it runs torch."""
         if not self._serving or self._shared:
             return None
-        return self._compiled.get(self.model, self.device)
+        return self._compiled.get(self.device)
 
     def _check_trainable(self, what: str) -> None:
         dtype = next(self.model.parameters()).dtype
@@ -278,19 +325,22 @@ class TransformerSpecialist(DescribedByMeta):
         clean = check_texts(texts)
         if not clean:
             return np.zeros((0, len(self.labels)))
-        self.model.eval()
         out = np.zeros((len(clean), len(self.targets)), dtype=np.float64)
         ids = token_ids(self.tokenizer, self._tokenizer_key, clean, self.max_length)
         pad_id = self.tokenizer.pad_token_id or 0
         compiled = self._compiled_forward()
-        rows = self.batch_size if compiled is None else min(self.batch_size, BATCH_ROWS)
+        if compiled is not None:  # the torch model is not touched: a compiled member may not hold it
+            rows = min(self.batch_size, BATCH_ROWS)
+            for idx, batch in length_batches(ids, rows, pad_id, self.device, self.max_length):
+                logits = torch.from_numpy(compiled(batch))
+                out[idx] = torch.softmax(logits.float(), dim=-1).numpy()
+            return project_columns(out, self.targets, len(self.labels))
+        self.model.eval()
         with inference_mode(self.device):
             trunk, upper = self._shared or (None, self.model)
             states = trunk.states(clean) if trunk is not None else []
-            for idx, batch in length_batches(ids, rows, pad_id, self.device, self.max_length):
-                if compiled is not None:
-                    logits = torch.from_numpy(compiled(batch))
-                elif trunk is None:
+            for idx, batch in length_batches(ids, self.batch_size, pad_id, self.device, self.max_length):
+                if trunk is None:
                     inputs = {k: v for k, v in batch.items() if k in self._model_inputs}
                     logits = upper(**inputs).logits
                 else:
