@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 # Nothing in the test suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Forward passes run torch in the suite, in its processes and the servers and workers it starts, so
+# that no result depends on whether CI's CPU has bf16 (AUTOANNOTATOR_RUNTIME's default, auto, picks
+# OpenVINO where it lacks it); tests/test_compiled.py tests OpenVINO itself, on every machine.
+os.environ.setdefault("AUTOANNOTATOR_RUNTIME", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -48,6 +52,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     ]
     if wrong:
         raise pytest.UsageError("\n".join(wrong))
+
+
+@pytest.fixture(autouse=True)
+def _torch_runtime(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process too: a test that builds its settings in code (runtime auto by default) runs
+    torch, unless it tests OpenVINO (``tests/test_compiled.py``)."""
+    if request.module.__name__.endswith("test_compiled"):
+        return
+    from autoannotator.models.specialists import compiled
+
+    monkeypatch.setattr(compiled, "openvino_installed", lambda: False)
 
 
 @pytest.fixture(scope="session", autouse=True)

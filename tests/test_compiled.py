@@ -42,10 +42,12 @@ def ov_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(ov_cache, monkeypatch) -> None:
-    """Converted models go to the module's cache, never the user's, and the weight format is put
-    back after each test."""
+    """Each test starts on torch (an app an earlier test built may have left ``auto``), converted
+    models go to the module's cache, never the user's, and the runtime, weight format and cache
+    are put back after each test."""
+    monkeypatch.setattr(compiled_runtime, "_runtime", "torch")
     monkeypatch.setattr(compiled_runtime, "_cache_dir", ov_cache)
-    monkeypatch.setattr(compiled_runtime, "_weights", compiled_runtime.configured_weights())
+    monkeypatch.setattr(compiled_runtime, "_weights", "int8")
 
 
 @pytest.fixture
@@ -239,7 +241,7 @@ def test_the_setting_is_read_and_applied_before_the_first_forward_pass(monkeypat
         assert compiled_runtime.cache_dir() == Path("/srv/models/openvino")
     finally:
         compiled_runtime.set_runtime(saved)
-    assert Settings().runtime == "torch"
+    assert Settings().runtime == "auto"
     assert Settings().openvino_weights == "int8"
     monkeypatch.setenv("AUTOANNOTATOR_RUNTIME", "onnx")
     with pytest.raises(ValueError, match="AUTOANNOTATOR_RUNTIME must be one of"):
@@ -366,3 +368,52 @@ def test_int8_without_nncf_says_what_to_install(tmp_path, tiny_encoder, tiny_cor
     )
     with pytest.raises(SpecialistLoadError, match=r"nncf package: pip install 'autoannotator\[openvino\]'"):
         compiled_runtime.ir_file(str(member_dir), "logits", "int8")
+
+
+def test_the_web_app_serves_predict_through_compiled_members_converted_beside_the_versions(
+    tmp_path, tiny_encoder, tiny_corpus, fp32, openvino, redis_url
+):
+    """/predict loads the version as labelling runs do (``load_ensemble(serving=True)``): under
+    AUTOANNOTATOR_RUNTIME=openvino both MiniLM members answer compiled, from model files converted
+    into AUTOANNOTATOR_MODEL_DIR/openvino, and neither holds torch weights."""
+    from autoannotator.service.app import create_app
+    from autoannotator.storage.model_store import ProjectModels
+
+    texts, ys = [t for t, _ in tiny_corpus[:150]], [y for _, y in tiny_corpus[:150]]
+    fit = TrainConfig(learning_rate=5e-3, epochs=2, batch_size=16, seed=0)
+    projects = ProjectModels(tmp_path / "models")
+    projects.registry(tiny.PROJECT).save_ensemble(
+        LABELS,
+        {
+            "m0-transformer": lambda d: TransformerSpecialist.from_encoder(tiny_encoder, LABELS).fit(
+                texts, ys, d, fit
+            ),
+            "m1-embedding": lambda d: EmbeddingSpecialist.untrained(tiny_encoder, LABELS).fit(texts, ys, d),
+        },
+    )
+    env = {
+        "AUTOANNOTATOR_MODEL_DIR": str(projects.root),
+        "AUTOANNOTATOR_REDIS_URL": redis_url,
+        "AUTOANNOTATOR_RUNTIME": "openvino",
+        "AUTOANNOTATOR_PRECISION": "fp32",
+    }
+    client = create_app(Settings.from_env(env), projects).test_client()
+    config = (
+        '<View><Text name="text" value="$text"/><Choices name="label" toName="text">'
+        + "".join(f'<Choice value="{label}"/>' for label in tiny.LABELS)
+        + "</Choices></View>"
+    )
+    tasks = [{"id": i, "data": {"text": t}} for i, t in enumerate(_texts(tiny_corpus)[:20])]
+    reply = client.post("/predict", json={"tasks": tasks, "project": tiny.PROJECT, "label_config": config})
+    assert reply.status_code == 200
+    results = reply.get_json()["results"]
+    assert len(results) == len(tasks) and all(r["result"] for r in results)
+    served = projects._served[tiny.PROJECT]
+    transformer, embedding = served.members
+    assert transformer._compiled._compiled is not None and embedding.encoder._compiled._compiled is not None
+    assert not transformer.holds_weights and not embedding.encoder.holds_weights
+    converted = sorted(p.parent for p in (projects.root / "openvino").glob("*/model.xml"))
+    assert {
+        transformer._compiled._compiled.model_file.parent,
+        embedding.encoder._compiled._compiled.model_file.parent,
+    } == set(converted)

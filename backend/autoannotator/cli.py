@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--runtime",
         choices=RUNTIMES,
-        default="torch",
-        help="what runs forward passes that label on a CPU: torch, openvino (the openvino extra) or auto "
-        "(openvino where installed), as AUTOANNOTATOR_RUNTIME does for the service",
+        default="auto",
+        help="what runs forward passes that label on a CPU: auto (openvino where the openvino extra is "
+        "installed and they run in fp32), torch or openvino, as AUTOANNOTATOR_RUNTIME does for the service",
     )
     parser.add_argument(
         "--openvino-weights",
@@ -73,10 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from autoannotator.models.specialists.runtime import configure_precision
 
         configure_precision(args.precision)
-    if args.runtime != "torch":
-        from autoannotator.models.specialists.compiled import set_runtime
+    from autoannotator.models.specialists.compiled import set_runtime
 
-        set_runtime(args.runtime, weights=args.openvino_weights)
+    set_runtime(args.runtime, weights=args.openvino_weights)
     try:
         return int(args.func(args))
     except AutoAnnotatorError as exc:

@@ -253,10 +253,10 @@ class Settings:
     )
     runtime: str = _setting(
         "AUTOANNOTATOR_RUNTIME",
-        "torch",
-        "what runs serving forward passes on a CPU: torch, openvino (the openvino extra: about twice "
-        "as fast in fp32; BENCHMARKS.md 7e, 7f) or auto (openvino where installed and forward passes "
-        "run in fp32)",
+        "auto",
+        "what runs serving forward passes on a CPU: auto (openvino where the openvino extra is "
+        "installed and forward passes run in fp32, else torch), torch, or openvino (1.7-2 times "
+        "torch's speed in fp32 at the same memory; BENCHMARKS.md 7f)",
     )
     openvino_weights: str = _setting(
         "AUTOANNOTATOR_OPENVINO_WEIGHTS",

@@ -1,16 +1,19 @@
 """Forward passes compiled by OpenVINO for the CPU (``AUTOANNOTATOR_RUNTIME=openvino``).
 
-On a CPU, OpenVINO runs the same MiniLM in fp32 about twice as fast as torch's eager forward pass
-with the same single thread and the same batches (BENCHMARKS.md, sections 7e and 7f): it fuses
-attention and layer norms into a few oneDNN kernels where torch runs each operator on its own. Where
+On a CPU, OpenVINO runs the same MiniLM in fp32 up to twice as fast as torch's eager forward pass
+with the same single thread and the same batches, and with int8 weights faster still (BENCHMARKS.md,
+sections 7e and 7f): it fuses attention and layer norms into a few oneDNN kernels where torch runs
+each operator on its own. It is the default where forward passes run in fp32 (``auto``). Where
 the CPU computes bf16 natively it follows the process's precision
 (:func:`~autoannotator.models.specialists.runtime.inference_dtype`), as torch's autocast does.
 
 **Weights.** By default (``AUTOANNOTATOR_OPENVINO_WEIGHTS=int8``) each linear and embedding layer's
 weights are stored as int8 per output channel (NNCF's weight-only compression) and decompressed
 inside the kernels, so a MiniLM holds 23 MB of weights instead of 91; activations are never
-quantized, which is what made torch's dynamic int8 change one label in ten (BENCHMARKS 6c), and here
-changes almost none (7f). ``fp32`` keeps the weights as trained: the outputs equal torch's to 1e-7.
+quantized, which is what made torch's dynamic int8 change one label in ten (BENCHMARKS 6c). Here
+0.5-1.3% of a member's labels change, and the accuracy at 20% reviewed moved by -0.15 to +0.20
+points over eight paired runs (7f). ``fp32`` keeps the weights as trained: the outputs equal
+torch's to 1e-7.
 
 **Where the model comes from.** A model is traced (``openvino.convert_model``, with dynamic batch
 and sequence dimensions, so every batch width reuses one compiled model), compressed, and written
