@@ -417,3 +417,39 @@ def test_the_web_app_serves_predict_through_compiled_members_converted_beside_th
         transformer._compiled._compiled.model_file.parent,
         embedding.encoder._compiled._compiled.model_file.parent,
     } == set(converted)
+
+
+def test_under_auto_a_model_that_cannot_be_converted_is_served_by_torch(
+    tmp_path, tiny_encoder, tiny_corpus, fp32, openvino, monkeypatch, caplog
+):
+    """A conversion that fails stands in for an architecture OpenVINO cannot trace (every tiny BERT
+    here converts): under auto the member answers with torch and says why, once; asked for by name,
+    OpenVINO's error reaches the caller."""
+    version = _version(tmp_path / "v", tiny_encoder, tiny_corpus)
+    texts = _texts(tiny_corpus)
+    compiled_runtime.set_runtime("torch")
+    expected = TransformerSpecialist.load(version / "m0-transformer", LABELS, serving=True).predict_proba(
+        texts
+    )
+    attempts: list[str] = []
+
+    def fails(source, kind, weights, out_dir):
+        attempts.append(kind)
+        raise SpecialistLoadError(f"cannot convert {source!r} for OpenVINO ({kind}, {weights} weights)")
+
+    monkeypatch.setattr(compiled_runtime, "_convert_in_child", fails)
+    compiled_runtime.set_runtime("auto")  # OpenVINO here: installed, and forward passes in fp32
+    member = TransformerSpecialist.load(version / "m0-transformer", LABELS, serving=True)
+    assert not member.holds_weights
+    with caplog.at_level("WARNING", logger=compiled_runtime.__name__):
+        probs = member.predict_proba(texts)
+        again = member.predict_proba(texts)
+    assert member.holds_weights  # torch's weights, loaded when the compile failed
+    np.testing.assert_allclose(probs, expected, atol=FP32_TOLERANCE)
+    np.testing.assert_array_equal(again, probs)
+    assert attempts == ["logits"]  # not tried again at every request
+    assert "torch serves it" in caplog.text
+    compiled_runtime.set_runtime("openvino")
+    named = TransformerSpecialist.load(version / "m0-transformer", LABELS, serving=True)
+    with pytest.raises(SpecialistLoadError, match="cannot convert"):
+        named.predict_proba(texts)

@@ -294,7 +294,11 @@ class CompiledForward:
 class LazyCompiled:
     """The compiled forward pass of the model at ``source`` (a folder or hub id; None for a model
     that is not on disk, which never compiles), made on first use: compiling takes seconds, and a
-    model that never predicts never pays them. None where the runtime keeps torch."""
+    model that never predicts never pays them. None where the runtime keeps torch.
+
+    Under ``auto`` a model that cannot be converted or compiled (an architecture OpenVINO's tracer
+    does not take, NNCF missing) is served by torch, with a warning, once per setting; under
+    ``openvino``, asked for by name, the error reaches the caller."""
 
     def __init__(self, kind: str, source: str | Path | None) -> None:
         if kind not in KINDS:
@@ -304,6 +308,7 @@ class LazyCompiled:
         self._lock = threading.Lock()
         self._compiled: CompiledForward | None = None
         self._key: Any = None
+        self._failed: Any = None  # the key under which compiling failed, under auto
 
     def get(self, device: torch.device) -> CompiledForward | None:
         if self.source is None or not uses_openvino(device):
@@ -314,12 +319,25 @@ class LazyCompiled:
         dtype = inference_dtype(device)
         key = (dtype, torch.get_num_threads(), _weights)
         with self._lock:
+            if self._failed == key:
+                return None
             if self._compiled is None or self._key != key:
-                model_file = ir_file(self.source, self.kind)
-                self._compiled = CompiledForward(
-                    model_file, self.kind, torch.get_num_threads(), dtype == torch.bfloat16
-                )
-                self._key = key
+                try:
+                    model_file = ir_file(self.source, self.kind)
+                    compiled = CompiledForward(
+                        model_file, self.kind, torch.get_num_threads(), dtype == torch.bfloat16
+                    )
+                except Exception:
+                    if _runtime != "auto":
+                        raise
+                    logger.warning(
+                        "cannot compile %s with OpenVINO; torch serves it (AUTOANNOTATOR_RUNTIME=auto)",
+                        self.source,
+                        exc_info=True,
+                    )
+                    self._failed = key
+                    return None
+                self._compiled, self._key = compiled, key
             return self._compiled
 
 
