@@ -302,18 +302,25 @@ def test_a_member_served_compiled_holds_no_torch_weights_until_asked(
     assert np.abs(torch_probs - probs).max() < FP32_TOLERANCE
 
 
-def test_a_model_is_converted_once_and_again_when_its_weights_change(
-    tmp_path, tiny_encoder, tiny_corpus, fp32, openvino, monkeypatch
-):
-    conversions: list[str] = []
+@pytest.fixture
+def conversions(monkeypatch) -> list[str]:
+    """The kind of each conversion the test's processes ran (real ones, counted)."""
+    done: list[str] = []
     convert = compiled_runtime._convert_in_child
 
     def counted(source, kind, weights, out_dir):
-        conversions.append(kind)
+        done.append(kind)
         convert(source, kind, weights, out_dir)
 
     monkeypatch.setattr(compiled_runtime, "_convert_in_child", counted)
+    return done
+
+
+def test_a_model_is_converted_once_and_again_when_its_weights_change(
+    tmp_path, tiny_encoder, tiny_corpus, fp32, openvino, conversions
+):
     member_dir = _version(tmp_path / "v", tiny_encoder, tiny_corpus) / "m0-transformer"
+    conversions.clear()  # the encoder's, as the version's embedding member was fit
     first = compiled_runtime.ir_file(str(member_dir), "logits")
     assert compiled_runtime.ir_file(str(member_dir), "logits") == first and conversions == ["logits"]
     # New weights in the same folder (a member refit in place) are another model.
@@ -325,17 +332,10 @@ def test_a_model_is_converted_once_and_again_when_its_weights_change(
 
 
 def test_two_threads_converting_at_once_convert_once(
-    tmp_path, tiny_encoder, tiny_corpus, openvino, monkeypatch
+    tmp_path, tiny_encoder, tiny_corpus, openvino, conversions
 ):
-    conversions: list[str] = []
-    convert = compiled_runtime._convert_in_child
-
-    def counted(source, kind, weights, out_dir):
-        conversions.append(kind)
-        convert(source, kind, weights, out_dir)
-
-    monkeypatch.setattr(compiled_runtime, "_convert_in_child", counted)
     member_dir = _version(tmp_path / "v", tiny_encoder, tiny_corpus) / "m0-transformer"
+    conversions.clear()  # the encoder's, as the version's embedding member was fit
     found: list[Path] = []
     workers = [
         threading.Thread(target=lambda: found.append(compiled_runtime.ir_file(str(member_dir), "logits")))
