@@ -11,7 +11,7 @@ the CPU computes bf16 natively it follows the process's precision
 weights are stored as int8 per output channel (NNCF's weight-only compression) and decompressed
 inside the kernels, so a MiniLM holds 23 MB of weights instead of 91; activations are never
 quantized, which is what made torch's dynamic int8 change one label in ten (BENCHMARKS 6c). Here
-0.5-1.3% of a member's labels change, and the accuracy at 20% reviewed moved by -0.15 to +0.20
+0.3-1.3% of a member's labels change, and the accuracy at 20% reviewed moved by -0.15 to +0.20
 points over eight paired runs (7f). ``fp32`` keeps the weights as trained: the outputs equal
 torch's to 1e-7.
 
