@@ -329,6 +329,14 @@ def test_a_model_is_converted_once_and_again_when_its_weights_change(
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert compiled_runtime.ir_file(str(member_dir), "logits") != first
     assert conversions == ["logits", "logits"]
+    # A conversion killed halfway leaves its staging folder; the next conversion of that model
+    # clears it, and a folder that lost its model file is converted again.
+    second = compiled_runtime.ir_file(str(member_dir), "logits")
+    stale = second.parent.parent / f".{second.parent.name}-killed"
+    stale.mkdir()
+    second.unlink()
+    assert compiled_runtime.ir_file(str(member_dir), "logits") == second and second.is_file()
+    assert not stale.exists() and conversions == ["logits", "logits", "logits"]
 
 
 def test_two_threads_converting_at_once_convert_once(

@@ -237,11 +237,13 @@ def ir_file(source: str, kind: str, weights: str | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if model.is_file():  # another process converted it while this one waited
             return model
+        for stale in root.glob(f".{key}-*"):  # staging folders of conversions killed halfway
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
             _convert_in_child(source, kind, weights, staging)
             (staging / "source.json").write_text(json.dumps(ident, indent=1))
-            shutil.rmtree(root / key, ignore_errors=True)  # a half-written folder of a killed process
+            shutil.rmtree(root / key, ignore_errors=True)  # a folder whose model file went missing
             os.replace(staging, root / key)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
