@@ -56,12 +56,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def _torch_runtime(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """In this process too: a test that builds its settings in code (runtime auto by default) runs
-    torch, unless it tests OpenVINO (``tests/test_compiled.py``)."""
+    """In this process too: each test starts on torch, and one that builds its settings in code
+    (runtime auto by default) runs torch, as do the servers it starts with this process's runtime
+    (``lab.benchmark.forward_settings``); unless it tests OpenVINO (``tests/test_compiled.py``)."""
     if request.module.__name__.endswith("test_compiled"):
         return
     from autoannotator.models.specialists import compiled
 
+    monkeypatch.setattr(compiled, "_runtime", "torch")
     monkeypatch.setattr(compiled, "openvino_installed", lambda: False)
 
 
