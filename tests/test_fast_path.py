@@ -338,7 +338,9 @@ def test_bench_precision_compares_one_version_in_two_precisions(
     )
     stream = tmp_path / "stream.jsonl"
     stream.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in tiny_corpus[150:]))
+    runtime.configure_precision("fp32")
     result = run_bench_precision([registry.path(version)] * 2, [stream], ("fp32", "bf16"), "budget:0.2:mean")
+    assert runtime.configured_precision() == "fp32"  # the process's own setting, not the last arm's
     first = result["versions"][0]["precisions"]
     assert first["fp32"]["computes_in"] == "float32" and first["bf16"]["computes_in"] == "bfloat16"
     assert all(m["agreement"] == 1.0 for m in first["fp32"]["members"].values())  # the reference itself

@@ -50,10 +50,9 @@ def apply_arm(arm: str) -> None:
     set_runtime(runtime, weights=weights)
 
 
-def _label_pass(ensemble: Any, texts: Sequence[str], arm: str) -> tuple[np.ndarray, dict[str, float]]:
-    """``[k, n, L]`` probabilities and each member's ms per text, the embedding cache emptied first
-    (a cached vector would be the other arm's, and free)."""
-    apply_arm(arm)
+def _label_pass(ensemble: Any, texts: Sequence[str]) -> tuple[np.ndarray, dict[str, float]]:
+    """``[k, n, L]`` probabilities and each member's ms per text, in the arm the caller applied, the
+    embedding cache emptied first (a cached vector would be the other arm's, and free)."""
     clear_encoder_caches()
     ensemble.predict_proba(list(texts[:32]))  # warm-up: lazy inits, autocast's weight casts
     clear_encoder_caches()
@@ -89,7 +88,7 @@ def bench_version(
         # compiled where the arm's runtime compiles.
         apply_arm(p)
         ensemble = load_ensemble(version_dir, labels, serving=True)
-        runs[p] = _label_pass(ensemble, texts, p)
+        runs[p] = _label_pass(ensemble, texts)
     reference, _ = runs[precisions[0]]
     out: dict[str, Any] = {"version_dir": str(version_dir), "n": len(texts), "precisions": {}}
     for p, (probs, ms) in runs.items():
@@ -122,10 +121,10 @@ def run_bench_precision(
     over the versions, mean and spread. The process's runtime is put back after."""
     if len(stream_files) not in (1, len(version_dirs)):
         raise ValueError("give one stream file for all versions, or one per version")
-    for arm in precisions:
-        apply_arm(arm)  # a bad arm is refused before any version loads
     saved = configured_precision(), configured_runtime(), configured_weights()
     try:
+        for arm in precisions:
+            apply_arm(arm)  # a bad arm is refused before any version loads
         return _run(version_dirs, stream_files, precisions, policy, n)
     finally:
         configure_precision(saved[0])
