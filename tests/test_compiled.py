@@ -291,8 +291,8 @@ def test_a_member_served_compiled_holds_no_torch_weights_until_asked(
     # Loaded, compiled and predicting, neither holds a torch weight: the skeletons are on torch's
     # meta device, which allocates nothing.
     assert not transformer.holds_weights and not encoder.holds_weights
-    assert {p.device.type for p in transformer._model.parameters()} == {"meta"}
-    assert {p.device.type for p in encoder._model.parameters()} == {"meta"}
+    assert {p.device.type for p in transformer._weights.structure.parameters()} == {"meta"}
+    assert {p.device.type for p in encoder._weights.structure.parameters()} == {"meta"}
     # What asks for the torch model gets it, loaded then, with the weights on disk.
     compiled_runtime.set_runtime("torch")
     encoder.clear_cache()  # else the vectors of the compiled pass answer

@@ -49,7 +49,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +291,51 @@ class CompiledForward:
             request = self._local.request = self._compiled.create_infer_request()
         feed = {name: batch[name].cpu().numpy() for name in _INPUTS}
         return np.array(request.infer(feed)[self._output], dtype=np.float32)
+
+
+class WeightsOnDemand:
+    """A torch model that may hold only its structure until its weights are asked for.
+
+    A model served compiled needs its config, its layers' layout and its forward signature, never its
+    torch weights: :meth:`skeleton` builds it on torch's meta device, which allocates nothing, and
+    :meth:`get` loads the weights (``load``) the first time anything asks, once, whichever thread
+    asks first. A model built with its weights is simply held."""
+
+    def __init__(self, model: Any, load: Callable[[], Any] | None = None) -> None:
+        self._model = model
+        self._load = load
+        self._lock = threading.Lock()
+
+    @classmethod
+    def skeleton(cls, auto_class: Any, source: str, load: Callable[[], Any]) -> WeightsOnDemand:
+        """``auto_class`` (``AutoModel``, ``AutoModelForSequenceClassification``) built from the
+        config at ``source`` without weights; ``load`` gives the real model."""
+        from transformers import AutoConfig
+
+        with torch.device("meta"):
+            return cls(auto_class.from_config(AutoConfig.from_pretrained(source)), load)
+
+    @property
+    def structure(self) -> Any:
+        """The model as it is now: enough for its config and layout, with or without weights."""
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._load is None
+
+    def get(self) -> Any:
+        """The model with its weights, loaded now if they were not yet."""
+        if self._load is not None:
+            with self._lock:
+                if self._load is not None:
+                    self._model = self._load()
+                    self._load = None
+        return self._model
+
+    def set(self, model: Any) -> None:
+        with self._lock:
+            self._model, self._load = model, None
 
 
 class LazyCompiled:

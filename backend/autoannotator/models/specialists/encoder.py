@@ -13,11 +13,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 
 from autoannotator.errors import SpecialistLoadError
 from autoannotator.models.specialists.batching import (
@@ -27,7 +26,13 @@ from autoannotator.models.specialists.batching import (
     token_ids,
     tokenizer_key,
 )
-from autoannotator.models.specialists.compiled import BATCH_ROWS, CompiledForward, LazyCompiled, uses_openvino
+from autoannotator.models.specialists.compiled import (
+    BATCH_ROWS,
+    CompiledForward,
+    LazyCompiled,
+    WeightsOnDemand,
+    uses_openvino,
+)
 from autoannotator.models.specialists.runtime import (
     configure_torch,
     default_device,
@@ -133,19 +138,15 @@ class Encoder:
         # Where the whole model runs compiled, it holds its weights in OpenVINO only: ``model`` is a
         # skeleton without weights (torch's meta device) until something asks for torch's forward pass
         # (a trunk, fewer layers, the torch runtime), which then loads them.
-        self._weights_lock = threading.Lock()
-        self._holds_weights = not uses_openvino(self.device)
-        self._model: Any
         try:
             self.tokenizer = shared_tokenizer(AutoTokenizer.from_pretrained(self.source))
-            if self._holds_weights:
-                self._model = self._torch_weights()
+            if uses_openvino(self.device):
+                self._weights = WeightsOnDemand.skeleton(AutoModel, self.source, self._torch_weights)
             else:
-                with torch.device("meta"):
-                    self._model = AutoModel.from_config(AutoConfig.from_pretrained(self.source))
+                self._weights = WeightsOnDemand(self._torch_weights())
         except (OSError, ValueError) as exc:
             raise SpecialistLoadError(f"cannot load encoder {self.source!r}: {exc}") from exc
-        self.max_length = usable_length(self._model, self.tokenizer, max_length)
+        self.max_length = usable_length(self._weights.structure, self.tokenizer, max_length)
         self._tokenizer_key = tokenizer_key(self.tokenizer)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
@@ -164,17 +165,12 @@ class Encoder:
     @property
     def model(self) -> torch.nn.Module:
         """The torch model, its weights loaded on first use where the encoder runs compiled."""
-        if not self._holds_weights:
-            with self._weights_lock:
-                if not self._holds_weights:
-                    self._model = self._torch_weights()
-                    self._holds_weights = True
-        return self._model
+        return self._weights.get()
 
     @property
     def holds_weights(self) -> bool:
         """False while an encoder that runs compiled has not loaded its torch weights."""
-        return self._holds_weights
+        return self._weights.loaded
 
     @classmethod
     def shared(cls, source: str | Path, max_length: int = 128, *, serving: bool = False) -> Encoder:
@@ -236,12 +232,12 @@ class Encoder:
     @property
     def layer_count(self) -> int | None:
         """How many layers the encoder has, where it can be cut (None where it cannot)."""
-        layers = layers_of(self._model)
+        layers = layers_of(self._weights.structure)
         return None if layers is None else len(layers)
 
     @property
     def dim(self) -> int:
-        return int(self._model.config.hidden_size)
+        return int(self._weights.structure.config.hidden_size)
 
     def embed(self, texts: Sequence[str], depth: int = 0, layers: int = 0) -> np.ndarray:
         """``[n, dim]`` float32 unit vectors; texts seen before come from the cache. ``layers`` > 0

@@ -7,9 +7,8 @@ import functools
 import inspect
 import logging
 import math
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,7 +39,13 @@ from autoannotator.models.specialists.batching import (
     tokenizer_key,
     tokenizer_lock,
 )
-from autoannotator.models.specialists.compiled import BATCH_ROWS, CompiledForward, LazyCompiled, uses_openvino
+from autoannotator.models.specialists.compiled import (
+    BATCH_ROWS,
+    CompiledForward,
+    LazyCompiled,
+    WeightsOnDemand,
+    uses_openvino,
+)
 from autoannotator.models.specialists.encoder import Encoder, concrete_encoder, resolve_model_source
 from autoannotator.models.specialists.runtime import (
     configure_torch,
@@ -88,11 +93,8 @@ class TransformerSpecialist(DescribedByMeta):
         directory: Path | None = None,
         batch_size: int = 32,
     ) -> None:
-        self._model = model
-        # Set by load() for a member served compiled: ``model`` is then a skeleton without weights
-        # (torch's meta device), and this loads the weights the first time anything asks for them.
-        self._load_weights: Callable[[], PreTrainedModel] | None = None
-        self._weights_lock = threading.Lock()
+        # load() replaces it for a member served compiled: a skeleton whose weights load on first use.
+        self._weights = WeightsOnDemand(model)
         self.tokenizer = tokenizer
         self.meta = meta
         self.targets = list(targets)
@@ -114,21 +116,16 @@ class TransformerSpecialist(DescribedByMeta):
     def model(self) -> PreTrainedModel:
         """The torch model; for a member served compiled, loaded on first use (training, a shared
         trunk, the torch runtime), so that a compiled member holds its weights once, in OpenVINO."""
-        if self._load_weights is not None:
-            with self._weights_lock:
-                if self._load_weights is not None:
-                    self._model = self._load_weights()
-                    self._load_weights = None
-        return self._model
+        return self._weights.get()
 
     @model.setter
     def model(self, model: PreTrainedModel) -> None:
-        self._model = model
+        self._weights.set(model)
 
     @property
     def holds_weights(self) -> bool:
         """False while a member served compiled has not loaded its torch weights."""
-        return self._load_weights is None
+        return self._weights.loaded
 
     # ----------------------------------------------------------------- loading
 
@@ -162,8 +159,10 @@ class TransformerSpecialist(DescribedByMeta):
         try:
             tokenizer = AutoTokenizer.from_pretrained(src)
             if compiled:
-                with torch.device("meta"):
-                    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(src))
+                weights = WeightsOnDemand.skeleton(
+                    AutoModelForSequenceClassification, src, functools.partial(_served_weights, src, dtype)
+                )
+                model = weights.structure
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(src, dtype=dtype)
         except (OSError, ValueError) as exc:
@@ -193,7 +192,7 @@ class TransformerSpecialist(DescribedByMeta):
         specialist = cls(model, tokenizer, meta, targets, directory, batch_size)
         specialist._serving = serving
         if compiled:
-            specialist._load_weights = functools.partial(_served_weights, src, dtype)
+            specialist._weights = weights
         return specialist
 
     @classmethod
