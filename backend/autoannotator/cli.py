@@ -653,6 +653,7 @@ def _add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
     _add_bench_label_command(sub)
     _add_bench_precision_command(sub)
     _add_bench_peer_command(sub)
+    _add_bench_certify_command(sub)
 
 
 def _add_bench_peer_command(sub: argparse._SubParsersAction) -> None:
@@ -751,6 +752,59 @@ def _bench_precision(args: argparse.Namespace) -> int:
         n=args.n,
     )
     print(_write_result(args.out, result))
+    return 0
+
+
+def _add_bench_certify_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-certify",
+        help="what a certified target reviews with N fair calibration labels, against an oracle",
+        description=(
+            "Label --stream (labelled JSONL the version never trained on) with each --version-dir once; "
+            "then, for each target and calibration size, over --draws random splits: certify the target "
+            "policy's thresholds on SIZE items and measure on the rest what it reviews, how right what it "
+            "accepts is, and what an oracle that knows every label would review for the same target."
+        ),
+    )
+    p.add_argument("--version-dir", type=Path, action="append", required=True, help="repeat per version")
+    p.add_argument(
+        "--stream", type=Path, action="append", required=True, help="labelled JSONL: one, or one per version"
+    )
+    p.add_argument("--targets", default="0.9,0.95", help="comma-separated target accuracies")
+    p.add_argument("--sizes", default="100,250,500,1000", help="comma-separated calibration sizes")
+    p.add_argument("--draws", type=int, default=40, help="random splits per size")
+    p.add_argument("--delta", type=float, default=0.05, help="the certificate's risk (1 - confidence)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the usable CPUs)")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here, and a plot beside it")
+    p.set_defaults(func=_bench_certify)
+
+
+def _bench_certify(args: argparse.Namespace) -> int:
+    from autoannotator.lab.bench_certify import markdown_table, run_bench_certify
+    from autoannotator.models.specialists.runtime import configure_torch
+
+    _quiet_libraries()
+    configure_torch(args.threads or None)
+    try:
+        result = run_bench_certify(
+            args.version_dir,
+            args.stream,
+            targets=[float(t) for t in _items(args.targets)],
+            sizes=[int(n) for n in _items(args.sizes)],
+            draws=args.draws,
+            delta=args.delta,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _write_result(args.out, result)
+    if args.out:
+        from autoannotator.lab.plots import plot_certify
+
+        print(f"plot: {plot_certify(result, args.out.with_suffix('.png'))}", file=sys.stderr)
+    print(markdown_table(result))
     return 0
 
 

@@ -127,3 +127,43 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_certify(result: dict[str, Any], path: Path) -> Path:
+    """``bench-certify``'s curves: the share reviewed against the number of calibration labels, per
+    version and target, beside the oracle's share on the same items (dashed); bars are one sd."""
+    targets = sorted({c["target"] for v in result["versions"] for c in v["costs"]})
+    fig, axes = plt.subplots(1, len(targets), figsize=(6.2 * len(targets), 4.8), squeeze=False)
+    for ax, target in zip(axes[0], targets, strict=True):
+        for i, v in enumerate(result["versions"]):
+            costs = [c for c in v["costs"] if c["target"] == target]
+            if not costs:
+                continue
+            color = f"C{i % 10}"
+            sizes = [c["calibration_labels"] for c in costs]
+            name = f"{Path(v['stream']).parent.name} {v['version']} ({v['accuracy']:.0%} right)"
+            ax.errorbar(
+                sizes,
+                [c["reviewed"]["mean"] for c in costs],
+                yerr=[c["reviewed"]["sd"] for c in costs],
+                marker="o",
+                capsize=3,
+                color=color,
+                label=name,
+            )
+            ax.plot(sizes, [c["oracle"]["mean"] for c in costs], linestyle="--", color=color, alpha=0.7)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("calibration labels (audited, never trained on)")
+        ax.set_ylabel("share reviewed")
+        ax.set_title(f"target {target:.0%}: certified per label (solid) vs oracle (dashed)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(
+        f"What a certified target reviews, {result['draws']} draws, δ = {result['delta']}", fontsize=10
+    )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
