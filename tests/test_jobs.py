@@ -21,7 +21,7 @@ from autoannotator.errors import (
 )
 from autoannotator.labelstudio.config import parse_label_config
 from autoannotator.labelstudio.fields import votes_text
-from autoannotator.learning.audit import AuditLog
+from autoannotator.learning.audit import AuditLog, drawn_for_calibration
 from autoannotator.learning.coldstart import ColdStartConfig
 from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.learning.refine import RefineConfig
@@ -772,7 +772,11 @@ def test_an_audit_label_goes_to_the_audit_log_never_to_the_pool(ctx):
 
 
 def test_a_target_policy_is_certified_on_audit_labels_and_then_accepts_what_it_certified(make_ctx):
-    ctx = make_ctx(AUTOANNOTATOR_POLICY="target:0.7", AUTOANNOTATOR_AUDIT_SHARE="0.2")
+    ctx = make_ctx(
+        AUTOANNOTATOR_POLICY="target:0.7",
+        AUTOANNOTATOR_AUDIT_SHARE="0.2",
+        AUTOANNOTATOR_CALIBRATION_SEEDS="0",
+    )
     _seed_and_publish(ctx)
     # Published under a target: calibrated at once, on no audit labels, so nothing is certified.
     stored = json.loads(ctx.state.routing(UID)[2])
@@ -811,3 +815,75 @@ def test_a_target_policy_is_certified_on_audit_labels_and_then_accepts_what_it_c
     assert jobs.calibrate_project(UID) == "policy mean:0.5: nothing to calibrate"
     assert ctx.state.routing(UID)[2] is None
     assert not (ctx.models.registry(UID).root / "calibration.json").exists()
+
+
+# ---------------------------------------------------------------------------- calibration seeds
+
+
+def seed_tasks(ctx: Context) -> set[int]:
+    return {r.task_id for r in AuditLog(ctx.audit_path(UID)).records() if r.is_seed}
+
+
+def test_under_a_target_a_share_of_the_seed_goes_to_calibration_and_never_to_training(make_ctx):
+    ctx = make_ctx(AUTOANNOTATOR_POLICY="target:0.7", AUTOANNOTATOR_AUDIT_SHARE="0.1")
+    items = corpus(60)
+    outs = [annotate(i, text, label) for i, (text, label) in enumerate(items)]
+    kept = seed_tasks(ctx)
+    assert kept == {i for i in range(60) if drawn_for_calibration(i, 0.2)} and 4 <= len(kept) <= 20
+    assert all(outs[i].startswith(f"task {i}: calibration seed ") for i in kept)
+    pool = pool_of(ctx)
+    assert len(pool) == 60 - len(kept) and all(pool.get(f"task:{i}") is None for i in kept)
+
+    # An edited seed annotation stays a seed after the first version, with the new label.
+    assert jobs.train_project(UID) == "first version v0001 published"
+    first = min(kept)
+    other = next(name for name in LABELS.names if name != items[first][1])
+    assert annotate(first, items[first][0], other).startswith(f"task {first}: calibration seed {other}")
+    assert pool_of(ctx).get(f"task:{first}") is None
+    assert {r.task_id: r.gold for r in AuditLog(ctx.audit_path(UID)).records()}[first] == other
+    # With a version serving, no new annotation becomes a seed: the audit measures from now on.
+    drawn_later = next(i for i in range(1000, 2000) if drawn_for_calibration(i, 0.2))
+    assert annotate(drawn_later, "shares surge", "Positive") == f"task {drawn_later}: Positive (new)"
+    assert seed_tasks(ctx) == kept
+
+    # The seeds calibrate the target for v0001; they measure no version.
+    out = jobs.calibrate_project(UID)
+    assert out.startswith(f"target:0.7 for v0001 on 0 audit labels and {len(kept)} calibration seeds: ")
+    routing = project_status(ctx, UID)["routing"]
+    assert routing["calibration"]["calibration"] == len(kept) == routing["calibration"]["seeds"]
+    assert routing["audit"]["labels"] == 0 and routing["audit"]["calibration_seeds"] == len(kept)
+    assert routing["audit"]["per_version"] == [] and routing["audit"]["overall"]["audited"] == 0
+    assert f"on 0 audit labels and {len(kept)} calibration seeds" in routing["message"]
+
+
+def test_without_a_target_or_with_no_share_every_seed_annotation_trains(make_ctx):
+    for env in ({}, {"AUTOANNOTATOR_POLICY": "target:0.7", "AUTOANNOTATOR_AUDIT_SHARE": "0.1",
+                     "AUTOANNOTATOR_CALIBRATION_SEEDS": "0"}):  # fmt: skip
+        ctx = make_ctx(**env)
+        for i, (text, label) in enumerate(corpus(30)):
+            annotate(i, text, label)
+        assert seed_tasks(ctx) == set() and len(pool_of(ctx)) == 30
+        ctx.state.redis.flushdb()
+        ctx.pool_path(UID).unlink()
+
+
+def test_a_sync_keeps_the_seeds_the_log_holds_and_draws_new_ones_only_before_the_first_version(make_ctx):
+    """Label Studio's side of a sync is given as the labels it would return (the e2e tests run sync
+    against a real Label Studio); here the rule for which of them are calibration seeds is checked."""
+    from autoannotator.labelstudio.client import StoredLabel
+    from autoannotator.service.ingest import _calibration_seeds
+
+    ctx = make_ctx(AUTOANNOTATOR_POLICY="target:0.7", AUTOANNOTATOR_AUDIT_SHARE="0.1")
+    human = [StoredLabel(f"task:{i}", text, label, i) for i, (text, label) in enumerate(corpus(40))]
+    keys = _calibration_seeds(ctx, UID, human)
+    drawn = {i for i in range(40) if drawn_for_calibration(i, 0.2)}
+    assert keys == {f"task:{i}" for i in drawn} and seed_tasks(ctx) == drawn
+    lines = len(AuditLog(ctx.audit_path(UID)).path.read_text().splitlines())
+    assert _calibration_seeds(ctx, UID, human) == keys  # nothing new: the log does not grow
+    assert len(AuditLog(ctx.audit_path(UID)).path.read_text().splitlines()) == lines
+
+    for i, (text, label) in enumerate(corpus(45, seed=8)):  # a version appears
+        annotate(100 + i, text, label)
+    jobs.train_project(UID)
+    later = [StoredLabel(f"task:{i}", "stocks fall", "Negative", i) for i in range(200, 260)]
+    assert _calibration_seeds(ctx, UID, human + later) == keys

@@ -50,6 +50,12 @@ class Settings:
         "default share of predicted tasks drawn for the live audit (a person labels them, to measure "
         "the auto-accepted labels; a target policy needs it > 0)",
     )
+    calibration_seeds: float = _setting(
+        "AUTOANNOTATOR_CALIBRATION_SEEDS",
+        0.2,
+        "with a target policy, the share of seed annotations (taken before the first version) kept "
+        "out of training to certify the target on from the first version on",
+    )
     max_text_chars: int = _setting(
         "AUTOANNOTATOR_MAX_TEXT_CHARS", MAX_TEXT_CHARS, "longer task texts are clipped"
     )
@@ -289,6 +295,10 @@ class Settings:
             raise ValueError(f"AUTOANNOTATOR_MAX_TEXT_CHARS must be >= 1, got {self.max_text_chars}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_password):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if not 0.0 <= self.calibration_seeds <= 0.5:
+            raise ValueError(
+                f"AUTOANNOTATOR_CALIBRATION_SEEDS must be in [0, 0.5], got {self.calibration_seeds}"
+            )
         if not 0.0 <= self.audit_share <= 0.5:
             raise ValueError(f"AUTOANNOTATOR_AUDIT_SHARE must be in [0, 0.5], got {self.audit_share}")
         if self.policy.strip().lower().startswith("target") and self.audit_share <= 0.0:

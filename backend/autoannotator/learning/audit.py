@@ -7,7 +7,8 @@ Why these labels, and only these, measure the auto-accepted ones:
   unsure; how often a reviewer corrects them says how hard items go, not how good the accepted
   ones are. They train the specialists and never judge the accepted labels.
 * **The seed annotations** are a fair sample of the project when they were taken in Label Studio's
-  order, but the first version trained on every one of them, so they cannot measure it either.
+  order, but the first version trains on them, so they cannot measure it, except the calibration
+  seeds kept out of training (below).
 * **An audit draw** is made for every unannotated task a version predicts, *whatever its route*:
   ``drawn(task, version, share)`` depends only on a hash of the two, never on the confidence, so
   the audited tasks are a uniform sample of what the version predicts, and those of them it
@@ -23,6 +24,13 @@ Each audit label records what the version said (its label, whether it accepted i
 label where the LLM reviewed the task), so the estimate per version is exact counting: the share of
 audited accepted tasks whose label the person confirmed, with a two-sided exact (Clopper-Pearson)
 interval, and the share of audited LLM-labelled tasks where the LLM agreed with the person.
+
+* **Calibration seeds** (:data:`SEED` records): with a target policy, a share of the seed
+  annotations (``drawn_for_calibration``, a hash of the task alone) goes to this log instead of the
+  pool while no version exists yet. They were taken in Label Studio's order, before any model could
+  choose them, so they are a fair sample of the project, and no version trains on them: they
+  calibrate the target policy from the first version on, like the audit's labels, but they measure
+  no version (no version predicted them), so the per-version estimates leave them out.
 
 The log is a JSONL file beside the pool's (one line per annotation, the latest per task wins, as an
 annotator who edits an annotation means the edit).
@@ -48,6 +56,8 @@ logger = logging.getLogger(__name__)
 ACCEPTED = "accepted"
 ROUTED = "routed"
 ROUTES = (ACCEPTED, ROUTED)
+# The route and version of a calibration seed's record: annotated before any version predicted it.
+SEED = "seed"
 
 # The largest audit share a project may set: above it the audit is the review.
 MAX_AUDIT_SHARE = 0.5
@@ -67,6 +77,15 @@ def drawn(task_id: int | str, version: str, share: float) -> bool:
     if share <= 0.0:
         return False
     digest = hashlib.blake2b(f"audit:{version}:{task_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < share
+
+
+def drawn_for_calibration(task_id: int | str, share: float) -> bool:
+    """Whether a seed annotation of this task is kept out of training to calibrate a target policy:
+    a uniform draw per task, the same in every process, independent of its text and label."""
+    if share <= 0.0:
+        return False
+    digest = hashlib.blake2b(f"calibration-seed:{task_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64 < share
 
 
@@ -124,6 +143,15 @@ class AuditRecord:
     def correct(self) -> bool:
         return self.predicted == self.gold
 
+    @property
+    def is_seed(self) -> bool:
+        """A calibration seed: a person's label that no version predicted nor trained on."""
+        return self.route == SEED
+
+    @classmethod
+    def seed(cls, task_id: int, text: str, gold: str) -> AuditRecord:
+        return cls(task_id, text, gold, SEED, SEED, "")
+
 
 class AuditLog:
     """The project's audit labels, durable in a JSONL log (appended, flushed and fsynced)."""
@@ -160,6 +188,10 @@ class AuditLog:
 
     def __len__(self) -> int:
         return len(self.records())
+
+    def audits(self) -> list[AuditRecord]:
+        """The audit's labels alone, calibration seeds left out: what measures the versions."""
+        return [r for r in self.records() if not r.is_seed]
 
 
 @dataclass(frozen=True)

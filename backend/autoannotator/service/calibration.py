@@ -1,7 +1,7 @@
 """A target policy's thresholds, certified for the served version on the project's audit labels.
 
-:func:`recalibrate` runs in a worker: the served version predicts every audit label's text (no
-version trained on them, see :mod:`autoannotator.learning.audit`), and
+:func:`recalibrate` runs in a worker: the served version predicts the text of every audit label and
+calibration seed (no version trained on them, see :mod:`autoannotator.learning.audit`), and
 :meth:`~autoannotator.core.policies.TargetAccuracy.calibrated` certifies one threshold per label.
 The result goes to Redis, where every web process's routing reads it
 (:mod:`autoannotator.service.routing`), and to ``calibration.json`` beside the versions, from which
@@ -59,6 +59,7 @@ def recalibrate(ctx: Context, uid: str) -> str:
         "labels": list(labels.names),
         "thresholds": thresholds,
         "calibration": len(records),
+        "seeds": sum(r.is_seed for r in records),
         "certificates": [
             {
                 "label": name,
@@ -82,15 +83,23 @@ def recalibrate(ctx: Context, uid: str) -> str:
     ctx.state.set_calibration(uid, text)
     ctx.routing.forget(uid)
     certified = [c["label"] for c in stored["certificates"] if c["threshold"] is not None]
+    on = calibration_labels(len(records), stored["seeds"])
     logger.info(
-        "project %s: %s calibrated on %d audit labels for %s: certified %s",
+        "project %s: %s calibrated on %s for %s: certified %s",
         uid,
         spec,
-        len(records),
+        on,
         ensemble.version,
         certified or "nothing yet",
     )
-    return f"{spec} for {ensemble.version} on {len(records)} audit labels: certified {certified or 'nothing'}"
+    return f"{spec} for {ensemble.version} on {on}: certified {certified or 'nothing'}"
+
+
+def calibration_labels(total: int, seeds: int) -> str:
+    """``"120 audit labels"``, or ``"100 audit labels and 20 calibration seeds"``."""
+    if not seeds:
+        return f"{total} audit labels"
+    return f"{total - seeds} audit labels and {seeds} calibration seeds"
 
 
 def _fewest_needed(needed: list[int | None]) -> int | None:

@@ -3,7 +3,9 @@
 Both end by asking whether the pool now warrants a training (:func:`maybe_train`): the first
 version once the seed is complete, a refinement whenever the pool grew by β. The annotation of a
 task drawn for the audit goes to the project's audit log instead, never to the pool
-(:mod:`autoannotator.learning.audit` says why), and a target policy is certified again on it.
+(:mod:`autoannotator.learning.audit` says why), and a target policy is certified again on it. So
+does a calibration seed: with a target policy, a share of the annotations taken before the first
+version exists (``AUTOANNOTATOR_CALIBRATION_SEEDS``), drawn by task, and every later edit of them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from autoannotator.core.labels import LabelSet
 from autoannotator.labelstudio.client import StoredLabel, basic_auth, read_labels, secure_webhooks
 from autoannotator.labelstudio.config import annotation_label, extract_texts
 from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, LLM_SEED, REVIEWED_BY, pool_key
-from autoannotator.learning.audit import AuditLog, AuditMark, AuditRecord
+from autoannotator.learning.audit import AuditLog, AuditMark, AuditRecord, drawn_for_calibration
 from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.learning.recipes import ColdStartConfig
 from autoannotator.service.context import Context
@@ -52,6 +54,12 @@ def ingest_annotation(ctx: Context, uid: str, task: dict[str, Any], annotation: 
         _after_audit(ctx, uid)
         verdict = "confirmed" if record.correct else f"corrects {mark.label}"
         return f"task {text.task_id}: audit label {label} of {mark.version} ({verdict})"
+    log = AuditLog(ctx.audit_path(uid))
+    if int(text.task_id) in _seed_tasks(log) or (_draws_seeds(ctx, uid) and _drawn(ctx, text.task_id)):
+        with ctx.pool(uid, config.labels) as pool:
+            log.add(AuditRecord.seed(int(text.task_id), text.text or "", label))
+            pool.remove([pool_key(text.task_id)])
+        return f"task {text.task_id}: calibration seed {label} (kept out of training to certify the target)"
     with ctx.pool(uid, config.labels) as pool:
         changed = pool.add(pool_key(text.task_id), text.text or "", label, Source.HUMAN)
         if changed:
@@ -67,6 +75,24 @@ def audit_record(
     task, the LLM's label."""
     llm = data.get(LLM_LABEL) if data.get(REVIEWED_BY) == "llm" and data.get(LLM_LABEL) in labels else None
     return AuditRecord(task_id, text, gold, mark.version, mark.route, mark.label, llm)
+
+
+def _seed_tasks(log: AuditLog) -> dict[int, AuditRecord]:
+    """The calibration seeds the log holds, by task: once a seed, a task stays one."""
+    return {r.task_id: r for r in log.records() if r.is_seed} if log.path.exists() else {}
+
+
+def _draws_seeds(ctx: Context, uid: str) -> bool:
+    """Whether new annotations may become calibration seeds: a target policy, and no version yet (a
+    version's own predictions decide what people see from then on; the audit takes over)."""
+    spec, _, _ = ctx.routing.choice(uid)
+    return (
+        is_target(spec) and ctx.settings.calibration_seeds > 0 and ctx.models.registry(uid).current() is None
+    )
+
+
+def _drawn(ctx: Context, task_id: int | str) -> bool:
+    return drawn_for_calibration(task_id, ctx.settings.calibration_seeds)
 
 
 def _after_audit(ctx: Context, uid: str) -> None:
@@ -93,6 +119,8 @@ def sync_project(ctx: Context, uid: str) -> str:
     llm = [x for x in llm if x.audit is None]
     rebuilt = not ctx.pool_path(uid).exists()
     annotated = {x.key for x in human}
+    seeds = _calibration_seeds(ctx, uid, human)
+    human = [x for x in human if x.key not in seeds]
     with ctx.pool(uid, config.labels) as pool:
         deleted = pool.remove(
             it.key for it in pool.items() if it.source is Source.HUMAN and it.key not in annotated
@@ -105,7 +133,7 @@ def sync_project(ctx: Context, uid: str) -> str:
             # The log held the "trained up to" mark; without it every label would look new and
             # start a retraining on old data. Growth counts from the rebuild instead.
             pool.mark_trained()
-        pool.remove(key for key in audits if pool.get(key) is not None)
+        pool.remove(key for key in audits | seeds if pool.get(key) is not None)
         maybe_train(ctx, uid, pool)
         size = len(pool)
     ctx.state.put(uid, "synced", "done")
@@ -120,7 +148,8 @@ def sync_project(ctx: Context, uid: str) -> str:
     )
     return (
         f"{len(human)} human and {len(llm)} LLM labels read, {added} changed the pool, "
-        f"{deleted} deleted annotations left it ({size} in all); {len(audits)} audit labels"
+        f"{deleted} deleted annotations left it ({size} in all); {len(audits)} audit labels, "
+        f"{len(seeds)} calibration seeds"
     )
 
 
@@ -176,3 +205,18 @@ def seed_shortfall(ctx: Context, pool: VerifiedPool) -> str | None:
     if short:
         return f"at least {MIN_SEED_PER_LABEL} labels of each of {short}"
     return None
+
+
+def _calibration_seeds(ctx: Context, uid: str, human: list[StoredLabel]) -> set[str]:
+    """Record the calibration seeds among the human labels that the log lacks or holds with another
+    label (a webhook lost, an annotation edited); their pool keys."""
+    log = AuditLog(ctx.audit_path(uid))
+    known = _seed_tasks(log)
+    drawing = _draws_seeds(ctx, uid)
+    keys = set()
+    for x in human:
+        if x.task_id in known or (drawing and _drawn(ctx, x.task_id)):
+            keys.add(x.key)
+            if x.task_id not in known or known[x.task_id].gold != x.label:
+                log.add(AuditRecord.seed(x.task_id, x.text, x.label))
+    return keys

@@ -18,6 +18,7 @@ from autoannotator.core.policies import TargetAccuracy
 from autoannotator.errors import StateUnavailableError
 from autoannotator.learning.audit import AuditLog, estimate, per_version
 from autoannotator.review.llm import PriceTable
+from autoannotator.service.calibration import calibration_labels
 from autoannotator.service.routing import parsed_policy
 from autoannotator.storage.label_runs import LabelRun, LabelRuns
 from autoannotator.storage.redis_state import COUNTERS, QUEUES
@@ -114,9 +115,11 @@ def project_status(ctx: Context, uid: str) -> dict[str, Any]:
 def audit_status(ctx: Context, uid: str) -> dict[str, Any]:
     """The audit's estimates: overall and per version (accuracy of the auto-accepted labels with a
     95% exact interval, and the LLM's agreement with people on audited tasks it labelled)."""
-    records = AuditLog(ctx.audit_path(uid)).records()
+    log = AuditLog(ctx.audit_path(uid))
+    records = log.audits()
     return {
         "labels": len(records),
+        "calibration_seeds": len(log.records()) - len(records),
         "overall": estimate(records).as_dict(),
         "per_version": [e.as_dict() for e in per_version(records)],
     }
@@ -156,7 +159,8 @@ def _target_message(
     parts = [
         f"{c['label']} above {float(c['threshold']):.3f} (bound {float(c['lower_bound']):.1%})" for c in done
     ]
-    text = f"target {goal} on {calibration.get('calibration', 0)} audit labels: "
+    on = calibration_labels(int(calibration.get("calibration", 0)), int(calibration.get("seeds", 0)))
+    text = f"target {goal} on {on}: "
     text += ("certified " + "; ".join(parts)) if parts else "nothing certified yet"
     waiting = [c for c in certs if c.get("threshold") is None]
     more = [c for c in waiting if c.get("needed")]
@@ -267,7 +271,7 @@ def _audit_metrics(ctx: Context, uids: list[str]) -> Iterator[Metric]:
         labels=["project"],
     )
     for uid in uids:
-        records = AuditLog(ctx.audit_path(uid)).records()
+        records = AuditLog(ctx.audit_path(uid)).audits()
         for e in per_version(records):
             gauges["accepted"].add_metric([uid, e.version], e.accepted)
             for key, value in (("accuracy", e.accuracy), ("low", e.low), ("high", e.high)):
