@@ -97,6 +97,7 @@ def test_the_command_labels_a_published_version_once_and_skips_sizes_too_large(t
         for i, (t, y) in enumerate(tiny.make_corpus(500, seed=6))
     ]
     stream = tmp_path / "val.jsonl"
+    rows.append(("  ", "bullish"))  # a task without text: left out and counted
     stream.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
     out = tmp_path / "out" / "certify.json"
     code = main(
@@ -115,6 +116,7 @@ def test_the_command_labels_a_published_version_once_and_skips_sizes_too_large(t
     assert out.with_suffix(".png").stat().st_size > 0
     [v] = result["versions"]
     assert v["version"] == version and v["items"] == 500 and 0.6 < v["accuracy"] < 0.9
+    assert v["empty_texts_left_out"] == 1
     assert [(c["target"], c["calibration_labels"]) for c in v["costs"]] == [
         (0.8, 100),
         (0.8, 250),
