@@ -45,6 +45,8 @@ def test_with_many_fair_labels_the_certificate_reviews_close_to_the_oracle():
     # Close to the target from above: with 2,000 labels a label, the bound's margin is a few points.
     assert many["accepted_accuracy"]["min"] >= 0.9 and many["accepted_accuracy"]["mean"] < 0.93
     assert many["ratio"]["mean"] < 2.0
+    pooled = many["accepted_accuracy"]
+    assert pooled["items"] > 4 * 3_000 and 0.9 <= pooled["pooled"] < 0.93
 
 
 def test_with_too_few_labels_nothing_is_certified_and_everything_is_reviewed():

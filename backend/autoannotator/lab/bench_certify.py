@@ -104,7 +104,7 @@ def certificate_cost(
         )
     }
     accepted_right: list[float] = []
-    below_target = certified_draws = 0
+    below_target = certified_draws = accepted_total = right_total = 0
     for _ in range(draws):
         order = rng.permutation(n)
         cal, ev = order[:size], order[size:]
@@ -131,6 +131,8 @@ def certificate_cost(
             certified_draws += 1
             right = float(correct[ev][~review].mean())
             accepted_right.append(right)
+            accepted_total += int((~review).sum())
+            right_total += int(correct[ev][~review].sum())
             below_target += right < target
     return {
         "target": target,
@@ -145,6 +147,9 @@ def certificate_cost(
         "accepted_accuracy": {
             **_mean_sd(accepted_right),
             "min": round(min(accepted_right), 4) if accepted_right else None,
+            # Over every draw's accepted items together: a few accepted items make a draw's figure noisy.
+            "pooled": round(right_total / accepted_total, 4) if accepted_total else None,
+            "items": accepted_total,
         },
         **{k: _mean_sd(v) for k, v in rows.items()},
     }
@@ -210,9 +215,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         return "—" if m is None else f"{m:.2f} ± {cell['sd']:.2f}"
 
     lines = [
-        "| version | accuracy | target | calibration labels | reviewed | oracle | ratio | per-label oracle | "
-        "ratio | one threshold: reviewed | ratio | accepted right (min) | below target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| version | accuracy | target | calibration labels | reviewed | oracle | ratio | per-label oracle "
+        "| ratio | one threshold: reviewed | ratio | accepted right: mean (min) | pooled (items) "
+        "| below target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v in result["versions"]:
         for c in v["costs"]:
@@ -223,6 +229,7 @@ def markdown_table(result: dict[str, Any]) -> str:
                 f"{pct(c['oracle']['mean'])} | {ratio(c['ratio'])} | {pct(c['oracle_per_label']['mean'])} | "
                 f"{ratio(c['ratio_per_label'])} | {pct(c['one_threshold_reviewed']['mean'])} | "
                 f"{ratio(c['one_threshold_ratio'])} | {pct(acc['mean'])} ({pct(acc['min'])}) | "
+                f"{pct(acc['pooled'])} ({acc['items']}) | "
                 f"{c['draws_below_target']}/{c['draws_accepting_anything']} |"
             )
     return "\n".join(lines)
