@@ -12,6 +12,7 @@ from autoannotator.core.guarantee import (
     accuracy_lower_bound,
     certify,
     certify_per_class,
+    first_tested,
     min_labels,
 )
 from autoannotator.core.policies import TargetAccuracy, policy_from_spec
@@ -83,13 +84,34 @@ def test_members_worse_than_the_target_need_more_than_labels() -> None:
 
 
 def test_search_stops_at_the_first_failed_threshold() -> None:
-    # 60 sure and right items, then a block of wrong ones, then a block of right ones: a threshold
+    # 200 sure and right items, then a block of wrong ones, then a block of right ones: a threshold
     # below the wrong block would pass again on the whole sample, but the fixed sequence stops.
-    c = np.concatenate([np.full(60, 0.95), np.full(10, 0.85), np.full(400, 0.75)])
-    ok = np.concatenate([np.ones(60), np.zeros(10), np.ones(400)]).astype(bool)
+    c = np.concatenate([np.full(200, 0.95), np.full(40, 0.85), np.full(400, 0.75)])
+    ok = np.concatenate([np.ones(200), np.zeros(40), np.ones(400)]).astype(bool)
+    assert first_tested(640, 0.9, 0.05) <= 200
     cert = certify(c, ok, 0.9, 0.05)
-    assert cert.threshold == 0.95 and cert.accepted == 60
-    assert accuracy_lower_bound(460, 470, 0.05) > 0.9  # what a search without the order would take
+    assert cert.threshold == 0.95 and cert.accepted == 200
+    assert accuracy_lower_bound(600, 640, 0.05) > 0.9  # what a search without the order would take
+
+
+def test_where_testing_starts_depends_on_counts_alone() -> None:
+    assert first_tested(100, 0.9, 0.05) == min_labels(0.9, 0.05)  # a small group: as few as can certify
+    assert first_tested(470, 0.9, 0.05) == 129  # 0.95 right needs 129 items to certify 0.9
+    assert first_tested(5_000, 0.9, 0.05) == 500  # a tenth of a large group
+    assert first_tested(200, 0.95, 0.05) == min_labels(
+        0.95, 0.05
+    )  # 0.975 would need 260: more than there are
+
+
+def test_a_large_group_is_not_stopped_by_its_first_few_dozen_items() -> None:
+    """71 items at the top, 68 right (bound 0.894 < 0.9), above 2,000 items 95% right: a sequence
+    that tested the 71 first would stop there and certify nothing."""
+    rng = np.random.default_rng(0)
+    c = np.concatenate([np.full(71, 0.97), np.full(2_000, 0.9)])
+    ok = np.concatenate([np.arange(71) >= 3, rng.random(2_000) < 0.95])
+    assert accuracy_lower_bound(68, 71, 0.05) < 0.9
+    cert = certify(c, ok, 0.9, 0.05)
+    assert cert.threshold == 0.9 and cert.accepted == 2_071
 
 
 def _two_class_population(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

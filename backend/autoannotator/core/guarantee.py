@@ -14,10 +14,16 @@ et al., 2021):
   number of thresholds tried: a first false certificate can only happen at the first threshold
   whose true accuracy is below the target, and that single test errs with probability at most
   ``delta``.
-- Thresholds with too few calibration items at or above them to certify even with every label
-  right (fewer than :func:`min_labels`) are passed over, not failed. Whether a threshold is
-  passed over depends only on how many items lie above it, never on whether they are right, so
-  given those counts the order of the tests stays fixed.
+- Thresholds with few calibration items at or above them are passed over, not failed: fewer than
+  :func:`first_tested` of the group's items. That is at least :func:`min_labels` (fewer could not
+  certify even with every label right); in a large group also a tenth of its items, and the
+  sample that a threshold whose items are right halfway between the target and always would need
+  (:func:`_sample_for`). A sequence that starts on a few dozen items stops at the first of them
+  that is wrong one time too often, however well the thousands below would have certified: with
+  10,000 calibration labels, a label 93% right over its top 2,000 items went uncertified in three
+  draws of five because 68 of its top 71 were right. Whether a threshold is passed over depends
+  only on how many items lie above it, never on whether they are right, so given those counts the
+  order of the tests stays fixed.
 - Per class (:func:`certify_per_class`), each predicted label gets its own threshold from the
   items predicted as that label, at ``delta / L`` each (Bonferroni). All L certificates then
   hold together with probability ``1 - delta``, so the accuracy of everything accepted, a mix
@@ -51,6 +57,8 @@ THRESHOLD_GRID: tuple[float, ...] = tuple(round(1.0 - i / 200, 3) for i in range
 DEFAULT_DELTA = 0.05
 # The fewest items whose accuracy :attr:`Certificate.needed` extrapolates from (fewer say little).
 RATE_SAMPLE = 20
+# In a large group, the first threshold tested keeps at least this share of its calibration items.
+FIRST_TESTED_SHARE = 0.1
 
 
 def _beta_quantile(q: float, a: Any, b: Any) -> Any:
@@ -99,6 +107,18 @@ def min_labels(target: float, delta: float) -> int:
     return n
 
 
+def first_tested(n: int, target: float, delta: float) -> int:
+    """How many of a group's ``n`` calibration items the first threshold tested keeps at least: the
+    largest of :func:`min_labels`, a tenth of ``n``, and the sample a threshold whose items are
+    right halfway between ``target`` and 1 needs to be certified, where the group holds it. It
+    depends on counts alone, so the tests' order stays fixed before any label is read."""
+    smallest = min_labels(target, delta)
+    powered = _sample_for((1.0 + target) / 2, target, delta)
+    if powered is None or powered > n:
+        powered = smallest
+    return max(smallest, math.ceil(FIRST_TESTED_SHARE * n), powered)
+
+
 @dataclass(frozen=True)
 class Certificate:
     """The outcome of :func:`certify` on one group of calibration items.
@@ -145,7 +165,7 @@ def certify(
         raise ValueError(f"confidence and correct must be 1-D of one length, got {c.shape} and {ok.shape}")
     if not np.isfinite(c).all():
         raise ValueError("confidence must be finite")
-    smallest = min_labels(target, delta)
+    first = first_tested(c.size, target, delta)
     thresholds = np.asarray(grid, dtype=np.float64)
     ranked = np.argsort(-c, kind="stable")
     right_so_far = np.concatenate([[0], np.cumsum(ok[ranked])])
@@ -154,7 +174,7 @@ def certify(
     bounds = np.zeros(thresholds.size)
     some = k_at > 0
     bounds[some] = _beta_quantile(delta, k_at[some], n_at[some] - k_at[some] + 1)
-    tested = n_at >= smallest  # the others cannot certify whatever the labels: passed over
+    tested = n_at >= first  # the others are passed over, whatever their labels
     failed = np.flatnonzero(tested & (bounds < target))
     stop = int(failed[0]) if failed.size else thresholds.size
     passed = np.flatnonzero(tested[:stop])
