@@ -95,12 +95,10 @@ def test_search_stops_at_the_first_failed_threshold() -> None:
 
 
 def test_where_testing_starts_depends_on_counts_alone() -> None:
-    assert first_tested(100, 0.9, 0.05) == min_labels(0.9, 0.05)  # a small group: as few as can certify
-    assert first_tested(470, 0.9, 0.05) == 129  # 0.95 right needs 129 items to certify 0.9
-    assert first_tested(5_000, 0.9, 0.05) == 500  # a tenth of a large group
-    assert first_tested(200, 0.95, 0.05) == min_labels(
-        0.95, 0.05
-    )  # 0.975 would need 260: more than there are
+    assert first_tested(100, 0.9, 0.05) == min_labels(0.9, 0.05) == 29  # as few as can certify
+    assert first_tested(290, 0.9, 0.05) == 29
+    assert first_tested(470, 0.9, 0.05) == 47  # a tenth of a large group
+    assert first_tested(5_000, 0.95, 0.05) == 500
 
 
 def test_a_large_group_is_not_stopped_by_its_first_few_dozen_items() -> None:

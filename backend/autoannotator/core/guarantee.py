@@ -15,13 +15,12 @@ et al., 2021):
   whose true accuracy is below the target, and that single test errs with probability at most
   ``delta``.
 - Thresholds with few calibration items at or above them are passed over, not failed: fewer than
-  :func:`first_tested` of the group's items. That is at least :func:`min_labels` (fewer could not
-  certify even with every label right); in a large group also a tenth of its items, and the
-  sample that a threshold whose items are right halfway between the target and always would need
-  (:func:`_sample_for`). A sequence that starts on a few dozen items stops at the first of them
-  that is wrong one time too often, however well the thousands below would have certified: with
-  10,000 calibration labels, a label 93% right over its top 2,000 items went uncertified in three
-  draws of five because 68 of its top 71 were right. Whether a threshold is passed over depends
+  :func:`first_tested` of the group's items. That is :func:`min_labels` (fewer could not certify
+  even with every label right), and in a large group a tenth of its items. A sequence that starts
+  on a few dozen items stops at the first of them that is wrong one time too often, however well
+  the thousands below would have certified: with 10,000 calibration labels, a label 93% right
+  over its top 2,000 items went uncertified in three draws of five because 68 of its top 71 were
+  right. Whether a threshold is passed over depends
   only on how many items lie above it, never on whether they are right, so given those counts the
   order of the tests stays fixed.
 - Per class (:func:`certify_per_class`), each predicted label gets its own threshold from the
@@ -108,15 +107,11 @@ def min_labels(target: float, delta: float) -> int:
 
 
 def first_tested(n: int, target: float, delta: float) -> int:
-    """How many of a group's ``n`` calibration items the first threshold tested keeps at least: the
-    largest of :func:`min_labels`, a tenth of ``n``, and the sample a threshold whose items are
-    right halfway between ``target`` and 1 needs to be certified, where the group holds it. It
-    depends on counts alone, so the tests' order stays fixed before any label is read."""
-    smallest = min_labels(target, delta)
-    powered = _sample_for((1.0 + target) / 2, target, delta)
-    if powered is None or powered > n:
-        powered = smallest
-    return max(smallest, math.ceil(FIRST_TESTED_SHARE * n), powered)
+    """How many of a group's ``n`` calibration items the first threshold tested keeps at least:
+    :func:`min_labels`, or a tenth of ``n`` where that is more. It depends on counts alone, so the
+    tests' order stays fixed before any label is read; a group of fewer than ten times
+    :func:`min_labels` starts where the fewest items could certify, as a small one must."""
+    return max(min_labels(target, delta), math.ceil(FIRST_TESTED_SHARE * n))
 
 
 @dataclass(frozen=True)
