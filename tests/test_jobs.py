@@ -838,7 +838,10 @@ def test_under_a_target_a_share_of_the_seed_goes_to_calibration_and_never_to_tra
     assert jobs.train_project(UID) == "first version v0001 published"
     first = min(kept)
     other = next(name for name in LABELS.names if name != items[first][1])
+    Queue("ingest", connection=ctx.state.redis).empty()
     assert annotate(first, items[first][0], other).startswith(f"task {first}: calibration seed {other}")
+    queued = Queue("ingest", connection=ctx.state.redis).jobs
+    assert [j.func_name for j in queued] == [JOBS + "calibrate_project"]  # certified again on the edit
     assert pool_of(ctx).get(f"task:{first}") is None
     assert {r.task_id: r.gold for r in AuditLog(ctx.audit_path(UID)).records()}[first] == other
     # With a version serving, no new annotation becomes a seed: the audit measures from now on.

@@ -59,6 +59,8 @@ def ingest_annotation(ctx: Context, uid: str, task: dict[str, Any], annotation: 
         with ctx.pool(uid, config.labels) as pool:
             log.add(AuditRecord.seed(int(text.task_id), text.text or "", label))
             pool.remove([pool_key(text.task_id)])
+        if ctx.models.registry(uid).current() is not None:
+            _after_audit(ctx, uid)  # an edited seed: the served version's calibration changes
         return f"task {text.task_id}: calibration seed {label} (kept out of training to certify the target)"
     with ctx.pool(uid, config.labels) as pool:
         changed = pool.add(pool_key(text.task_id), text.text or "", label, Source.HUMAN)

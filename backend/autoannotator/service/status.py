@@ -115,11 +115,11 @@ def project_status(ctx: Context, uid: str) -> dict[str, Any]:
 def audit_status(ctx: Context, uid: str) -> dict[str, Any]:
     """The audit's estimates: overall and per version (accuracy of the auto-accepted labels with a
     95% exact interval, and the LLM's agreement with people on audited tasks it labelled)."""
-    log = AuditLog(ctx.audit_path(uid))
-    records = log.audits()
+    everything = AuditLog(ctx.audit_path(uid)).records()
+    records = [r for r in everything if not r.is_seed]  # the seeds measure no version
     return {
         "labels": len(records),
-        "calibration_seeds": len(log.records()) - len(records),
+        "calibration_seeds": len(everything) - len(records),
         "overall": estimate(records).as_dict(),
         "per_version": [e.as_dict() for e in per_version(records)],
     }
