@@ -890,3 +890,12 @@ def test_a_sync_keeps_the_seeds_the_log_holds_and_draws_new_ones_only_before_the
     jobs.train_project(UID)
     later = [StoredLabel(f"task:{i}", "stocks fall", "Negative", i) for i in range(200, 260)]
     assert _calibration_seeds(ctx, UID, human + later) == keys
+
+
+def test_a_task_the_seed_tab_flagged_is_never_a_calibration_seed(make_ctx):
+    """The Seed tab chooses tasks by clustering, not at random: they would not be a fair sample."""
+    ctx = make_ctx(AUTOANNOTATOR_POLICY="target:0.7", AUTOANNOTATOR_AUDIT_SHARE="0.1")
+    flagged = next(i for i in range(100) if drawn_for_calibration(i, 0.2))
+    task = {"id": flagged, "data": {"text": "shares fall on weak results", "aa_seed": 1}}
+    assert jobs.ingest_annotation(UID, task, choice("Negative")) == f"task {flagged}: Negative (new)"
+    assert seed_tasks(ctx) == set() and pool_of(ctx).get(f"task:{flagged}") is not None

@@ -20,9 +20,8 @@ et al., 2021):
   on a few dozen items stops at the first of them that is wrong one time too often, however well
   the thousands below would have certified: with 10,000 calibration labels, a label 93% right
   over its top 2,000 items went uncertified in three draws of five because 68 of its top 71 were
-  right. Whether a threshold is passed over depends
-  only on how many items lie above it, never on whether they are right, so given those counts the
-  order of the tests stays fixed.
+  right. Whether a threshold is passed over depends only on how many items lie above it, never on
+  whether they are right, so given those counts the order of the tests stays fixed.
 - Per class (:func:`certify_per_class`), each predicted label gets its own threshold from the
   items predicted as that label, at ``delta / L`` each (Bonferroni). All L certificates then
   hold together with probability ``1 - delta``, so the accuracy of everything accepted, a mix

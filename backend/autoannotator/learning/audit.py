@@ -19,18 +19,18 @@ Why these labels, and only these, measure the auto-accepted ones:
   the verified pool, and the LLM's label of an audited task does not join the pool either. The
   labels stay fair calibration data for every later version: the target policy certifies its
   thresholds on them (:mod:`autoannotator.core.guarantee`).
+* **Calibration seeds** (:data:`SEED` records): with a target policy, a share of the seed
+  annotations (``drawn_for_calibration``, a hash of the task alone) goes to this log instead of the
+  pool while no version exists yet. Taken in Label Studio's order before any model chose what
+  people see, they are a fair sample of the project, and no version trains on them: they calibrate
+  the target policy from the first version on, like the audit's labels. A task the "Seed" tab
+  flagged was chosen by clustering, not at random, and is never drawn. The seeds measure no version
+  (none predicted them), so the per-version estimates leave them out.
 
 Each audit label records what the version said (its label, whether it accepted it, and the LLM's
 label where the LLM reviewed the task), so the estimate per version is exact counting: the share of
 audited accepted tasks whose label the person confirmed, with a two-sided exact (Clopper-Pearson)
 interval, and the share of audited LLM-labelled tasks where the LLM agreed with the person.
-
-* **Calibration seeds** (:data:`SEED` records): with a target policy, a share of the seed
-  annotations (``drawn_for_calibration``, a hash of the task alone) goes to this log instead of the
-  pool while no version exists yet. They were taken in Label Studio's order, before any model could
-  choose them, so they are a fair sample of the project, and no version trains on them: they
-  calibrate the target policy from the first version on, like the audit's labels, but they measure
-  no version (no version predicted them), so the per-version estimates leave them out.
 
 The log is a JSONL file beside the pool's (one line per annotation, the latest per task wins, as an
 annotator who edits an annotation means the edit).
@@ -71,22 +71,22 @@ def check_share(share: float) -> float:
     return value
 
 
+def _uniform(key: str) -> float:
+    """A number in [0, 1) fixed by ``key``: the same in every process, uniform over keys."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
 def drawn(task_id: int | str, version: str, share: float) -> bool:
     """Whether ``version``'s prediction of this task is audited: a uniform draw per (version, task),
     the same in every process and on every request, independent of anything the model said."""
-    if share <= 0.0:
-        return False
-    digest = hashlib.blake2b(f"audit:{version}:{task_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64 < share
+    return share > 0.0 and _uniform(f"audit:{version}:{task_id}") < share
 
 
 def drawn_for_calibration(task_id: int | str, share: float) -> bool:
     """Whether a seed annotation of this task is kept out of training to calibrate a target policy:
     a uniform draw per task, the same in every process, independent of its text and label."""
-    if share <= 0.0:
-        return False
-    digest = hashlib.blake2b(f"calibration-seed:{task_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64 < share
+    return share > 0.0 and _uniform(f"calibration-seed:{task_id}") < share
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 from autoannotator.core.labels import LabelSet
 from autoannotator.labelstudio.client import StoredLabel, basic_auth, read_labels, secure_webhooks
 from autoannotator.labelstudio.config import annotation_label, extract_texts
-from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, LLM_SEED, REVIEWED_BY, pool_key
+from autoannotator.labelstudio.fields import AUDIT, LLM_LABEL, LLM_SEED, REVIEWED_BY, SEED, pool_key
 from autoannotator.learning.audit import AuditLog, AuditMark, AuditRecord, drawn_for_calibration
 from autoannotator.learning.pool import Source, VerifiedPool
 from autoannotator.learning.recipes import ColdStartConfig
@@ -55,7 +55,7 @@ def ingest_annotation(ctx: Context, uid: str, task: dict[str, Any], annotation: 
         verdict = "confirmed" if record.correct else f"corrects {mark.label}"
         return f"task {text.task_id}: audit label {label} of {mark.version} ({verdict})"
     log = AuditLog(ctx.audit_path(uid))
-    if int(text.task_id) in _seed_tasks(log) or (_draws_seeds(ctx, uid) and _drawn(ctx, text.task_id)):
+    if int(text.task_id) in _seed_tasks(log) or (_draws_seeds(ctx, uid) and _drawn(ctx, text.task_id, data)):
         with ctx.pool(uid, config.labels) as pool:
             log.add(AuditRecord.seed(int(text.task_id), text.text or "", label))
             pool.remove([pool_key(text.task_id)])
@@ -93,8 +93,10 @@ def _draws_seeds(ctx: Context, uid: str) -> bool:
     )
 
 
-def _drawn(ctx: Context, task_id: int | str) -> bool:
-    return drawn_for_calibration(task_id, ctx.settings.calibration_seeds)
+def _drawn(ctx: Context, task_id: int | str, data: Mapping[str, Any]) -> bool:
+    """A seed annotation drawn for calibration; a task the "Seed" tab flagged (chosen by clustering,
+    not at random) never is."""
+    return data.get(SEED) != 1 and drawn_for_calibration(task_id, ctx.settings.calibration_seeds)
 
 
 def _after_audit(ctx: Context, uid: str) -> None:
@@ -217,7 +219,7 @@ def _calibration_seeds(ctx: Context, uid: str, human: list[StoredLabel]) -> set[
     drawing = _draws_seeds(ctx, uid)
     keys = set()
     for x in human:
-        if x.task_id in known or (drawing and _drawn(ctx, x.task_id)):
+        if x.task_id in known or (drawing and _drawn(ctx, x.task_id, x.data)):
             keys.add(x.key)
             if x.task_id not in known or known[x.task_id].gold != x.label:
                 log.add(AuditRecord.seed(x.task_id, x.text, x.label))
