@@ -78,10 +78,11 @@ def certificate_cost(
     indices) into ``size`` calibration items and the rest: what the target policy certified on the
     calibration items reviews of the rest, against the oracle on the same items, and how right
     what it accepts is; the same for one threshold for all labels."""
+    gold = np.asarray(gold, dtype=np.int64)
     proba = consensus(probs).mean_proba
     predicted = proba.argmax(axis=1)
     confidence = np.clip(proba.max(axis=1), 0.0, 1.0)
-    correct = predicted == np.asarray(gold, dtype=np.int64)
+    correct = predicted == gold
     n, n_labels = proba.shape
     if draws < 1:
         raise ValueError(f"draws must be at least 1, got {draws}")
@@ -104,7 +105,7 @@ def certificate_cost(
         )
     }
     accepted_right: list[float] = []
-    below_target = certified_draws = accepted_total = right_total = 0
+    below_target = accepting_draws = accepted_total = right_total = 0
     for _ in range(draws):
         order = rng.permutation(n)
         cal, ev = order[:size], order[size:]
@@ -128,7 +129,7 @@ def certificate_cost(
             rows["ratio_per_label"].append(float(review.mean()) / oracle_pl)
         rows["one_threshold_reviewed"].append(float(one_review.mean()))
         if any(c.certified for c in certs) and not review.all():
-            certified_draws += 1
+            accepting_draws += 1
             right = float(correct[ev][~review].mean())
             accepted_right.append(right)
             accepted_total += int((~review).sum())
@@ -140,7 +141,7 @@ def certificate_cost(
         "calibration_labels": size,
         "evaluated_items": n - size,
         "draws": draws,
-        "draws_accepting_anything": certified_draws,
+        "draws_accepting_anything": accepting_draws,
         # Per draw, the accepted items' accuracy fell below the target this often (the policy allows
         # about delta, plus the chance that the measured items stray from their population).
         "draws_below_target": below_target,
