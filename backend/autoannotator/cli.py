@@ -710,6 +710,14 @@ def _bench_peer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_versions_and_streams(p: argparse.ArgumentParser) -> None:
+    """The published versions a lab command reads, and the labelled streams they label."""
+    p.add_argument("--version-dir", type=Path, action="append", required=True, help="repeat per version")
+    p.add_argument(
+        "--stream", type=Path, action="append", required=True, help="labelled JSONL: one, or one per version"
+    )
+
+
 def _add_bench_precision_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench-precision",
@@ -721,10 +729,7 @@ def _add_bench_precision_command(sub: argparse._SubParsersAction) -> None:
             "in accuracy over the versions, mean and spread."
         ),
     )
-    p.add_argument("--version-dir", type=Path, action="append", required=True, help="repeat per version")
-    p.add_argument(
-        "--stream", type=Path, action="append", required=True, help="labelled JSONL: one, or one per version"
-    )
+    _add_versions_and_streams(p)
     p.add_argument(
         "--precisions",
         default="fp32,bf16",
@@ -766,10 +771,7 @@ def _add_bench_certify_command(sub: argparse._SubParsersAction) -> None:
             "accepts is, and what an oracle that knows every label would review for the same target."
         ),
     )
-    p.add_argument("--version-dir", type=Path, action="append", required=True, help="repeat per version")
-    p.add_argument(
-        "--stream", type=Path, action="append", required=True, help="labelled JSONL: one, or one per version"
-    )
+    _add_versions_and_streams(p)
     p.add_argument("--targets", default="0.9,0.95", help="comma-separated target accuracies")
     p.add_argument("--sizes", default="100,250,500,1000", help="comma-separated calibration sizes")
     p.add_argument("--draws", type=int, default=40, help="random splits per size")
