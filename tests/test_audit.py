@@ -75,6 +75,22 @@ def test_the_log_keeps_the_latest_label_of_each_task_and_survives_a_cut_last_lin
         log.records()
 
 
+def test_an_unchanged_log_is_parsed_once_and_a_change_by_another_writer_is_seen(
+    tmp_path, monkeypatch
+) -> None:
+    writer, reader = AuditLog(tmp_path / "audit.jsonl"), AuditLog(tmp_path / "audit.jsonl")
+    writer.add(_record(1, "Positive", "Positive"))
+    parsed = []
+    real_parse = AuditLog._parse
+    monkeypatch.setattr(AuditLog, "_parse", lambda self: parsed.append(1) or real_parse(self))
+    first = reader.records()
+    assert reader.records() == first and len(parsed) == 1
+    writer.add(_record(2, "Negative", "Positive"))  # another process appends
+    assert [r.task_id for r in reader.records()] == [1, 2] and len(parsed) == 2
+    reader.records().clear()  # a caller's list is its own
+    assert len(reader.records()) == 2
+
+
 def test_estimates_count_accepted_labels_per_version_with_an_exact_interval() -> None:
     records = [
         *(_record(i, "Positive", "Positive") for i in range(18)),

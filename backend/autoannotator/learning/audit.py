@@ -153,6 +153,10 @@ class AuditRecord:
         return cls(task_id, text, gold, SEED, SEED, "")
 
 
+# Each log's records as last parsed, by path, with the file's identity, size and mtime then.
+_PARSED: dict[Path, tuple[tuple[int, int, int], list[AuditRecord]]] = {}
+
+
 class AuditLog:
     """The project's audit labels, durable in a JSONL log (appended, flushed and fsynced)."""
 
@@ -168,10 +172,23 @@ class AuditLog:
             os.fsync(fh.fileno())
 
     def records(self) -> list[AuditRecord]:
-        """The latest label of every audited task, in the order tasks were first audited."""
-        latest: dict[int, AuditRecord] = {}
-        if not self.path.exists():
+        """The latest label of every audited task, in the order tasks were first audited. The log is
+        parsed again only when the file changed: every human annotation asks whether its task is a
+        calibration seed, and the log grows with the project."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
             return []
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = _PARSED.get(self.path)
+        if cached is not None and cached[0] == key:
+            return list(cached[1])
+        records = self._parse()
+        _PARSED[self.path] = (key, records)
+        return list(records)
+
+    def _parse(self) -> list[AuditRecord]:
+        latest: dict[int, AuditRecord] = {}
         with open(self.path, encoding="utf-8") as fh:
             for number, line in enumerate(fh, 1):
                 if not line.strip():
